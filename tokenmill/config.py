@@ -1,0 +1,114 @@
+"""Configuration: the model's shape (from a Hugging Face config) and the engine's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    """The shape facts the runner needs, read from a transformers PretrainedConfig."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    hf_config: object  # the transformers config, kept for RoPE parameters
+
+    @classmethod
+    def from_hf(cls, hf) -> "ModelConfig":
+        archs = getattr(hf, "architectures", None) or []
+        architecture = archs[0] if archs else {
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+        }.get(hf.model_type, hf.model_type)
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        window = getattr(hf, "sliding_window", None)
+        if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=architecture,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf, "attention_bias", False)) or hf.model_type == "qwen2",
+            qk_norm=hf.model_type == "qwen3",
+            sliding_window=window,
+            hf_config=hf,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def parse_memory(value: int | float | str | None) -> int | None:
+    """Bytes from 2147483648, 2.5e9, "2GiB", "512MiB" or "4GB"; None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(float(text))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        capability = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if "AVX512" in capability and _cpu_has_bf16() else torch.float32
+    if dtype not in names:
+        from tokenmill.errors import InvalidParameterError
+        raise InvalidParameterError("dtype", f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the engine loop, the KV pool and the scheduler (vLLM's names)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of available memory
+    kv_cache_fraction: float = 0.2
+    scheduling_policy: str = "fcfs"

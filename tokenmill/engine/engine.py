@@ -1,0 +1,280 @@
+"""LLMEngine: the synchronous engine loop (add_request / step / abort_request).
+
+Each step asks the scheduler what to run, has the runner compute and sample it, then
+appends tokens, detokenizes incrementally, applies stop conditions and frees the KV blocks
+of finished sequences. Everything above it (the offline LLM, the CLI, the server) drives
+this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig, parse_memory, resolve_dtype
+from tokenmill.engine.policy import make_policy
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.errors import InvalidParameterError
+from tokenmill.executor.runner import ModelRunner
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.loader import load_checkpoint
+from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.sequence import Sequence
+from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("tokenmill")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    finished_seqs: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_seqs == len(self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto", device: str | None = None,
+                 seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, block_size: int = 16,
+                 kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
+                 scheduling_policy: str = "fcfs"):
+        self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
+                                   parse_memory(kv_cache_memory), kv_cache_fraction, scheduling_policy)
+        _check_engine_args(self.config)
+        ckpt = load_checkpoint(model)
+        self.model_name = ckpt.name
+        self.model_config = ModelConfig.from_hf(ckpt.hf_config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.eos_token_ids = _eos_ids(ckpt)
+        self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
+
+        num_blocks = self._num_blocks()
+        capacity = (num_blocks - 1) * block_size
+        self.max_model_len = self._max_model_len(max_model_len, capacity)
+        self.block_pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(self.block_pool, block_size, make_policy(scheduling_policy),
+                                   max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model_config, ckpt.weights(), self.dtype, self.device,
+                                  num_blocks, block_size, self.max_model_len, seed)
+        self.requests: dict[str, Request] = {}
+        log.info("tokenmill: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+                 self.model_name, self.dtype, self.device, num_blocks - 1, block_size, self.max_model_len)
+
+    # ---- sizing -------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        per_block = self.model_config.kv_bytes_per_token(self.dtype) * self.config.block_size
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            budget = int(self.config.kv_cache_fraction * _available_memory(self.device))
+        return max(2, budget // per_block + 1)  # +1: the null block
+
+    def _max_model_len(self, requested: int | None, capacity: int) -> int:
+        model_max = self.model_config.max_position_embeddings
+        if requested is not None:
+            if requested > capacity:
+                raise InvalidParameterError(
+                    "max_model_len", f"{requested} tokens do not fit in the KV cache ({capacity} tokens); "
+                                     "raise kv_cache_memory or lower max_model_len")
+            return requested
+        if capacity < model_max:
+            log.warning("max_model_len lowered from %d to %d to fit the KV cache", model_max, capacity)
+        return min(model_max, capacity)
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidParameterError("request_id", f"request {request_id!r} already exists")
+        token_ids, text = self._tokenize(prompt)
+        if prompt_text is not None:
+            text = prompt_text
+        if (params.stop) and self.tokenizer is None:
+            raise InvalidParameterError("stop", "stop strings need a tokenizer; this model has none")
+        arrival = time.time() if arrival_time is None else arrival_time
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device="cpu").manual_seed(params.seed + i)
+            seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival))
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "the prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidParameterError("prompt", "this model has no tokenizer; pass token ids")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = list(prompt), None
+            if not ids:
+                raise InvalidParameterError("prompt", "the prompt is empty")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= int(t) < vocab]
+            if bad:
+                raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidParameterError(
+                "prompt", f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                          "which must leave room for at least one generated token")
+        return ids, text
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the outputs of the requests that progressed."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        now = time.time()
+        blocked = [self._blocked_tokens(c.seq) for c in plan.chunks if c.sample]
+        result = self.runner.execute(plan.chunks, blocked)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.requests[chunk.seq.request_id].metrics.first_scheduled_time = (
+                self.requests[chunk.seq.request_id].metrics.first_scheduled_time or now)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        samples = result.samples
+        for row, chunk in enumerate(result.sampled):
+            seq = chunk.seq
+            request = self.requests[seq.request_id]
+            self._append_token(seq, row, samples, now)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if seq.is_finished:
+                request.finished_seqs += 1
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._output(request))
+        return outputs
+
+    def _blocked_tokens(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return self.eos_token_ids + seq.params.stop_token_ids
+        return []
+
+    def _append_token(self, seq: Sequence, row: int, samples, now: float) -> None:
+        token = samples.token_ids[row]
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if seq.logprobs is not None:
+            entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(samples.top_logprobs[row])}
+            entry[token] = Logprob(samples.logprobs[row], samples.ranks[row])
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += samples.logprobs[row]
+        params = seq.params
+        delta = seq.detokenizer.step(token) if seq.detokenizer is not None else ""
+        seq.text += delta
+        reason = None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason, seq.stop_reason = "stop", None
+        elif token in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif params.stop and delta and self._cut_stop_string(seq, len(delta)):
+            reason = "stop"
+        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
+                or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
+        """Find a stop string that the newest text completes; cut the text there."""
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - delta_len - longest + 1)
+        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i != -1]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.text = seq.text[: index + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:index]
+        seq.stop_reason = stop
+        return True
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            text = seq.text if seq.is_finished else seq.text[: len(seq.text) - _stop_holdback(seq.text, seq.params.stop)]
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.output_token_ids,
+                logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
+                             request.finished, request.metrics)
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def _eos_ids(ckpt) -> list[int]:
+    ids: list[int] = []
+    for source in (ckpt.generation_config.get("eos_token_id"), getattr(ckpt.hf_config, "eos_token_id", None),
+                   getattr(ckpt.tokenizer, "eos_token_id", None)):
+        for i in source if isinstance(source, list) else [source]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def _check_engine_args(cfg: EngineConfig) -> None:
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(cfg, name) < 1:
+            raise InvalidParameterError(name, f"must be at least 1, got {getattr(cfg, name)}")
+    if not 0 < cfg.kv_cache_fraction <= 1:
+        raise InvalidParameterError("kv_cache_fraction", f"must be in (0, 1], got {cfg.kv_cache_fraction}")

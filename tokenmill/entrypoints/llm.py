@@ -1,0 +1,75 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams)` and `LLM.chat(...)`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.errors import InvalidParameterError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Runs a batch of prompts to completion with continuous batching; see LLMEngine for the knobs."""
+
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(model, **engine_args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run([(p, None) for p in prompts], sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise InvalidParameterError("messages", "this model has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        items = []
+        for conv in conversations:
+            text = tokenizer.render_chat(conv, add_generation_prompt)
+            items.append((tokenizer.encode(text, add_special_tokens=False), text))
+        return self._run(items, sampling_params, use_tqdm)
+
+    def _run(self, items: list[tuple[Prompt, str | None]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(items):
+            raise InvalidParameterError("sampling_params", f"{len(params)} given for {len(items)} prompts")
+        ids = [f"offline-{next(self._ids)}" for _ in items]
+        try:
+            for request_id, (prompt, text), p in zip(ids, items, params):
+                self.engine.add_request(request_id, prompt, p, prompt_text=text)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(items), desc="generating", disable=not use_tqdm or len(items) < 2)
+        try:
+            while len(finished) < len(items):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+        return [finished[i] for i in ids]

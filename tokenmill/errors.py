@@ -1,0 +1,17 @@
+"""Error types. Every user-facing error is a ValueError subclass so callers can catch either."""
+
+
+class TokenmillError(ValueError):
+    """Base class of the errors tokenmill raises for bad input or unusable checkpoints."""
+
+
+class InvalidParameterError(TokenmillError):
+    """A request parameter is out of range; `param` names it (the server turns it into a 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class ModelLoadError(TokenmillError):
+    """A model cannot be found or loaded (unknown path, pickle checkpoint, unsupported tensor type)."""

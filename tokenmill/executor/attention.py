@@ -1,0 +1,140 @@
+"""Attention over the paged KV cache, for one flat batch of prefill chunks and decodes.
+
+The cache of each layer is two tensors of shape [num_slots, kv_heads, head_dim]; slot
+`block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
+slots, then reads every sequence's context back through its block table. Decodes (one query
+each) are attended together in one padded SDPA call; each prefill chunk gets its own call
+with a causal mask shifted by the tokens already cached. Query heads that share a KV head
+are folded into the query-length axis, so grouped-query attention needs no K/V copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # [B] rows of the flat batch that are single-token decodes
+    slots: torch.Tensor  # [B, L] cache slots of each sequence's context, padded with null slots
+    mask: torch.Tensor | None  # [B, 1, 1, L] True where attended; None if nothing is padded
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first row of the chunk in the flat batch
+    end: int
+    slots: torch.Tensor | None  # [L] cache slots of the context; None: the context is just the new tokens
+    mask: torch.Tensor  # [Q * group, L] True where attended (causal, shifted by cached tokens)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    decode: DecodeGroup | None
+    prefills: list[PrefillChunk]
+
+
+def build_metadata(
+    block_tables: list[list[int]],
+    starts: list[int],
+    lengths: list[int],
+    block_size: int,
+    group: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Index tensors for one step: sequence i computes positions starts[i] .. starts[i]+lengths[i]-1."""
+    slot_mapping: list[int] = []
+    decode_rows: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    prefills: list[PrefillChunk] = []
+    row = 0
+    for table, start, length in zip(block_tables, starts, lengths):
+        end = start + length
+        slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if length == 1:
+            decode_rows.append(row)
+            decode_tables.append(table)
+            decode_lens.append(end)
+        else:
+            slots = None if start == 0 else _slots(torch.tensor(table, dtype=torch.long), end, block_size).to(device)
+            mask = _causal_mask(start, end, sliding_window).repeat_interleave(group, dim=0).to(device)
+            prefills.append(PrefillChunk(row, row + length, slots, mask))
+        row += length
+    decode = None
+    if decode_rows:
+        decode = _decode_group(decode_rows, decode_tables, decode_lens, block_size, sliding_window, device)
+    return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decode, prefills)
+
+
+def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _causal_mask(start: int, end: int, window: int | None) -> torch.Tensor:
+    """[end - start, end] bool: query at position q sees keys k <= q (and q - k < window)."""
+    q = torch.arange(start, end)[:, None]
+    k = torch.arange(end)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+def _decode_group(rows, tables, lens, block_size, window, device) -> DecodeGroup:
+    max_len = max(lens)
+    max_blocks = -(-max_len // block_size)
+    table = torch.zeros(len(tables), max_blocks, dtype=torch.long)  # 0 = null block
+    for i, t in enumerate(tables):
+        table[i, : len(t[:max_blocks])] = torch.tensor(t[:max_blocks], dtype=torch.long)
+    pos = torch.arange(max_len)
+    slots = table[:, pos // block_size] * block_size + pos % block_size
+    lens_t = torch.tensor(lens)
+    valid = pos[None, :] < lens_t[:, None]
+    if window is not None:
+        valid &= pos[None, :] > lens_t[:, None] - 1 - window
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
+    return DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device), slots.to(device), mask)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write the new K/V into the cache and attend; returns [T, heads * head_dim]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
+    if meta.decode is not None:
+        d = meta.decode
+        qd = q[d.rows].view(-1, kv_heads, group, head_dim)  # [B, kvh, G, hd]
+        kd = k_cache[d.slots].transpose(1, 2)  # [B, kvh, L, hd]
+        vd = v_cache[d.slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale)
+        out[d.rows] = o.reshape(-1, heads * head_dim)
+    for p in meta.prefills:
+        n = p.end - p.start
+        # [Q, kvh, G, hd] -> [kvh, Q * G, hd]: query heads of one KV head become extra query rows.
+        qp = q[p.start:p.end].view(n, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, n * group, head_dim)
+        if p.slots is None:
+            kp, vp = k[p.start:p.end].transpose(0, 1), v[p.start:p.end].transpose(0, 1)
+        else:
+            kp, vp = k_cache[p.slots].transpose(0, 1), v_cache[p.slots].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale)  # [kvh, Q*G, hd]
+        out[p.start:p.end] = o.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, heads * head_dim)
+    return out

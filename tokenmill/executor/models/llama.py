@@ -1,0 +1,154 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm), SmolLM.
+
+Written for one flat batch of tokens (no padding, no batch axis): [tokens, hidden] in,
+[tokens, hidden] out, with attention reading the paged KV cache. Q/K/V and gate/up are
+each one fused matmul. Weight names follow Hugging Face's, so HF and GGUF checkpoints
+(renamed by the loader) load through the same `load_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.executor.attention import AttentionMetadata, paged_attention
+from tokenmill.executor.rotary import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x, cos_sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary.apply(q, k, cos_sin)
+        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos_sin, meta, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF tensor name part -> (fused parameter, shard index) for the fused projections.
+    FUSED = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = RotaryEmbedding(cfg, max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.requires_grad_(False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """Hidden states [tokens, hidden] after the final norm."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, meta, kv)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            parts = name.split(".")
+            fused = next((p for p in parts if p in self.FUSED), None)
+            if fused is not None:
+                target_name, shard = self.FUSED[fused]
+                target = name.replace(fused, target_name)
+                param = params[target]
+                offset = self._shard_offset(target_name, shard)
+                param.data[offset: offset + tensor.shape[0]].copy_(tensor)
+                loaded.add(f"{target}#{shard}")
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+        expected = set()
+        for pname in params:
+            base = pname.rsplit(".", 1)
+            if base[0].endswith("qkv_proj"):
+                expected.update(f"{pname}#{i}" for i in range(3))
+            elif base[0].endswith("gate_up_proj"):
+                expected.update(f"{pname}#{i}" for i in range(2))
+            else:
+                expected.add(pname)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+
+    def _shard_offset(self, target: str, shard: int) -> int:
+        c = self.cfg
+        if target == "qkv_proj":
+            return [0, c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim][shard]
+        return shard * c.intermediate_size

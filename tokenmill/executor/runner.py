@@ -1,0 +1,101 @@
+"""The model runner: one step's scheduled chunks -> one flat batch -> model -> sampled tokens.
+
+Owns the model weights and the KV cache tensors. It makes no scheduling decision: it runs
+exactly the chunks it is handed, and samples for the chunks that end a sequence's known tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.executor.attention import build_metadata
+from tokenmill.executor.models.registry import model_class
+from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
+from tokenmill.engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class StepResult:
+    sampled: list[ScheduledChunk]  # the chunks that sampled, in the order of `samples`' rows
+    samples: SamplerOutput | None
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, weights, dtype: torch.dtype, device: torch.device,
+                 num_blocks: int, block_size: int, max_model_len: int, seed: int | None = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.model = _build_model(cfg, weights, dtype, device, max_model_len)
+        slots = num_blocks * block_size
+        shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                          for _ in range(cfg.num_layers)]
+        for k, v in self.kv_caches:  # the null block: padded reads land here and must be finite
+            k[:block_size].zero_()
+            v[:block_size].zero_()
+        self.sampler = Sampler(seed)
+        self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk], blocked_token_ids: list[list[int]]) -> StepResult:
+        """Run the chunks and sample; `blocked_token_ids` has one list per sampling chunk, in order."""
+        sampled = [c for c in chunks if c.sample]
+        ends = torch.tensor(chunks_ends(chunks), device=self.device)
+        hidden = self._forward(chunks)
+        if not sampled:
+            return StepResult([], None)
+        rows = ends[[i for i, c in enumerate(chunks) if c.sample]]
+        logits = self.model.compute_logits(hidden[rows]).float()
+        batch = SamplingBatch(
+            params=[c.seq.params for c in sampled],
+            generators=[c.seq.generator for c in sampled],
+            prompt_token_ids=[c.seq.prompt_token_ids for c in sampled],
+            output_token_ids=[c.seq.output_token_ids for c in sampled],
+            blocked_token_ids=blocked_token_ids,
+        )
+        return StepResult(sampled, self.sampler(logits, batch))
+
+    @torch.inference_mode()
+    def logits_for(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits of every token of the chunks (for tests against a reference); writes the KV cache."""
+        return self.model.compute_logits(self._forward(chunks)).float()
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
+        ids: list[int] = []
+        positions: list[int] = []
+        for c in chunks:
+            ids.extend(c.seq.token_ids[c.start:c.start + c.num_tokens])
+            positions.extend(range(c.start, c.start + c.num_tokens))
+        meta = build_metadata(
+            [c.seq.block_table for c in chunks], [c.start for c in chunks], [c.num_tokens for c in chunks],
+            self.block_size, self.cfg.num_heads // self.cfg.num_kv_heads, self.cfg.sliding_window, self.device,
+        )
+        self.num_computed_tokens += len(ids)
+        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
+                          torch.tensor(positions, dtype=torch.long, device=self.device), meta, self.kv_caches)
+
+
+def chunks_ends(chunks: list[ScheduledChunk]) -> list[int]:
+    """Row of each chunk's last token in the flat batch."""
+    ends, total = [], 0
+    for c in chunks:
+        total += c.num_tokens
+        ends.append(total - 1)
+    return ends
+
+
+def _build_model(cfg: ModelConfig, weights, dtype, device, max_model_len):
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"):
+        model = cls(cfg, max_model_len)
+    model.to_empty(device=device)
+    model.load_weights(weights)
+    model.to(dtype)
+    model.rotary.to(device, dtype)
+    return model.eval()

@@ -1,0 +1,287 @@
+"""GGUF checkpoints (llama.cpp's format) read into Hugging Face terms.
+
+A GGUF file carries the model's shape as metadata, the tokenizer and chat template, and tensors under
+llama.cpp's names, often block-quantized. `load_gguf` turns the metadata into a transformers config
+(so `ModelConfig.from_hf` and the RoPE code work unchanged) and the tokenizer into a fast tokenizer;
+`GGUFCheckpoint.weights` then dequantizes one tensor at a time, under Hugging Face's names and layout,
+so a quantized file never has to be expanded to float32 all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from tokenmill.errors import ModelLoadError
+
+Q = GGMLQuantizationType
+# Tensor types `weights` can dequantize; every other type is refused before any data is read.
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset({
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+})
+
+# general.architecture -> (config class, HF architecture name, whether llama.cpp permuted attn_q/attn_k).
+_ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, "LlamaForCausalLM", True),
+    "mistral": (transformers.MistralConfig, "MistralForCausalLM", True),
+    "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM", False),
+    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM", False),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BIASED = {"attn_q", "attn_k", "attn_v", "attn_output"}
+_QWEN3_ONLY = {"attn_q_norm", "attn_k_norm"}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp's encoding of Llama 3.1-style RoPE scaling: per-frequency divisors instead of metadata.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A parsed GGUF file: config, tokenizer and chat template now; weights on demand."""
+
+    hf_config: transformers.PretrainedConfig
+    tokenizer: transformers.PreTrainedTokenizerFast | None
+    chat_template: str | None
+    _reader: GGUFReader = field(repr=False)
+    # (HF name, GGUF tensor, head count to un-permute the rows by, or None)
+    _plan: list[tuple[str, ReaderTensor, int | None]] = field(repr=False)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 tensor in HF shape) one at a time, so only one tensor is expanded at once."""
+        for name, tensor, n_head in self._plan:
+            array = dequantize(tensor.data, tensor.tensor_type)
+            # F32 data comes back as a view of the read-only memory map; torch wants memory it may write.
+            weight = torch.from_numpy(array if array.flags.writeable else array.copy())
+            if n_head is not None:
+                weight = _unpermute(weight, n_head)
+            yield name, weight
+
+
+def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read a GGUF file's metadata, tokenizer and tensor index; tensor data is left in the memory map.
+
+    Everything that can make loading fail (architecture, tensor names and types, tokenizer) is checked
+    here, so iterating `weights()` later cannot fail halfway through a model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
+
+    arch = _meta(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path.name}: unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHITECTURES)}")
+    _check_types(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    hf_config = _build_config(reader, arch, tensors)
+    chat_template = _meta(reader, "tokenizer.chat_template", None)
+    return GGUFCheckpoint(
+        hf_config=hf_config,
+        tokenizer=_load_tokenizer(reader, path, chat_template),
+        chat_template=chat_template,
+        _reader=reader,
+        _plan=_plan_tensors(tensors, arch, hf_config),
+    )
+
+
+_REQUIRED = object()
+
+
+def _meta(reader: GGUFReader, key: str, default=_REQUIRED):
+    """A metadata value, or `default`; a missing required key is a load error naming it."""
+    value = reader.get_field(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelLoadError(f"GGUF metadata key {key!r} is missing")
+        return default
+    return value.contents()
+
+
+def _check_types(reader: GGUFReader) -> None:
+    """Refuse the file up front if any tensor has a type we cannot dequantize."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+            raise ModelLoadError(
+                f"GGUF tensor {tensor.name!r} has unsupported type {tensor.tensor_type.name}; "
+                f"supported types: {supported}")
+
+
+def _build_config(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor]) -> transformers.PretrainedConfig:
+    """The transformers config llama.cpp's metadata describes, so the rest of tokenmill sees an HF model."""
+    config_class, hf_arch, _ = _ARCHITECTURES[arch]
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError("GGUF file has no token_embd.weight tensor")
+    embedding_rows = int(tensors["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
+    tokens = _meta(reader, "tokenizer.ggml.tokens", None)
+    vocab_size = len(tokens) if tokens is not None else embedding_rows
+    if vocab_size != embedding_rows:
+        raise ModelLoadError(
+            f"GGUF tokenizer has {vocab_size} tokens but token_embd.weight has {embedding_rows} rows")
+
+    kwargs = dict(
+        architectures=[hf_arch],
+        vocab_size=vocab_size,
+        num_hidden_layers=_meta(reader, f"{arch}.block_count"),
+        max_position_embeddings=_meta(reader, f"{arch}.context_length"),
+        hidden_size=_meta(reader, f"{arch}.embedding_length"),
+        intermediate_size=_meta(reader, f"{arch}.feed_forward_length"),
+        num_attention_heads=_meta(reader, f"{arch}.attention.head_count"),
+        num_key_value_heads=_meta(reader, f"{arch}.attention.head_count_kv"),
+        rms_norm_eps=_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
+    )
+    head_dim = _meta(reader, f"{arch}.attention.key_length", None)
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    if arch != "qwen2":  # Qwen2 always has q/k/v biases; the others only when the file has them
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch == "mistral":
+        kwargs["sliding_window"] = _meta(reader, f"{arch}.attention.sliding_window", None)
+    head_dim = head_dim or kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    kwargs["rope_parameters"] = _rope_parameters(reader, arch, tensors, head_dim)
+    return config_class(**kwargs)
+
+
+def _rope_parameters(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor], head_dim: int) -> dict:
+    """HF `rope_parameters` from `{arch}.rope.*` metadata, or from a rope_freqs tensor (Llama 3.1 style)."""
+    theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
+    scaling = _meta(reader, f"{arch}.rope.scaling.type", "none")
+    if _ROPE_FREQS in tensors:
+        if scaling != "none":
+            raise ModelLoadError(f"GGUF file has both {_ROPE_FREQS} and rope scaling type {scaling!r}")
+        rope_dim = _meta(reader, f"{arch}.rope.dimension_count", head_dim)
+        return _llama3_rope(tensors[_ROPE_FREQS], theta, rope_dim)
+    if scaling == "none":
+        return {"rope_type": "default", "rope_theta": theta}
+    factor = float(_meta(reader, f"{arch}.rope.scaling.factor"))
+    if scaling == "linear":
+        return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    if scaling == "yarn":
+        original = _meta(reader, f"{arch}.rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "rope_theta": theta}
+    raise ModelLoadError(f"unsupported GGUF rope scaling type {scaling!r}")
+
+
+def _llama3_rope(tensor: ReaderTensor, theta: float, rope_dim: int) -> dict:
+    """Recover HF's llama3 rope parameters from llama.cpp's per-frequency divisors.
+
+    llama.cpp stores only the divisors f_i. In the transition band they satisfy
+    1/f_i = (1-s_i)/factor + s_i with s_i = (old_ctx * inv_freq_i / 2pi - low) / (high - low), a line in
+    inv_freq_i; only its slope and intercept are identifiable, so low_freq_factor is taken as 1 (as in
+    every Llama 3.x release). The parameters are accepted only if they reproduce the stored divisors.
+    """
+    divisors = dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
+    if np.allclose(divisors, 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    inv_freq = 1.0 / theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    factor = float(divisors.max())
+    band = (divisors > 1.0 + 1e-4) & (divisors < factor * (1.0 - 1e-4))
+    unrecognised = ModelLoadError(f"GGUF {tensor.name} does not match Llama 3-style rope scaling")
+    if band.sum() < 2 or len(divisors) != len(inv_freq):
+        raise unrecognised
+    smooth = (1.0 / divisors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    slope, intercept = np.polyfit(inv_freq[band], smooth, 1)
+    if intercept >= 0:
+        raise unrecognised
+    old_ctx = round(-2 * np.pi * slope / intercept)
+    high = round(1.0 - 1.0 / intercept, 4)
+    if not np.allclose(_llama3_divisors(inv_freq, factor, high, old_ctx), divisors, rtol=1e-3):
+        raise unrecognised
+    return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0, "high_freq_factor": high,
+            "original_max_position_embeddings": old_ctx, "rope_theta": theta}
+
+
+def _llama3_divisors(inv_freq: np.ndarray, factor: float, high: float, old_ctx: int) -> np.ndarray:
+    """The divisors llama.cpp's converter (and HF's llama3 RoPE) apply to each inverse frequency, low_freq_factor 1."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_ctx / wavelen - 1.0) / (high - 1.0)
+    divisors = 1.0 / ((1.0 - smooth) / factor + smooth)
+    return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx, factor, divisors))
+
+
+def _plan_tensors(tensors: dict[str, ReaderTensor], arch: str, config) -> list[tuple[str, ReaderTensor, int | None]]:
+    """Map every GGUF tensor to its HF name (and un-permute head count); unknown tensors are an error."""
+    permuted = _ARCHITECTURES[arch][2]
+    plan, unknown = [], []
+    for name, tensor in tensors.items():
+        if name == _ROPE_FREQS:  # folded into config.rope_parameters
+            continue
+        n_head = None
+        if name in _GLOBAL_NAMES:
+            hf_name = _GLOBAL_NAMES[name]
+        else:
+            match = _LAYER_TENSOR.fullmatch(name)
+            if match is None:
+                unknown.append(name)
+                continue
+            layer, part, kind = match.groups()
+            if (part not in _LAYER_NAMES or int(layer) >= config.num_hidden_layers
+                    or (kind == "bias" and part not in _BIASED)
+                    or (part in _QWEN3_ONLY and arch != "qwen3")):
+                unknown.append(name)
+                continue
+            hf_name = f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+            if permuted and part in ("attn_q", "attn_k"):
+                n_head = config.num_attention_heads if part == "attn_q" else config.num_key_value_heads
+                rows = int(tensor.shape[-1])  # ggml order: the output dimension is last
+                if rows % (2 * n_head):
+                    raise ModelLoadError(f"GGUF tensor {name} has {rows} rows, not a multiple of 2 x {n_head} heads")
+        plan.append((hf_name, tensor, n_head))
+    if unknown:
+        raise ModelLoadError(f"unknown tensors in {arch} GGUF file: {', '.join(unknown)}")
+    return plan
+
+
+def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half-split rotate_half)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None):
+    """transformers' own GGUF tokenizer conversion; None when the file embeds no tokenizer."""
+    if reader.get_field("tokenizer.ggml.model") is None:
+        return None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises assorted types for a vocabulary it cannot convert
+        raise ModelLoadError(f"cannot build a tokenizer from {path.name}: {exc}") from exc
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer

@@ -1,0 +1,63 @@
+"""Text <-> tokens: the checkpoint's Hugging Face tokenizer, its chat template, and streaming decode."""
+
+from __future__ import annotations
+
+from tokenmill.errors import InvalidParameterError
+
+
+class Tokenizer:
+    """Wraps a transformers fast tokenizer; chat templates render through its jinja2 renderer."""
+
+    def __init__(self, hf_tokenizer, chat_template: str | None, eos_token_ids: list[int]):
+        self.hf = hf_tokenizer
+        self.chat_template = chat_template
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise InvalidParameterError("messages", "this model has no chat template; use generate() with plain prompts")
+        return self.hf.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes any BOS itself, so the rendered text is encoded without adding specials.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns tokens into text one at a time without splitting multi-byte characters.
+
+    Decodes a short window (a few tokens of context plus the new ones) and emits only the
+    text past the context, holding back output that still ends in an incomplete character
+    (U+FFFD). The context keeps word-initial spaces right for SentencePiece-style tokenizers.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.prefix_offset > 4 * self.CONTEXT:  # keep the window short
+            drop = self.prefix_offset - self.CONTEXT
+            self.ids = self.ids[drop:]
+            self.prefix_offset -= drop
+            self.read_offset -= drop
+        return full[len(prefix):]
