@@ -29,11 +29,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":
-        archs = getattr(hf, "architectures", None) or []
-        architecture = archs[0] if archs else {
-            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-        }.get(hf.model_type, hf.model_type)
+        architecture = architecture_of(hf)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         window = getattr(hf, "sliding_window", None)
@@ -60,6 +56,15 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def architecture_of(hf) -> str:
+    """The model class name a transformers config asks for ("LlamaForCausalLM", ...)."""
+    archs = getattr(hf, "architectures", None) or []
+    if archs:
+        return archs[0]
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type, hf.model_type)
 
 
 def parse_memory(value: int | float | str | None) -> int | None:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.config import EngineConfig, ModelConfig, parse_memory, resolve_dtype
+from tokenmill.config import EngineConfig, ModelConfig, architecture_of, parse_memory, resolve_dtype
 from tokenmill.engine.policy import make_policy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
+from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.loader import load_checkpoint
@@ -56,6 +57,7 @@ class LLMEngine:
         _check_engine_args(self.config)
         ckpt = load_checkpoint(model)
         self.model_name = ckpt.name
+        model_class(architecture_of(ckpt.hf_config))  # unsupported architectures fail before anything else
         self.model_config = ModelConfig.from_hf(ckpt.hf_config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)

@@ -24,10 +24,10 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    sample: bool = field(init=False)  # fixed at scheduling time: the chunk reaches the last known token
 
-    @property
-    def sample(self) -> bool:
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.sample = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass

@@ -13,12 +13,13 @@ from tokenmill.config import ModelConfig
 
 class RotaryEmbedding:
     def __init__(self, cfg: ModelConfig, max_positions: int):
-        inv_freq, scaling = _inv_freq(cfg)
-        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos() * scaling
-        self.sin = emb.sin() * scaling
+        with torch.device("cpu"):  # real tables even when the model is built on the meta device
+            inv_freq, scaling = _inv_freq(cfg)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = emb.cos() * scaling
+            self.sin = emb.sin() * scaling
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "RotaryEmbedding":
         self.cos, self.sin = self.cos.to(device, dtype), self.sin.to(device, dtype)
@@ -47,7 +48,7 @@ def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         dim = cfg.head_dim
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv, 1.0
     inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     return inv.float(), float(scaling)

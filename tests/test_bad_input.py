@@ -1,0 +1,100 @@
+"""Bad input gets a clear ValueError naming the problem, and leaves the engine serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill import LLM, InvalidParameterError, ModelLoadError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="4MiB", max_model_len=64)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"top_k": -3}, "top_k"),
+    ({"min_p": 2.0}, "min_p"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+])
+def test_invalid_sampling_params(kwargs, param):
+    with pytest.raises(InvalidParameterError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(InvalidParameterError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+
+
+def test_prompt_longer_than_max_model_len(llm):
+    with pytest.raises(InvalidParameterError, match="max_model_len is 64"):
+        llm.generate([list(range(3, 80))], use_tqdm=False)
+
+
+def test_token_ids_outside_vocabulary(llm):
+    with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 999]], use_tqdm=False)
+
+
+def test_text_prompt_without_tokenizer(llm):
+    with pytest.raises(InvalidParameterError, match="no tokenizer"):
+        llm.generate(["hello"], use_tqdm=False)
+
+
+def test_a_bad_prompt_in_a_batch_adds_nothing(llm):
+    with pytest.raises(InvalidParameterError):
+        llm.generate([[5, 6], [], [7, 8]], use_tqdm=False)
+    assert not llm.engine.requests
+    out = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_generation_stops_at_max_model_len(llm):
+    out = llm.generate([list(range(3, 60))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 64 - 57 and out.finish_reason == "length"
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        LLM(str(tmp_path / "no-such-model"))
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        LLM(str(folder))
+    with pytest.raises(ModelLoadError, match="pickle"):
+        LLM(str(folder / "pytorch_model.bin"))
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = tmp_path / "gpt2ish"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        LLM(str(folder))
+
+
+def test_max_model_len_larger_than_kv_pool(tiny_models):
+    with pytest.raises(InvalidParameterError, match="max_model_len"):
+        LLM(str(tiny_models["llama"]), kv_cache_memory="64KiB", max_model_len=512)
+
+
+def test_mismatched_params_list(llm):
+    with pytest.raises(InvalidParameterError, match="sampling_params"):
+        llm.generate([[5], [6]], [SamplingParams()], use_tqdm=False)

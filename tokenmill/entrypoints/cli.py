@@ -1,0 +1,278 @@
+"""The `tokenmill` command line: generate, chat, bench throughput.
+
+    tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
+    tokenmill chat --system "You are terse."
+    tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
+
+Every subcommand takes the engine flags (--model, --dtype, --max-num-seqs, ...); with no
+--model the embedded default model is used. Errors tokenmill raises for bad input print one
+line to stderr and exit with status 2.
+
+Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usually with
+`parents=[engine_parent()]`) and sets `func=<handler(args) -> int>`, and list it in SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from tokenmill.errors import TokenmillError
+
+# ---- shared flags ---------------------------------------------------------------------------
+
+
+def engine_parent() -> argparse.ArgumentParser:
+    """A parent parser holding the LLMEngine flags every subcommand shares."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (default: 2048)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, as fits)")
+    g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
+    return p
+
+
+ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size", "seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLMEngine keyword arguments from the parsed flags (flags left unset keep the engine's defaults)."""
+    return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name, None) is not None}
+
+
+def make_engine(args: argparse.Namespace):
+    from tokenmill.engine.engine import LLMEngine
+
+    return LLMEngine(args.model, **engine_kwargs(args))
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens to generate (default: {max_tokens if max_tokens else 'up to the context length'})")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default: 0, off)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _stream(engine, request_id: str, prompt, params, prompt_text: str | None = None, out=None) -> str:
+    """Add one request and write its text to `out` as it grows; return the final text."""
+    out = out or sys.stdout
+    engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                new = output.outputs[0].text
+                if len(new) > len(text) and new.startswith(text):
+                    out.write(new[len(text):])
+                    out.flush()
+                text = new
+    finally:
+        engine.abort_request(request_id)  # a no-op once finished; frees the KV cache on Ctrl-C
+    return text
+
+
+# ---- generate -------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", parents=[engine_parent()], help="generate a continuation of one prompt, streamed",
+                       description="Generate from one prompt and stream the text to stdout as it is produced.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
+    _sampling_flags(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    engine = make_engine(args)
+    prompt, prompt_text = args.prompt, None
+    if args.chat:
+        tokenizer = _chat_tokenizer(engine)
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt_text = tokenizer.render_chat(messages)
+        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+    _stream(engine, "cli-generate", prompt, params, prompt_text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _chat_tokenizer(engine):
+    from tokenmill.errors import InvalidParameterError
+
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not tokenizer.chat_template:
+        raise InvalidParameterError("model", f"{engine.model_name} has no chat template; use `tokenmill generate` without --chat")
+    return tokenizer
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", parents=[engine_parent()], help="interactive chat in the terminal",
+                       description="Chat with the model: type a message and press Enter. /reset clears the "
+                                   "conversation, /exit (or EOF, Ctrl-D) quits. Reads stdin, so a pipe works too.")
+    p.add_argument("--system", default=None, help="a system prompt opening the conversation")
+    _sampling_flags(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    engine = make_engine(args)
+    tokenizer = _chat_tokenizer(engine)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+        print(f"tokenmill chat with {engine.model_name}; /reset clears the conversation, /exit quits", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    turn = 0
+    while True:
+        try:
+            line = input("> ") if interactive else _read_line()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if line is None:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages = history + [{"role": "user", "content": line}]
+        text = tokenizer.render_chat(messages)
+        turn += 1
+        try:
+            reply = _stream(engine, f"cli-chat-{turn}", tokenizer.encode(text, add_special_tokens=False), params, text)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        except TokenmillError as e:  # e.g. the conversation outgrew the context: say so and keep the REPL
+            print(f"\ntokenmill: error: {e}" + (" (try /reset)" if "max_model_len" in str(e) else ""), file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history = messages + [{"role": "assistant", "content": reply}]
+
+
+def _read_line() -> str | None:
+    line = sys.stdin.readline()
+    return None if line == "" else line
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the engine.")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    t = bench_sub.add_parser(
+        "throughput", parents=[engine_parent()], help="offline throughput, optionally against HF transformers",
+        description="Offline throughput: run a prompt set to completion (greedy, EOS ignored, exactly "
+                    "--output-len tokens each) and report requests/s and tokens/s, medians of --repeats runs.")
+    g = t.add_argument_group("prompts")
+    g.add_argument("--num-prompts", type=int, default=None, help="number of prompts (default: 64, or all of --prompts-file)")
+    g.add_argument("--input-len", default="32:512",
+                   help='prompt length in tokens, or a range "LOW:HIGH" spread evenly over the prompts (default: 32:512)')
+    g.add_argument("--output-len", default="128", help='tokens to generate per prompt, or a range "LOW:HIGH" (default: 128)')
+    g.add_argument("--prompts-file", default=None,
+                   help='JSONL with a "prompt" field per line, or plain text with one prompt per line '
+                        "(instead of synthetic random-token prompts)")
+    g = t.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are reported (default: 3)")
+    g.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face transformers generate")
+    g.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
+    g.add_argument("--batch1", action="store_true", help="also measure batch-1 decode tokens/s")
+    g.add_argument("--batch1-tokens", type=int, default=128, help="new tokens of the batch-1 run (default: 128)")
+    g.add_argument("--batch1-input-len", type=int, default=32, help="prompt tokens of the batch-1 run (default: 32)")
+    g.add_argument("--output-json", default=None, help="write the results as JSON to this file")
+    g.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
+    t.set_defaults(func=cmd_bench_throughput)
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from tokenmill.bench import throughput as tp
+
+    seed = 0 if args.seed is None else args.seed
+    kwargs = engine_kwargs(args)
+    kwargs["seed"] = seed
+    result = tp.run_throughput_benchmark(
+        args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+        prompts_file=args.prompts_file, seed=seed, repeats=args.repeats, compare_hf=args.compare == "hf",
+        hf_batch_size=args.hf_batch_size, batch1=args.batch1, batch1_tokens=args.batch1_tokens,
+        batch1_input_len=args.batch1_input_len, engine_args=kwargs,
+        log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(tp.format_markdown(result) if args.markdown else tp.format_text(result))
+    if args.output_json:
+        tp.write_json(result, args.output_json)
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    return 0
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: an LLM inference engine.")
+    from tokenmill import __version__
+
+    parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenmillError as e:
+        sys.stdout.flush()
+        message = " ".join(str(e).splitlines())
+        print(f"tokenmill: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tokenmill generate ... | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
