@@ -75,3 +75,34 @@ def test_greedy_tokens_match_transformers(tiny_models, variant):
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(ref, prompt, 32)
         assert out.outputs[0].finish_reason == "length"
+
+
+def test_sharded_safetensors_with_index(tmp_path, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).save_pretrained(
+        sharded, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    one = LLM(str(tiny_models["qwen2"]), dtype="float32", kv_cache_memory="2MiB").generate([[5, 6, 7]], params, use_tqdm=False)
+    many = LLM(str(sharded), dtype="float32", kv_cache_memory="2MiB").generate([[5, 6, 7]], params, use_tqdm=False)
+    assert one[0].outputs[0].token_ids == many[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_half_precision_logits_close_to_fp32(tiny_models, dtype, torch_dtype):
+    path = tiny_models["llama"]
+    engine = LLMEngine(str(path), dtype=dtype, kv_cache_memory="2MiB")
+    assert engine.runner.kv_caches[0][0].dtype == torch_dtype
+    prompt = list(range(3, 35))
+    seq = Sequence("r", 0, prompt, SamplingParams(), 0.0)
+    try:
+        (logits,) = run_chunks(engine, seq, [(0, len(prompt))])
+    finally:
+        engine.block_pool.free(seq.block_table)
+    with torch.no_grad():
+        expected = hf_model(path)(torch.tensor([prompt])).logits[0]
+    assert (logits - expected).abs().max().item() < 0.1
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.executor.attention import build_metadata
+from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from tokenmill.engine.scheduler import ScheduledChunk
