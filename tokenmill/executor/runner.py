@@ -31,13 +31,10 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.model = _build_model(cfg, weights, dtype, device, max_model_len)
-        slots = num_blocks * block_size
-        shape = (slots, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_layers)]
-        for k, v in self.kv_caches:  # the null block: padded reads land here and must be finite
-            k[:block_size].zero_()
-            v[:block_size].zero_()
+        shape = (num_blocks * block_size, 2, cfg.num_kv_heads, cfg.head_dim)  # K and V of each slot
+        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        for cache in self.kv_caches:  # the null block: padded reads land here and must be finite
+            cache[:block_size].zero_()
         self.sampler = Sampler(seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)
 

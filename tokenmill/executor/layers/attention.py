@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, for one flat batch of prefill chunks and decodes.
 
-The cache of each layer is two tensors of shape [num_slots, kv_heads, head_dim]; slot
-`block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
+The cache of each layer is one tensor of shape [num_slots, 2, kv_heads, head_dim] (K then V);
+slot `block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
 slots, then reads every sequence's context back through its block table. Decodes (one query
 each) are attended together in one padded SDPA call; each prefill chunk gets its own call
 with a causal mask shifted by the tokens already cached. Query heads that share a KV head
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 @dataclass
 class DecodeGroup:
-    rows: torch.Tensor  # [B] rows of the flat batch that are single-token decodes
+    rows: torch.Tensor | None  # [B] rows of the flat batch that are decodes; None: every row is one
     slots: torch.Tensor  # [B, L] cache slots of each sequence's context, padded with null slots
     mask: torch.Tensor | None  # [B, 1, 1, L] True where attended; None if nothing is padded
 
@@ -69,6 +69,8 @@ def build_metadata(
     decode = None
     if decode_rows:
         decode = _decode_group(decode_rows, decode_tables, decode_lens, block_size, sliding_window, device)
+        if not prefills:
+            decode.rows = None
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decode, prefills)
 
 
@@ -106,35 +108,36 @@ def _decode_group(rows, tables, lens, block_size, window, device) -> DecodeGroup
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
-    k: torch.Tensor,  # [T, kv_heads, head_dim]
-    v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
-    v_cache: torch.Tensor,
+    kv: torch.Tensor,  # [T, 2, kv_heads, head_dim]: the new tokens' K and V
+    cache: torch.Tensor,  # [num_slots, 2, kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write the new K/V into the cache and attend; returns [T, heads * head_dim]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    cache.index_copy_(0, meta.slot_mapping, kv)
     tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = kv.shape[2]
     group = heads // kv_heads
+    d = meta.decode
+    if d is not None and d.rows is None:  # a pure decode step: no rows to pick or scatter
+        return _decode_attention(q, cache, d, kv_heads, group, scale).reshape(tokens, heads * head_dim)
     out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
-    if meta.decode is not None:
-        d = meta.decode
-        qd = q[d.rows].view(-1, kv_heads, group, head_dim)  # [B, kvh, G, hd]
-        kd = k_cache[d.slots].transpose(1, 2)  # [B, kvh, L, hd]
-        vd = v_cache[d.slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale)
-        out[d.rows] = o.reshape(-1, heads * head_dim)
+    if d is not None:
+        out[d.rows] = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale).reshape(-1, heads * head_dim)
     for p in meta.prefills:
         n = p.end - p.start
         # [Q, kvh, G, hd] -> [kvh, Q * G, hd]: query heads of one KV head become extra query rows.
         qp = q[p.start:p.end].view(n, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, n * group, head_dim)
-        if p.slots is None:
-            kp, vp = k[p.start:p.end].transpose(0, 1), v[p.start:p.end].transpose(0, 1)
-        else:
-            kp, vp = k_cache[p.slots].transpose(0, 1), v_cache[p.slots].transpose(0, 1)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale)  # [kvh, Q*G, hd]
+        ctx = kv[p.start:p.end] if p.slots is None else cache[p.slots]  # [L, 2, kvh, hd]
+        o = F.scaled_dot_product_attention(qp, ctx[:, 0].transpose(0, 1), ctx[:, 1].transpose(0, 1),
+                                           attn_mask=p.mask, scale=scale)  # [kvh, Q*G, hd]
         out[p.start:p.end] = o.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, heads * head_dim)
     return out
+
+
+def _decode_attention(q, cache, d: DecodeGroup, kv_heads: int, group: int, scale: float) -> torch.Tensor:
+    """One query per sequence, all sequences in one padded SDPA call; returns [B, kvh, G, hd]."""
+    ctx = cache[d.slots]  # [B, L, 2, kvh, hd]
+    qd = q.view(-1, kv_heads, group, q.shape[-1])
+    return F.scaled_dot_product_attention(qd, ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
+                                          attn_mask=d.mask, scale=scale)

@@ -29,9 +29,10 @@ class RotaryEmbedding:
         return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
 
     @staticmethod
-    def apply(q, k, cos_sin):
+    def apply(x: torch.Tensor, cos_sin) -> torch.Tensor:
+        """Rotate x [tokens, heads, head_dim] (queries and keys alike) to its tokens' positions."""
         cos, sin = cos_sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Spelled out: F.rms_norm adds two dtype round trips per call, a cost at batch 1.
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class Attention(nn.Module):
@@ -45,15 +46,18 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, cos_sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, x, cos_sin, meta: AttentionMetadata, cache: torch.Tensor):
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # q|k as one [T, heads + kv_heads, head_dim] view: normed and rotated together, in place,
+        # so that k|v stay adjacent in qkv and go to the cache as one [T, 2, kv_heads, head_dim].
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary.apply(q, k, cos_sin)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+            qk.copy_(torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1))
+        qk.copy_(self.rotary.apply(qk, cos_sin))
+        q = qk[:, : self.num_heads]
+        kv = qkv[:, self.q_size:].view(tokens, 2, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, kv, cache, meta, self.scale)
         return self.o_proj(out)
 
 
@@ -76,8 +80,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos_sin, meta, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv)
+    def forward(self, x, cos_sin, meta, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -102,8 +106,8 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [tokens, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, meta, kv)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, meta, cache)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
