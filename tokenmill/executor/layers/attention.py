@@ -126,18 +126,20 @@ def paged_attention(
         out[d.rows] = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale).reshape(-1, heads * head_dim)
     for p in meta.prefills:
         n = p.end - p.start
-        # [Q, kvh, G, hd] -> [kvh, Q * G, hd]: query heads of one KV head become extra query rows.
-        qp = q[p.start:p.end].view(n, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, n * group, head_dim)
-        ctx = kv[p.start:p.end] if p.slots is None else cache[p.slots]  # [L, 2, kvh, hd]
-        o = F.scaled_dot_product_attention(qp, ctx[:, 0].transpose(0, 1), ctx[:, 1].transpose(0, 1),
-                                           attn_mask=p.mask, scale=scale)  # [kvh, Q*G, hd]
+        # [Q, kvh, G, hd] -> [1, kvh, Q * G, hd]: query heads of one KV head become extra query rows
+        # (4-D, so that SDPA takes its fused CPU kernel rather than the unfused math path).
+        qp = q[p.start:p.end].view(n, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(1, kv_heads, n * group, head_dim)
+        ctx = kv[p.start:p.end] if p.slots is None else cache.index_select(0, p.slots)  # [L, 2, kvh, hd]
+        o = F.scaled_dot_product_attention(qp, ctx[None, :, 0].transpose(1, 2), ctx[None, :, 1].transpose(1, 2),
+                                           attn_mask=p.mask, scale=scale)  # [1, kvh, Q*G, hd]
         out[p.start:p.end] = o.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, heads * head_dim)
     return out
 
 
 def _decode_attention(q, cache, d: DecodeGroup, kv_heads: int, group: int, scale: float) -> torch.Tensor:
     """One query per sequence, all sequences in one padded SDPA call; returns [B, kvh, G, hd]."""
-    ctx = cache[d.slots]  # [B, L, 2, kvh, hd]
+    batch, length = d.slots.shape
+    ctx = cache.index_select(0, d.slots.view(-1)).view(batch, length, *cache.shape[1:])  # [B, L, 2, kvh, hd]
     qd = q.view(-1, kv_heads, group, q.shape[-1])
     return F.scaled_dot_product_attention(qd, ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
                                           attn_mask=d.mask, scale=scale)
