@@ -3,7 +3,9 @@
 The cache of each layer is one tensor of shape [num_slots, 2, kv_heads, head_dim] (K then V);
 slot `block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
 slots, then reads every sequence's context back through its block table. Decodes (one query
-each) are attended together in one padded SDPA call; each prefill chunk gets its own call
+each) are attended in a few padded SDPA calls, one per group of similar context lengths (a
+gather of the padded context is most of a decode step's attention cost, so padding a short
+context to the longest one would waste it); each prefill chunk gets its own call
 with a causal mask shifted by the tokens already cached. Query heads that share a KV head
 are folded into the query-length axis, so grouped-query attention needs no K/V copies.
 """
@@ -34,8 +36,12 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    decode: DecodeGroup | None
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+
+
+# A decode group's shortest context is at least this fraction of its longest.
+DECODE_GROUP_MIN_FILL = 0.7
 
 
 def build_metadata(
@@ -66,12 +72,17 @@ def build_metadata(
             mask = _causal_mask(start, end, sliding_window).repeat_interleave(group, dim=0).to(device)
             prefills.append(PrefillChunk(row, row + length, slots, mask))
         row += length
-    decode = None
-    if decode_rows:
-        decode = _decode_group(decode_rows, decode_tables, decode_lens, block_size, sliding_window, device)
-        if not prefills:
-            decode.rows = None
-    return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decode, prefills)
+    decodes = []
+    order = sorted(range(len(decode_rows)), key=lambda i: -decode_lens[i])
+    while order:
+        longest = decode_lens[order[0]]
+        take = [i for i in order if decode_lens[i] >= DECODE_GROUP_MIN_FILL * longest]
+        order = order[len(take):]
+        decodes.append(_decode_group([decode_rows[i] for i in take], [decode_tables[i] for i in take],
+                                     [decode_lens[i] for i in take], block_size, sliding_window, device))
+    if len(decodes) == 1 and not prefills and decode_rows == sorted(decode_rows):
+        decodes[0].rows = None  # the group is the whole batch, in order
+    return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decodes, prefills)
 
 
 def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -118,11 +129,10 @@ def paged_attention(
     tokens, heads, head_dim = q.shape
     kv_heads = kv.shape[2]
     group = heads // kv_heads
-    d = meta.decode
-    if d is not None and d.rows is None:  # a pure decode step: no rows to pick or scatter
-        return _decode_attention(q, cache, d, kv_heads, group, scale).reshape(tokens, heads * head_dim)
+    if len(meta.decodes) == 1 and meta.decodes[0].rows is None:  # all decodes, one group: nothing to scatter
+        return _decode_attention(q, cache, meta.decodes[0], kv_heads, group, scale).reshape(tokens, heads * head_dim)
     out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
-    if d is not None:
+    for d in meta.decodes:
         out[d.rows] = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale).reshape(-1, heads * head_dim)
     for p in meta.prefills:
         n = p.end - p.start
