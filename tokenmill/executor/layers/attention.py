@@ -78,9 +78,10 @@ def build_metadata(
         longest = decode_lens[order[0]]
         take = [i for i in order if decode_lens[i] >= DECODE_GROUP_MIN_FILL * longest]
         order = order[len(take):]
+        take.sort()  # rows in batch order, so a group that is the whole batch needs no row index
         decodes.append(_decode_group([decode_rows[i] for i in take], [decode_tables[i] for i in take],
                                      [decode_lens[i] for i in take], block_size, sliding_window, device))
-    if len(decodes) == 1 and not prefills and decode_rows == sorted(decode_rows):
+    if len(decodes) == 1 and not prefills:
         decodes[0].rows = None  # the group is the whole batch, in order
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decodes, prefills)
 
