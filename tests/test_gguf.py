@@ -363,3 +363,18 @@ def test_smollm2_weights_match_transformers(smollm2, smollm2_hf_state):
             torch.testing.assert_close(weight, smollm2_hf_state[name], atol=1e-6, rtol=0)
             seen.add(name)
     assert seen == wanted
+
+
+def test_converted_tokenizer_is_cached_and_identical(tmp_path, monkeypatch):
+    """The second load reads the tokenizer from the cache folder and behaves exactly as the first."""
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    config, state = tiny_model("llama", vocab=len(byte_bpe_vocab()[0]), tie=True)
+    path = write_gguf(tmp_path / "tok.gguf", "llama", config, state, tokenizer=True)
+    first = load_gguf(path).tokenizer
+    assert list((tmp_path / "cache" / "gguf-tokenizers").glob("*/tokenizer_config.json"))
+    second = load_gguf(path).tokenizer
+    for text in ["hello world", "hi", "world hello hello"]:
+        assert second.encode(text) == first.encode(text)
+    assert (second.bos_token_id, second.eos_token_id) == (first.bos_token_id, first.eos_token_id)
+    messages = [{"role": "user", "content": "hi"}]
+    assert second.apply_chat_template(messages, tokenize=False) == first.apply_chat_template(messages, tokenize=False)

@@ -9,6 +9,8 @@ so a quantized file never has to be expanded to float32 all at once.
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import re
 from collections.abc import Iterator
@@ -275,13 +277,37 @@ def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None):
-    """transformers' own GGUF tokenizer conversion; None when the file embeds no tokenizer."""
+    """transformers' own GGUF tokenizer conversion; None when the file embeds no tokenizer.
+
+    The conversion parses the whole file again (seconds for a 49k-token vocabulary), so its
+    result is saved under the tokenmill cache folder, keyed by the file's path, size and
+    modification time, and loaded from there next time.
+    """
     if reader.get_field("tokenizer.ggml.model") is None:
         return None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as exc:  # transformers raises assorted types for a vocabulary it cannot convert
-        raise ModelLoadError(f"cannot build a tokenizer from {path.name}: {exc}") from exc
+    cached = _tokenizer_cache_dir(path)
+    if cached is not None and (cached / "tokenizer_config.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(cached))
+    else:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:  # transformers raises assorted types for a vocabulary it cannot convert
+            raise ModelLoadError(f"cannot build a tokenizer from {path.name}: {exc}") from exc
+        if cached is not None:
+            try:
+                tokenizer.save_pretrained(str(cached))
+            except OSError:
+                pass  # a read-only cache only costs the conversion next time
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _tokenizer_cache_dir(path: Path) -> Path | None:
+    """$TOKENMILL_CACHE (default ~/.cache/tokenmill)/gguf-tokenizers/<key of this file>; None if disabled."""
+    root = os.environ.get("TOKENMILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tokenmill"))
+    if not root:
+        return None
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    return Path(root) / "gguf-tokenizers" / key
