@@ -70,11 +70,16 @@ def test_unknown_model_path(tmp_path):
         LLM(str(tmp_path / "no-such-model"))
 
 
-def test_pickle_checkpoint_refused(tmp_path):
-    folder = tmp_path / "pickled"
+def model_folder(root, architecture: str, model_type: str, weights_file: str, weights: bytes):
+    folder = root / model_type
     folder.mkdir()
-    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    (folder / "config.json").write_text(f'{{"architectures": ["{architecture}"], "model_type": "{model_type}"}}')
+    (folder / weights_file).write_bytes(weights)
+    return folder
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    folder = model_folder(tmp_path, "LlamaForCausalLM", "llama", "pytorch_model.bin", b"\x80\x04not really a pickle")
     with pytest.raises(ModelLoadError, match="pickle"):
         LLM(str(folder))
     with pytest.raises(ModelLoadError, match="pickle"):
@@ -82,10 +87,7 @@ def test_pickle_checkpoint_refused(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    folder = tmp_path / "gpt2ish"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
-    (folder / "model.safetensors").write_bytes(b"")
+    folder = model_folder(tmp_path, "GPT2LMHeadModel", "gpt2", "model.safetensors", b"")
     with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
         LLM(str(folder))
 

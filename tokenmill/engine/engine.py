@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     finished_seqs: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -165,8 +164,9 @@ class LLMEngine:
         result = self.runner.execute(plan.chunks, blocked)
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-            self.requests[chunk.seq.request_id].metrics.first_scheduled_time = (
-                self.requests[chunk.seq.request_id].metrics.first_scheduled_time or now)
+            metrics = self.requests[chunk.seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         now = time.time()
         touched: dict[str, Request] = {}
         samples = result.samples
