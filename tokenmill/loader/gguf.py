@@ -305,7 +305,12 @@ def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None):
 
 def _tokenizer_cache_dir(path: Path) -> Path | None:
     """$TOKENMILL_CACHE (default ~/.cache/tokenmill)/gguf-tokenizers/<key of this file>; None if disabled."""
-    root = os.environ.get("TOKENMILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tokenmill"))
+    root = os.environ.get("TOKENMILL_CACHE")
+    if root is None:
+        try:
+            root = str(Path.home() / ".cache" / "tokenmill")
+        except RuntimeError:  # no home folder to find: no cache
+            return None
     if not root:
         return None
     stat = path.stat()
