@@ -42,11 +42,10 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk], blocked_token_ids: list[list[int]]) -> StepResult:
         """Run the chunks and sample; `blocked_token_ids` has one list per sampling chunk, in order."""
         sampled = [c for c in chunks if c.sample]
-        ends = torch.tensor(chunks_ends(chunks), device=self.device)
         hidden = self._forward(chunks)
         if not sampled:
             return StepResult([], None)
-        rows = ends[[i for i, c in enumerate(chunks) if c.sample]]
+        rows = torch.tensor([end for end, c in zip(chunks_ends(chunks), chunks) if c.sample], device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()
         batch = SamplingBatch(
             params=[c.seq.params for c in sampled],
