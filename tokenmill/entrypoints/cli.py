@@ -1,7 +1,8 @@
-"""The `tokenmill` command line: generate, chat, bench throughput.
+"""The `tokenmill` command line: generate, chat, serve, bench throughput.
 
     tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
     tokenmill chat --system "You are terse."
+    tokenmill serve --port 8000 --api-key secret
     tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
 
 Every subcommand takes the engine flags (--model, --dtype, --max-num-seqs, ...); with no
@@ -240,9 +241,43 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ----------------------------------------------------------------------------------
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", parents=[engine_parent()], help="OpenAI-compatible HTTP server",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics (Prometheus) over HTTP.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TOKENMILL_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="most requests waiting to start; more are answered 429 (default: no limit)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model name(s) clients send (default: the model's name)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default: info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from tokenmill.entrypoints.openai.api_server import serve
+
+    if args.max_queue is not None and args.max_queue < 0:
+        from tokenmill.errors import InvalidParameterError
+        raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
+          args.log_level)
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_bench]
+SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_serve, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server, end to end: a real `tokenmill serve` on 127.0.0.1 and the official
+`openai` client, checked against the offline LLM on the same default model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import openai
+import pytest
+
+from server_process import ServerProcess
+from tokenmill import LLM, SamplingParams
+
+KEY = "test-key"
+MAX_MODEL_LEN = 1024
+ENGINE_FLAGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB"]
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(default_model_available):
+    with ServerProcess(["--api-key", KEY, *ENGINE_FLAGS]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(default_model_available):
+    return LLM(max_model_len=MAX_MODEL_LEN, kv_cache_memory="256MiB")
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def test_models_lists_the_served_model(client, offline):
+    models = client.models.list().data
+    assert [m.id for m in models] == [offline.engine.model_name]
+
+
+def test_completion_equals_offline_greedy(client, offline, model_name):
+    want = offline.generate(PROMPT, greedy(24), use_tqdm=False)[0]
+    got = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert got.choices[0].text == want.outputs[0].text
+    assert got.choices[0].finish_reason == want.outputs[0].finish_reason
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_streamed_completion_equals_offline_and_reports_usage(client, offline, model_name):
+    want = offline.generate(PROMPT, greedy(24), use_tqdm=False)[0].outputs[0]
+    chunks = list(client.completions.create(model=model_name, prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want.text
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # it really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_equals_offline_greedy_streamed_and_not(client, offline, model_name):
+    want = offline.chat(CHAT, greedy(32), use_tqdm=False)[0]
+    got = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=32, temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.outputs[0].text
+    assert "Paris" in got.choices[0].message.content
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    stream = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=32, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.outputs[0].text
+    assert chunks[-1].usage.total_tokens == got.usage.total_tokens
+
+
+def test_completion_logprobs_are_well_formed(client, model_name):
+    got = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    choice = got.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == got.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) >= 3
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy picks the likeliest
+
+
+def test_chat_logprobs_are_well_formed(client, model_name):
+    got = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens
+    assert "".join(t.token for t in content) == got.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert bytes(t.bytes).decode() == t.token
+
+
+def test_n_gives_n_seeded_choices(client, model_name):
+    def ask():
+        return client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                         n=3, seed=7, logprobs=0)
+
+    first, second = ask(), ask()
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]  # seeded
+    assert len({c.text for c in first.choices}) > 1
+    assert first.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in first.choices)
+    single = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=1)
+    assert first.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is counted once, not n times
+
+
+def test_stop_string_cuts_the_text(client, offline, model_name):
+    full = offline.generate(PROMPT, greedy(24), use_tqdm=False)[0].outputs[0].text
+    stop = full.split()[1]  # a word the greedy text goes on to write
+    got = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[: full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_64_concurrent_streams_equal_their_offline_outputs(server, offline, model_name):
+    prompts = [f"Write one sentence about the number {i}." for i in range(64)]
+    want = [o.outputs[0].text for o in offline.generate(prompts, greedy(16), use_tqdm=False)]
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+    async def one(prompt: str) -> str:
+        stream = await aclient.completions.create(model=model_name, prompt=prompt, max_tokens=16, temperature=0,
+                                                  stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def all_of_them():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(all_of_them()) == want
+    assert server.metric("tokenmill_num_requests_running") == 0
+
+
+def test_client_disconnect_aborts_and_frees_kv_blocks(server, client, model_name):
+    total = server.metric("tokenmill_kv_cache_total_blocks")
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
+    stream = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=800, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    received = 0
+    for chunk in stream:
+        received += 1
+        if received == 3:
+            break
+    assert server.metric("tokenmill_kv_cache_free_blocks") < total  # mid-stream: it holds blocks
+    stream.close()
+    closed = time.monotonic()
+    while time.monotonic() - closed < 1.0 and server.metric("tokenmill_kv_cache_free_blocks") < total:
+        time.sleep(0.02)  # poll /metrics until the pool is idle again, for at most the second the server is allowed
+    assert server.metric("tokenmill_kv_cache_free_blocks") == total
+    assert server.metric("tokenmill_requests_total", 'status="abort"') == aborted_before + 1
+
+
+def test_api_key_is_required(server, model_name):
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.completions.create(model=model_name, prompt=PROMPT, max_tokens=2)
+    assert e.value.status_code == 401 and "API key" in e.value.body["message"]
+    status, body = server.post("/v1/completions", json.dumps({"prompt": PROMPT}).encode())  # no key at all
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, _ = server.post("/v1/completions", b"{}", {"Authorization": f"Bearer {KEY}"})
+    assert status == 400  # with the key, the same endpoint answers (here: no prompt given)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    assert e.value.body["param"] == "model" and "no-such-model" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"logprobs": 99}, "logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"extra_body": {"top_k": -5}}, "top_k"),
+    ({"extra_body": {"min_p": 2}}, "min_p"),
+    ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),  # prompt + max_tokens exceed the context
+    ({"prompt": list(range(1, MAX_MODEL_LEN + 10))}, "prompt"),  # the prompt alone exceeds it
+    ({"prompt": [10**9]}, "prompt"),  # a token id outside the vocabulary
+    ({"prompt": []}, "prompt"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(client, model_name, kwargs, param):
+    kwargs = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param, e.value.body
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
+
+
+def test_bad_chat_requests_are_400(client, model_name):
+    for kwargs, param in [({"messages": []}, "messages"),
+                          ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+                          ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model_name, **kwargs)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_malformed_json_and_wrong_body_are_400(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, body = server.post("/v1/completions", b'{"prompt": "hi", ', auth)
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = server.post("/v1/chat/completions", b'["a", "list"]', auth)
+    assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_engine_keeps_serving_after_errors(client, offline, model_name):
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=model_name, prompt=PROMPT, temperature=-1)
+    got = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert got.choices[0].text == offline.generate(PROMPT, greedy(8), use_tqdm=False)[0].outputs[0].text
+
+
+def test_full_queue_is_429(default_model_available):
+    with ServerProcess(["--max-num-seqs", "1", "--max-queue", "1", *ENGINE_FLAGS]) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        name = c.models.list().data[0].id
+        long = {"model": name, "prompt": PROMPT, "max_tokens": 500, "temperature": 0, "stream": True,
+                "extra_body": {"ignore_eos": True}}
+        running = c.completions.create(**long)
+        next(iter(running))  # it produced a token, so it holds the only seat
+        waiting = c.completions.create(**long)  # accepted: it waits in the queue
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(**long)
+        assert e.value.status_code == 429 and "--max-queue" in e.value.body["message"]
+        running.close()
+        waiting.close()
+        got = c.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)  # and it still serves
+        assert got.usage.completion_tokens == 4
+        assert server.metric("tokenmill_kv_cache_free_blocks") == server.metric("tokenmill_kv_cache_total_blocks")

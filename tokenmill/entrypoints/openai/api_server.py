@@ -1,0 +1,146 @@
+"""The HTTP layer: FastAPI routes, API-key check, OpenAI-style error bodies, uvicorn.
+
+Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status an
+OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 429 full
+queue, 500 a failed engine step. The engine keeps serving the other requests in each case.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError
+from tokenmill.entrypoints.openai.metrics import ServerMetrics
+from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.entrypoints.openai.serving import ModelNotFoundError, OpenAIServing
+from tokenmill.errors import InvalidParameterError, TokenmillError
+
+log = logging.getLogger("tokenmill")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error"}
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names: list[str],
+              api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server")
+    serving = OpenAIServing(engine, served_model_names)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_key_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key is not None and not path.startswith(OPEN_PATHS) and not _key_ok(request, api_key):
+            response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        else:
+            response = await call_next(request)
+        endpoint = path if path in route_paths else "other"
+        metrics.http_responses.labels(endpoint=endpoint, code=str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return serving.models()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return _respond(await serving.completion(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return _respond(await serving.chat(body))
+
+    route_paths = {route.path for route in app.routes}
+    return app
+
+
+def _respond(result):
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _key_ok(request: Request, api_key: str) -> bool:
+    given = request.headers.get("authorization", "")
+    return secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
+        param = loc[0] if loc and first.get("type") != "json_invalid" else None
+        where = ".".join(loc)
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", ""))
+        elif not loc:
+            message = "the request body must be a JSON object (send Content-Type: application/json)"
+        return error_response(400, message, param)
+
+    @app.exception_handler(InvalidParameterError)
+    async def invalid_parameter(_request, exc: InvalidParameterError):
+        return error_response(400, str(exc), exc.param)
+
+    @app.exception_handler(ModelNotFoundError)
+    async def unknown_model(_request, exc: ModelNotFoundError):
+        return error_response(404, str(exc), "model")
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_request, exc: QueueFullError):
+        return error_response(429, str(exc))
+
+    @app.exception_handler(TokenmillError)
+    async def other_bad_input(_request, exc: TokenmillError):
+        return error_response(400, str(exc))
+
+    @app.exception_handler(EngineStepError)
+    async def engine_failed(_request, exc: EngineStepError):
+        return error_response(500, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(_request, exc: Exception):
+        log.exception("unexpected error while answering a request")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,
+          served_model_names: list[str] | None, log_level: str = "info") -> None:
+    """Run the server until interrupted (blocks)."""
+    import uvicorn
+
+    metrics = ServerMetrics()
+    async_engine = AsyncLLMEngine(engine, max_queue=max_queue, observer=metrics.observe)
+    metrics.bind_engine(async_engine)
+    app = build_app(async_engine, metrics, served_model_names or [engine.model_name], api_key)
+    log.info("tokenmill: serving %s on http://%s:%d", ", ".join(served_model_names or [engine.model_name]), host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        async_engine.shutdown()

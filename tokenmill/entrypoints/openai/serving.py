@@ -1,0 +1,326 @@
+"""From OpenAI requests to engine requests, and from RequestOutputs to OpenAI responses.
+
+One completion request may carry several prompts, each sampled n times: every prompt is
+one engine request, and choice `prompt_index * n + i` is its i-th sample, as in OpenAI's and
+vLLM's servers. Streaming sends each choice's new text (and logprobs) as it grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from jinja2 import TemplateError
+
+from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.errors import InvalidParameterError, TokenmillError
+from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+class ModelNotFoundError(TokenmillError):
+    """The request names a model this server does not serve (the server answers 404)."""
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str | None
+
+
+class OpenAIServing:
+    """The completions and chat completions endpoints' logic, free of HTTP."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]):
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.served_model_names = served_model_names
+
+    def models(self) -> dict:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
+             "max_model_len": self.max_model_len} for name in self.served_model_names]}
+
+    # ---- endpoints ----------------------------------------------------------------------------
+    async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
+        model = self._model_name(req)
+        prompts = [self._completion_prompt(p) for p in req.prompts()]
+        if not prompts:
+            raise InvalidParameterError("prompt", "the prompt list is empty")
+        params = self._params(req, prompts, req.max_tokens, req.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._add(request_id, prompts, params)
+        fmt = _CompletionFormat(self, request_id, model, req.logprobs is not None)
+        if req.stream:
+            return self._stream(streams, fmt, req.n, req.include_usage)
+        return await self._collect(streams, fmt, req.n)
+
+    async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        model = self._model_name(req)
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidParameterError("top_logprobs", "needs logprobs set to true")
+        prompts = [self._chat_prompt(req)]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, prompts, req.max_output_tokens, logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._add(request_id, prompts, params)
+        fmt = _ChatFormat(self, request_id, model, req.logprobs, req.top_logprobs or 0)
+        if req.stream:
+            return self._stream(streams, fmt, req.n, req.include_usage)
+        return await self._collect(streams, fmt, req.n)
+
+    # ---- requests in ----------------------------------------------------------------------------
+    def _model_name(self, req: _Sampling) -> str:
+        if req.model is None:
+            return self.served_model_names[0]
+        if req.model not in self.served_model_names:
+            raise ModelNotFoundError(f"the model {req.model!r} does not exist; this server serves "
+                                     f"{', '.join(self.served_model_names)}")
+        return req.model
+
+    def _completion_prompt(self, prompt: str | list[int]) -> _Prompt:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameterError("prompt", "this model has no tokenizer; send token ids")
+            if not prompt:
+                raise InvalidParameterError("prompt", "the prompt is empty")
+            return _Prompt(self.tokenizer.encode(prompt), prompt)
+        return _Prompt(list(prompt), None)
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise InvalidParameterError("messages", "this model has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.render_chat([m.as_template_input() for m in req.messages], req.add_generation_prompt)
+        except TemplateError as e:
+            raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
+        return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+
+    def _params(self, req: _Sampling, prompts: list[_Prompt], max_tokens: int | None,
+                logprobs: int | None) -> SamplingParams:
+        longest = max(len(p.token_ids) for p in prompts)
+        if longest >= self.max_model_len:
+            raise InvalidParameterError("prompt", f"the prompt has {longest} tokens; this model's context is "
+                                                  f"{self.max_model_len} tokens, which must leave room for an answer")
+        if max_tokens is not None and longest + max_tokens > self.max_model_len:
+            raise InvalidParameterError("max_tokens", f"{max_tokens} new tokens after a {longest}-token prompt "
+                                                      f"exceed the context of {self.max_model_len} tokens")
+        return req.sampling_params(max_tokens, logprobs)
+
+    async def _add(self, base_id: str, prompts: list[_Prompt], params: SamplingParams) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.engine.add_request(request_id, prompt.token_ids, params, prompt.text))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+    # ---- responses out --------------------------------------------------------------------------
+    async def _collect(self, streams: list[RequestStream], fmt: "_Format", n: int) -> dict:
+        async def last(stream: RequestStream) -> RequestOutput:
+            output = None
+            async for output in stream:
+                pass
+            return output
+
+        tasks = [asyncio.ensure_future(last(s)) for s in streams]
+        try:
+            finals = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:  # a no-op for finished ones; frees the rest if the client left
+                stream.abort()
+        choices = [fmt.choice(p * n + o.index, o) for p, out in enumerate(finals) for o in out.outputs]
+        return fmt.response(choices, _usage(finals))
+
+    async def _stream(self, streams: list[RequestStream], fmt: "_Format", n: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per choice that moved, then usage, then [DONE]."""
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        usage_field = {"usage": None} if include_usage else {}
+        try:
+            for p in range(len(streams)):
+                for i in range(n):
+                    first = fmt.first_delta(p * n + i)
+                    if first is not None:
+                        yield _sse(fmt.chunk([first]) | usage_field)
+            async for p, output in _merge(streams):
+                choices = []
+                for o in output.outputs:
+                    index = p * n + o.index
+                    text_from, tokens_from = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                    if len(o.text) <= text_from and len(o.token_ids) <= tokens_from and not o.finished():
+                        continue
+                    choices.append(fmt.delta(index, o, text_from, tokens_from))
+                    sent_text[index], sent_tokens[index] = max(text_from, len(o.text)), len(o.token_ids)
+                if choices:
+                    yield _sse(fmt.chunk(choices) | usage_field)
+                if output.finished:
+                    finals[p] = output
+            if include_usage:
+                yield _sse(fmt.chunk([]) | {"usage": _usage(list(finals.values()))})
+        except TokenmillError as e:  # nothing more can be sent as a status code once the stream started
+            yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}})
+        except RuntimeError as e:
+            yield _sse({"error": {"message": str(e), "type": "internal_error", "param": None, "code": 500}})
+        finally:
+            for stream in streams:  # a no-op for finished ones; frees the rest if the client left
+                stream.abort()
+        yield "data: [DONE]\n\n"
+
+    def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        """A token's text; a sampled special token (e.g. EOS) is "" as in the response text."""
+        if self.tokenizer is None:
+            return str(token_id)
+        return self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the prompt index."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except Exception as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+            await queue.put((index, e))
+        await queue.put((index, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(finals: list[RequestOutput]) -> dict:
+    prompt = sum(len(out.prompt_token_ids) for out in finals)
+    completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Format:
+    """The shape of one endpoint's responses."""
+
+    object_name: str
+    chunk_object_name: str
+
+    def __init__(self, serving: OpenAIServing, request_id: str, model: str):
+        self.serving = serving
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def response(self, choices: list[dict], usage: dict) -> dict:
+        return {"id": self.request_id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+    def chunk(self, choices: list[dict]) -> dict:
+        return {"id": self.request_id, "object": self.chunk_object_name, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def first_delta(self, index: int) -> dict | None:
+        return None
+
+    def _entries(self, output: CompletionOutput, tokens_from: int):
+        """(token text, sampled logprob, top entries sorted by rank) of each new token."""
+        for token_id, entry in zip(output.token_ids[tokens_from:], output.logprobs[tokens_from:]):
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank)
+            yield self.serving.token_text(token_id, skip_special_tokens=True), entry[token_id].logprob, top
+
+
+class _CompletionFormat(_Format):
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, serving: OpenAIServing, request_id: str, model: str, with_logprobs: bool):
+        super().__init__(serving, request_id, model)
+        self.with_logprobs = with_logprobs
+
+    def choice(self, index: int, output: CompletionOutput) -> dict:
+        return self.delta(index, output, 0, 0)
+
+    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict:
+        return {"index": index, "text": output.text[text_from:],
+                "logprobs": self._logprobs(output, tokens_from, text_from) if self.with_logprobs else None,
+                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+
+    def _logprobs(self, output: CompletionOutput, tokens_from: int, offset: int) -> dict:
+        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for text, logprob, top in self._entries(output, tokens_from):
+            result["tokens"].append(text)
+            result["token_logprobs"].append(logprob)
+            result["top_logprobs"].append({self.serving.token_text(t): lp.logprob for t, lp in top})
+            result["text_offset"].append(offset)
+            offset += len(text)
+        return result
+
+
+class _ChatFormat(_Format):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, serving: OpenAIServing, request_id: str, model: str, with_logprobs: bool,
+                 top_logprobs: int):
+        super().__init__(serving, request_id, model)
+        self.with_logprobs = with_logprobs
+        self.top_logprobs = top_logprobs
+
+    def choice(self, index: int, output: CompletionOutput) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": output.text},
+                "logprobs": self._logprobs(output, 0) if self.with_logprobs else None,
+                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+
+    def first_delta(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict:
+        text = output.text[text_from:]
+        return {"index": index, "delta": {"content": text} if text else {},
+                "logprobs": self._logprobs(output, tokens_from) if self.with_logprobs else None,
+                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+
+    def _logprobs(self, output: CompletionOutput, tokens_from: int) -> dict:
+        content = []
+        for text, logprob, top in self._entries(output, tokens_from):
+            alternatives = [self._token(self.serving.token_text(t), lp.logprob) for t, lp in top[: self.top_logprobs]]
+            content.append(self._token(text, logprob) | {"top_logprobs": alternatives})
+        return {"content": content}
+
+    @staticmethod
+    def _token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
