@@ -94,3 +94,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {name: save_tiny_model(root / name, arch, seed=i, **kw)
             for i, (name, (arch, kw)) in enumerate(TINY_VARIANTS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, default_model_available) -> Path:
+    """A tiny random Llama with the default model's tokenizer and chat template: every request
+    path of the server (text, chat, token ids) at a fraction of a real model's cost."""
+    from tokenmill.loader import load_checkpoint
+
+    ckpt = load_checkpoint(None)
+    tokenizer = ckpt.tokenizer
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), "llama", vocab_size=len(tokenizer),
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.chat_template = ckpt.chat_template
+    tokenizer.save_pretrained(path)
+    return path
