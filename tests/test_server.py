@@ -254,3 +254,23 @@ def test_full_queue_is_429(default_model_available):
         got = c.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)  # and it still serves
         assert got.usage.completion_tokens == 4
         assert server.metric("tokenmill_kv_cache_free_blocks") == server.metric("tokenmill_kv_cache_total_blocks")
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
+    import socket
+
+    total = server.metric("tokenmill_kv_cache_total_blocks")
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
+    body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": 800, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while server.metric("tokenmill_kv_cache_free_blocks") == total and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait until the request is running
+        assert server.metric("tokenmill_kv_cache_free_blocks") < total
+    closed = time.monotonic()  # the client hung up without reading the answer
+    while time.monotonic() - closed < 1.0 and server.metric("tokenmill_kv_cache_free_blocks") < total:
+        time.sleep(0.02)
+    assert server.metric("tokenmill_kv_cache_free_blocks") == total
+    assert server.metric("tokenmill_requests_total", 'status="abort"') == aborted_before + 1

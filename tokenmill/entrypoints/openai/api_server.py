@@ -7,6 +7,7 @@ queue, 500 a failed engine step. The engine keeps serving the other requests in 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 
@@ -63,21 +64,40 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
         return serving.models()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return _respond(await serving.completion(body))
+    async def completions(body: CompletionRequest, request: Request):
+        return await _respond(serving.completion(body), request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return _respond(await serving.chat(body))
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _respond(serving.chat(body), request)
 
     route_paths = {route.path for route in app.routes}
     return app
 
 
-def _respond(result):
+async def _respond(work, request: Request) -> Response:
+    """Await the endpoint's work unless the client leaves first (then cancel it: that aborts its
+    requests and frees their KV blocks). A stream is handed to StreamingResponse, which does
+    the same when the client leaves mid-stream."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)  # nobody is listening; the status is for the access log
+    result = task.result()
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _key_ok(request: Request, api_key: str) -> bool:
