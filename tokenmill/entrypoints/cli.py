@@ -1,11 +1,12 @@
-"""The `tokenmill` command line: generate, chat, bench throughput.
+"""The `tokenmill` command line: generate, chat, bench throughput, bench serve.
 
     tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
     tokenmill chat --system "You are terse."
     tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
+    tokenmill bench serve --base-url http://127.0.0.1:8000 --request-rate 1 4 inf --num-prompts 64
 
-Every subcommand takes the engine flags (--model, --dtype, --max-num-seqs, ...); with no
---model the embedded default model is used. Errors tokenmill raises for bad input print one
+Every subcommand but `bench serve` (a client of a server elsewhere) takes the engine flags
+(--model, --dtype, --max-num-seqs, ...); with no --model the embedded default model is used. Errors tokenmill raises for bad input print one
 line to stderr and exit with status 2.
 
 Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usually with
@@ -195,7 +196,8 @@ def _read_line() -> str | None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the engine.")
+    p = sub.add_parser("bench", help="benchmarks",
+                       description="Benchmarks: the engine offline (throughput), or any OpenAI-compatible server (serve).")
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     t = bench_sub.add_parser(
         "throughput", parents=[engine_parent()], help="offline throughput, optionally against HF transformers",
@@ -219,6 +221,7 @@ def _add_bench(sub) -> None:
     g.add_argument("--output-json", default=None, help="write the results as JSON to this file")
     g.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
     t.set_defaults(func=cmd_bench_throughput)
+    _add_bench_serve(bench_sub)
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -237,6 +240,72 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.output_json:
         tp.write_json(result, args.output_json)
         print(f"wrote {args.output_json}", file=sys.stderr)
+    return 0
+
+
+def _add_bench_serve(bench_sub) -> None:
+    # No engine flags: this drives a server elsewhere; only synthetic prompts load a tokenizer.
+    p = bench_sub.add_parser(
+        "serve", help="load an OpenAI-compatible server and measure TTFT, TPOT, ITL, E2E and throughput",
+        description="Send streamed requests to an OpenAI-compatible server at one or more request rates "
+                    "(Poisson arrivals, or gamma with --burstiness) and report latency percentiles, "
+                    "throughput and goodput per rate, as vLLM's benchmark_serving defines them.")
+    g = p.add_argument_group("server")
+    g.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    g.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions or /v1/chat/completions (default: completions)")
+    g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
+    g.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    g = p.add_argument_group("load")
+    g.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")], metavar="RATE",
+                   help="requests per second, or inf for all at once; several rates run in turn (default: inf)")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the inter-arrival times: 1 is Poisson, lower is burstier (default: 1)")
+    g.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    g.add_argument("--num-prompts", type=int, default=None, help="requests per rate (default: 100, or all of --dataset)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--input-len", default="128",
+                   help='prompt tokens (shared prefix included, specials the server adds not counted), or a range '
+                        '"LOW:HIGH" sampled uniformly (default: 128)')
+    g.add_argument("--output-len", default="128", help='tokens to generate, or a range "LOW:HIGH" (default: 128)')
+    g.add_argument("--shared-prefix-len", type=int, default=0, help="tokens of one prefix every prompt starts with")
+    g.add_argument("--dataset", default=None,
+                   help='JSONL with {"prompt": str, "output_len": int (optional)} per line, instead of synthetic prompts')
+    g.add_argument("--tokenizer", default=None,
+                   help="HF folder, hub id or .gguf whose tokenizer counts synthetic prompts; use the server's "
+                        "(default: the embedded default model's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals (default: 0)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="leave ignore_eos out of the requests, for servers that reject it")
+    g = p.add_argument_group("report")
+    g.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:200 tpot:50 e2e:5000")
+    g.add_argument("--output-json", default=None, help="write config, summaries and per-request records to this file")
+    g.add_argument("--plot", default=None, help="draw median/p99 TTFT, TPOT and E2E against request rate to this PNG")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from tokenmill.bench import serve
+    from tokenmill.bench.metrics import parse_slos
+    from tokenmill.bench.throughput import write_json
+
+    config = serve.ServeBenchConfig(
+        args.base_url, model=args.model, endpoint=args.endpoint, request_rates=args.request_rate,
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
+        input_len=args.input_len, output_len=args.output_len, shared_prefix_len=args.shared_prefix_len,
+        dataset=args.dataset, tokenizer=args.tokenizer, seed=args.seed, temperature=args.temperature,
+        ignore_eos=args.ignore_eos, api_key=args.api_key, goodput=parse_slos(args.goodput))
+    result = serve.run_serve_benchmark_sync(config, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(serve.format_table(result))
+    if args.output_json:
+        write_json(result, args.output_json)
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    if args.plot:
+        serve.plot_latencies(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
