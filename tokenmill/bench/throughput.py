@@ -63,16 +63,23 @@ def special_token_ids(tokenizer) -> set[int]:
     for tid, tok in (getattr(hf, "added_tokens_decoder", None) or {}).items():
         if getattr(tok, "special", True):
             ids.add(int(tid))
-    ids.update(getattr(tokenizer, "eos_token_ids", []) or [])
+    eos = getattr(tokenizer, "eos_token_ids", None)  # a list on tokenmill's Tokenizer, an int on a transformers one
+    ids.update([eos] if isinstance(eos, int) else eos or [])
     return ids
 
 
-def synthetic_prompts(tokenizer, vocab_size: int, input_lens: Sequence[int], seed: int | None = 0) -> list[list[int]]:
-    """Random token ids from the vocabulary (special tokens excluded), one prompt per length."""
+def allowed_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The ids random prompts draw from: the vocabulary without special tokens, which would end or reshape a prompt."""
     excluded = special_token_ids(tokenizer) if tokenizer is not None else set()
     allowed = [i for i in range(vocab_size) if i not in excluded]
     if not allowed:
         raise InvalidParameterError("vocab_size", "the vocabulary has no non-special tokens")
+    return allowed
+
+
+def synthetic_prompts(tokenizer, vocab_size: int, input_lens: Sequence[int], seed: int | None = 0) -> list[list[int]]:
+    """Random token ids from the vocabulary (special tokens excluded), one prompt per length."""
+    allowed = allowed_token_ids(tokenizer, vocab_size)
     rng = random.Random(None if seed is None else seed + 1)
     return [[allowed[rng.randrange(len(allowed))] for _ in range(n)] for n in input_lens]
 
@@ -373,7 +380,7 @@ def measure_hf_decode(hf_model, prompt: list[int], new_tokens: int = 128, repeat
 # ---- the whole benchmark --------------------------------------------------------------------
 
 
-def _model_label(model: str | None, engine_name: str) -> str:
+def model_label(model: str | None, engine_name: str) -> str:
     """A name for reports that never records a local path: the folder or file name for paths."""
     if model is None:
         return engine_name
@@ -415,7 +422,7 @@ def run_throughput_benchmark(model: str | None = None, *, num_prompts: int | Non
         check_fits([decode_prompt], [batch1_tokens], engine.max_model_len)
 
     result: dict = {
-        "model": _model_label(model, engine.model_name),
+        "model": model_label(model, engine.model_name),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": engine.device.type,
         "num_prompts": len(prompts),

@@ -1,12 +1,13 @@
-"""The `tokenmill` command line: generate, chat, serve, bench throughput.
+"""The `tokenmill` command line: generate, chat, serve, bench throughput, bench serve.
 
     tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
     tokenmill chat --system "You are terse."
     tokenmill serve --port 8000 --api-key secret
     tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
+    tokenmill bench serve --base-url http://127.0.0.1:8000 --request-rate 1 4 inf --num-prompts 64
 
-Every subcommand takes the engine flags (--model, --dtype, --max-num-seqs, ...); with no
---model the embedded default model is used. Errors tokenmill raises for bad input print one
+Every subcommand but `bench serve` (a client of a server elsewhere) takes the engine flags
+(--model, --dtype, --max-num-seqs, ...); with no --model the embedded default model is used. Errors tokenmill raises for bad input print one
 line to stderr and exit with status 2.
 
 Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usually with
@@ -192,55 +193,6 @@ def _read_line() -> str | None:
     return None if line == "" else line
 
 
-# ---- bench ----------------------------------------------------------------------------------
-
-
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the engine.")
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    t = bench_sub.add_parser(
-        "throughput", parents=[engine_parent()], help="offline throughput, optionally against HF transformers",
-        description="Offline throughput: run a prompt set to completion (greedy, EOS ignored, exactly "
-                    "--output-len tokens each) and report requests/s and tokens/s, medians of --repeats runs.")
-    g = t.add_argument_group("prompts")
-    g.add_argument("--num-prompts", type=int, default=None, help="number of prompts (default: 64, or all of --prompts-file)")
-    g.add_argument("--input-len", default="32:512",
-                   help='prompt length in tokens, or a range "LOW:HIGH" spread evenly over the prompts (default: 32:512)')
-    g.add_argument("--output-len", default="128", help='tokens to generate per prompt, or a range "LOW:HIGH" (default: 128)')
-    g.add_argument("--prompts-file", default=None,
-                   help='JSONL with a "prompt" field per line, or plain text with one prompt per line '
-                        "(instead of synthetic random-token prompts)")
-    g = t.add_argument_group("measurement")
-    g.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are reported (default: 3)")
-    g.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face transformers generate")
-    g.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
-    g.add_argument("--batch1", action="store_true", help="also measure batch-1 decode tokens/s")
-    g.add_argument("--batch1-tokens", type=int, default=128, help="new tokens of the batch-1 run (default: 128)")
-    g.add_argument("--batch1-input-len", type=int, default=32, help="prompt tokens of the batch-1 run (default: 32)")
-    g.add_argument("--output-json", default=None, help="write the results as JSON to this file")
-    g.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
-    t.set_defaults(func=cmd_bench_throughput)
-
-
-def cmd_bench_throughput(args: argparse.Namespace) -> int:
-    from tokenmill.bench import throughput as tp
-
-    seed = 0 if args.seed is None else args.seed
-    kwargs = engine_kwargs(args)
-    kwargs["seed"] = seed
-    result = tp.run_throughput_benchmark(
-        args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-        prompts_file=args.prompts_file, seed=seed, repeats=args.repeats, compare_hf=args.compare == "hf",
-        hf_batch_size=args.hf_batch_size, batch1=args.batch1, batch1_tokens=args.batch1_tokens,
-        batch1_input_len=args.batch1_input_len, engine_args=kwargs,
-        log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    print(tp.format_markdown(result) if args.markdown else tp.format_text(result))
-    if args.output_json:
-        tp.write_json(result, args.output_json)
-        print(f"wrote {args.output_json}", file=sys.stderr)
-    return 0
-
-
 # ---- serve ----------------------------------------------------------------------------------
 
 
@@ -272,6 +224,123 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
           args.log_level)
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks",
+                       description="Benchmarks: the engine offline (throughput), or any OpenAI-compatible server (serve).")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    t = bench_sub.add_parser(
+        "throughput", parents=[engine_parent()], help="offline throughput, optionally against HF transformers",
+        description="Offline throughput: run a prompt set to completion (greedy, EOS ignored, exactly "
+                    "--output-len tokens each) and report requests/s and tokens/s, medians of --repeats runs.")
+    g = t.add_argument_group("prompts")
+    g.add_argument("--num-prompts", type=int, default=None, help="number of prompts (default: 64, or all of --prompts-file)")
+    g.add_argument("--input-len", default="32:512",
+                   help='prompt length in tokens, or a range "LOW:HIGH" spread evenly over the prompts (default: 32:512)')
+    g.add_argument("--output-len", default="128", help='tokens to generate per prompt, or a range "LOW:HIGH" (default: 128)')
+    g.add_argument("--prompts-file", default=None,
+                   help='JSONL with a "prompt" field per line, or plain text with one prompt per line '
+                        "(instead of synthetic random-token prompts)")
+    g = t.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are reported (default: 3)")
+    g.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face transformers generate")
+    g.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
+    g.add_argument("--batch1", action="store_true", help="also measure batch-1 decode tokens/s")
+    g.add_argument("--batch1-tokens", type=int, default=128, help="new tokens of the batch-1 run (default: 128)")
+    g.add_argument("--batch1-input-len", type=int, default=32, help="prompt tokens of the batch-1 run (default: 32)")
+    g.add_argument("--output-json", default=None, help="write the results as JSON to this file")
+    g.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
+    t.set_defaults(func=cmd_bench_throughput)
+    _add_bench_serve(bench_sub)
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from tokenmill.bench import throughput as tp
+
+    seed = 0 if args.seed is None else args.seed
+    kwargs = engine_kwargs(args)
+    kwargs["seed"] = seed
+    result = tp.run_throughput_benchmark(
+        args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+        prompts_file=args.prompts_file, seed=seed, repeats=args.repeats, compare_hf=args.compare == "hf",
+        hf_batch_size=args.hf_batch_size, batch1=args.batch1, batch1_tokens=args.batch1_tokens,
+        batch1_input_len=args.batch1_input_len, engine_args=kwargs,
+        log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(tp.format_markdown(result) if args.markdown else tp.format_text(result))
+    if args.output_json:
+        tp.write_json(result, args.output_json)
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    return 0
+
+
+def _add_bench_serve(bench_sub) -> None:
+    # No engine flags: this drives a server elsewhere; only synthetic prompts load a tokenizer.
+    p = bench_sub.add_parser(
+        "serve", help="load an OpenAI-compatible server and measure TTFT, TPOT, ITL, E2E and throughput",
+        description="Send streamed requests to an OpenAI-compatible server at one or more request rates "
+                    "(Poisson arrivals, or gamma with --burstiness) and report latency percentiles, "
+                    "throughput and goodput per rate, as vLLM's benchmark_serving defines them.")
+    g = p.add_argument_group("server")
+    g.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    g.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions or /v1/chat/completions (default: completions)")
+    g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
+    g.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    g = p.add_argument_group("load")
+    g.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")], metavar="RATE",
+                   help="requests per second, or inf for all at once; several rates run in turn (default: inf)")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the inter-arrival times: 1 is Poisson, lower is burstier (default: 1)")
+    g.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    g.add_argument("--num-prompts", type=int, default=None, help="requests per rate (default: 100, or all of --dataset)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--input-len", default="128",
+                   help='prompt tokens (shared prefix included, specials the server adds not counted), or a range '
+                        '"LOW:HIGH" sampled uniformly (default: 128)')
+    g.add_argument("--output-len", default="128", help='tokens to generate, or a range "LOW:HIGH" (default: 128)')
+    g.add_argument("--shared-prefix-len", type=int, default=0, help="tokens of one prefix every prompt starts with")
+    g.add_argument("--dataset", default=None,
+                   help='JSONL with {"prompt": str, "output_len": int (optional)} per line, instead of synthetic prompts')
+    g.add_argument("--tokenizer", default=None,
+                   help="HF folder, hub id or .gguf whose tokenizer counts synthetic prompts; use the server's "
+                        "(default: the embedded default model's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals (default: 0)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="leave ignore_eos out of the requests, for servers that reject it")
+    g = p.add_argument_group("report")
+    g.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:200 tpot:50 e2e:5000")
+    g.add_argument("--output-json", default=None, help="write config, summaries and per-request records to this file")
+    g.add_argument("--plot", default=None, help="draw median/p99 TTFT, TPOT and E2E against request rate to this PNG")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from tokenmill.bench import serve
+    from tokenmill.bench.metrics import parse_slos
+    from tokenmill.bench.throughput import write_json
+
+    config = serve.ServeBenchConfig(
+        args.base_url, model=args.model, endpoint=args.endpoint, request_rates=args.request_rate,
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
+        input_len=args.input_len, output_len=args.output_len, shared_prefix_len=args.shared_prefix_len,
+        dataset=args.dataset, tokenizer=args.tokenizer, seed=args.seed, temperature=args.temperature,
+        ignore_eos=args.ignore_eos, api_key=args.api_key, goodput=parse_slos(args.goodput))
+    result = serve.run_serve_benchmark_sync(config, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(serve.format_table(result))
+    if args.output_json:
+        write_json(result, args.output_json)
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    if args.plot:
+        serve.plot_latencies(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
