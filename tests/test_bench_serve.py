@@ -321,7 +321,8 @@ def test_completions_stream_is_timed_chunk_by_chunk(fake_server):
     assert summary["errors"] == {"HTTP 400: bad prompt": 1}
     sent = fake_server.bodies[0]
     assert sent == {"model": "fake-model", "prompt": "one two three", "max_tokens": 6, "temperature": 0.0,
-                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+                    "min_tokens": 6}
     assert all(h["Authorization"] == "Bearer sk-test" for h in fake_server.headers)
     assert "api_key" not in result["config"]
 
@@ -337,7 +338,7 @@ def test_chat_stream_without_usage_counts_chunks(fake_server):
     assert len(rec["itl"]) == 3 and rec["prompt_len"] == 2
     sent = fake_server.bodies[0]
     assert sent["messages"] == [{"role": "user", "content": "hi there"}] and sent["model"] == "named"
-    assert "ignore_eos" not in sent and sent["temperature"] == 0.5
+    assert "ignore_eos" not in sent and "min_tokens" not in sent and sent["temperature"] == 0.5
     assert "Authorization" not in fake_server.headers[0]
 
 
@@ -391,3 +392,31 @@ def test_model_listing_refused_exits_2_asking_for_model(fake_server, tmp_path, c
     err = capsys.readouterr().err
     assert "HTTP 401: no key; pass --model" in err
     assert not fake_server.bodies  # nothing was sent without a model name
+
+
+def test_against_a_real_tokenmill_server(tiny_chat_model, tmp_path, capsys):
+    """The whole loop: `tokenmill bench serve` driving a real `tokenmill serve`, both endpoints."""
+    from server_process import ServerProcess
+
+    with ServerProcess(["--model", str(tiny_chat_model), "--kv-cache-memory", "64MiB", "--api-key", "k"]) as server:
+        out = tmp_path / "serve.json"
+        for endpoint in ("completions", "chat"):
+            code = cli.main(["bench", "serve", "--base-url", server.url, "--api-key", "k", "--endpoint", endpoint,
+                         "--tokenizer", str(tiny_chat_model), "--num-prompts", "12", "--input-len", "8:24",
+                         "--output-len", "6", "--shared-prefix-len", "4", "--request-rate", "50", "inf",
+                         "--max-concurrency", "4", "--goodput", "ttft:60000", "--output-json", str(out)])
+            assert code == 0
+            result = json.loads(out.read_text())
+            assert [run["request_rate"] for run in result["runs"]] == [50.0, "inf"]
+            for run in result["runs"]:
+                summary = run["summary"]
+                assert (summary["completed"], summary["failed"]) == (12, 0)
+                assert summary["total_output_tokens"] == 12 * 6  # ignore_eos + min_tokens: the full length
+                assert summary["goodput"] == pytest.approx(summary["request_throughput"])
+                for rec in run["requests"]:
+                    assert 0 < rec["ttft"] <= rec["e2e"] and len(rec["itl"]) >= 1
+                    if endpoint == "completions":
+                        assert 8 <= rec["prompt_len"] <= 24  # as the server counted it
+        assert "TTFT median" in capsys.readouterr().out
+        assert server.metric("tokenmill_requests_total", 'status="length"') == 4 * 12
+        assert server.metric("tokenmill_num_requests_running") == 0

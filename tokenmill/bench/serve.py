@@ -121,8 +121,9 @@ def request_body(config: ServeBenchConfig, model: str, request: BenchRequest) ->
     """The JSON body of one streamed request."""
     body = {"model": model, "max_tokens": request.output_len, "temperature": config.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
-    if config.ignore_eos:
+    if config.ignore_eos:  # min_tokens too: servers without ignore_eos (llama.cpp's) still run the full length
         body["ignore_eos"] = True
+        body["min_tokens"] = request.output_len
     if config.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:

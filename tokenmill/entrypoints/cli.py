@@ -313,7 +313,7 @@ def _add_bench_serve(bench_sub) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="leave ignore_eos out of the requests, for servers that reject it")
+                   help="leave ignore_eos and min_tokens out of the requests, so outputs may end early at EOS")
     g = p.add_argument_group("report")
     g.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:200 tpot:50 e2e:5000")
