@@ -141,19 +141,21 @@ METERS = ("auto", "rapl", "nvml", "estimate", "none")
 
 
 def make_meter(kind: str = "auto", *, cuda: bool = False, cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
-               idle_watts: float = DEFAULT_IDLE_WATTS) -> EnergyMeter | None:
-    """The meter `kind` names; "auto": RAPL and (on CUDA) NVML where readable, else the estimator."""
+               idle_watts: float = DEFAULT_IDLE_WATTS, rapl_root: str | os.PathLike = POWERCAP_ROOT,
+               nvml=None) -> EnergyMeter | None:
+    """The meter `kind` names; "auto": RAPL and (on CUDA) NVML where readable, else the estimator.
+    `rapl_root` and `nvml` (the pynvml module) are there for tests."""
     if kind not in METERS:
         raise InvalidParameterError("energy_meter", f"unknown meter {kind!r}; use one of {', '.join(METERS)}")
     if kind == "none":
         return None
     if kind == "rapl":
-        return RaplMeter()
+        return RaplMeter(rapl_root)
     if kind == "nvml":
-        return NvmlMeter()
+        return NvmlMeter(nvml)
     found: list[EnergyMeter] = []
     if kind == "auto":
-        for make, wanted in ((RaplMeter, True), (NvmlMeter, cuda)):
+        for make, wanted in ((lambda: RaplMeter(rapl_root), True), (lambda: NvmlMeter(nvml), cuda)):
             try:
                 if wanted:
                     found.append(make())
