@@ -241,3 +241,43 @@ def test_estimator_is_labelled_in_offline_metrics(tiny_models):
     assert out.metrics.energy_estimated is True
     assert out.metrics.energy_meter.startswith("estimated")
     assert out.metrics.energy_joules >= 0 and out.metrics.cost_usd is None
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+def test_server_reports_estimated_energy_in_usage_and_metrics(tiny_chat_model, tmp_path, monkeypatch):
+    import json
+    import urllib.request
+
+    import openai
+    import torch
+
+    from server_process import ServerProcess
+    from tokenmill.metering import calibrate
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))  # the server inherits it: a known calibration
+    calibrate.save({"key": calibrate.machine_key(torch.device("cpu")), "bandwidth_bytes_per_s": 1e10,
+                    "peak_flops": {"float32": 1e11}})
+    flags = ["--model", str(tiny_chat_model), "--dtype", "float32", "--kv-cache-memory", "8MiB",
+             "--energy-meter", "estimate", "--price-per-hour", "2.0"]
+    with ServerProcess(flags) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        got = client.completions.create(model=client.models.list().data[0].id, prompt="Hello", max_tokens=4,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        usage = got.usage.model_extra
+        assert usage["energy_estimated"] is True and usage["energy_meter"] == "estimated(cpu-time)"
+        assert usage["energy_joules"] >= 0 and usage["cost_usd"] > 0
+        assert usage["energy_joules_per_output_token"] == pytest.approx(usage["energy_joules"] / 4)
+        chunks = list(client.chat.completions.create(
+            model=got.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        assert chunks[-1].usage.model_extra["energy_estimated"] is True
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        labels = 'estimated="true",meter="estimated(cpu-time)"'
+        assert f"tokenmill_energy_joules_total{{{labels}}}" in text
+        assert 'tokenmill_roofline_fraction{phase="decode"}' in text
+        assert server.metric("tokenmill_energy_per_output_token_joules_count", labels) == 2
+        status, body = server.post("/v1/completions", json.dumps({"prompt": [5, 6], "max_tokens": 2}).encode())
+        assert status == 200 and body["usage"]["energy_estimated"] is True
