@@ -281,3 +281,32 @@ def test_server_reports_estimated_energy_in_usage_and_metrics(tiny_chat_model, t
         assert server.metric("tokenmill_energy_per_output_token_joules_count", labels) == 2
         status, body = server.post("/v1/completions", json.dumps({"prompt": [5, 6], "max_tokens": 2}).encode())
         assert status == 200 and body["usage"]["energy_estimated"] is True
+
+
+# ---- the bench report -------------------------------------------------------------------------
+
+
+def test_bench_report_labels_the_estimate(tiny_models, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from tokenmill.bench import throughput as tp
+    from tokenmill.metering import calibrate
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    calibrate.save({"key": calibrate.machine_key(torch.device("cpu")), "bandwidth_bytes_per_s": 1e10,
+                    "peak_flops": {"float32": 1e11}})
+    result = tp.run_throughput_benchmark(
+        str(tiny_models["llama"]), num_prompts=3, input_len="4:8", output_len=4, repeats=2,
+        engine_args={"dtype": "float32", "kv_cache_memory": "4MiB", "energy_meter": "estimate",
+                     "price_per_hour": 3.6})
+    energy = result["tokenmill"]["extra"]["energy"]
+    assert energy["energy_estimated"] is True and energy["energy_meter"] == "estimated(cpu-time)"
+    assert energy["joules_per_output_token"] == pytest.approx(energy["energy_joules"] / 12)
+    decode = energy["decode"]
+    assert decode["usd_per_1m_tokens"] == pytest.approx(decode["wall_s"] * 0.001 / 12 * 1e6)
+    assert 0 < decode["roofline_fraction"] and energy["prefill"]["roofline_fraction"] > 0
+    for text in (tp.format_text(result), tp.format_markdown(result)):
+        assert "J / output token, estimated(cpu-time)" in text and "decode roofline fraction" in text
+    assert json.loads(tp.write_json(result, tmp_path / "r.json").read_text())["tokenmill"]["extra"]["energy"] == energy

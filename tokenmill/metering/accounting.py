@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -29,17 +29,18 @@ log = logging.getLogger("tokenmill")
 
 @dataclass
 class PhaseStats:
-    """Steps of one kind (decode: every chunk one token past its prompt; prefill: the rest)."""
+    """Steps of one kind (decode: every chunk past its prompt; prefill: any step with prompt tokens)."""
 
     steps: int = 0
     wall_s: float = 0.0
-    roofline_s: float = 0.0
+    joules: float = 0.0
+    roofline_s: float | None = None  # None without a calibration
     last_fraction: float | None = None
 
     @property
     def fraction(self) -> float | None:
         """Achieved fraction of the roofline: the least time the work could take over the time it took."""
-        return self.roofline_s / self.wall_s if self.wall_s > 0 and self.steps else None
+        return self.roofline_s / self.wall_s if self.roofline_s is not None and self.wall_s > 0 else None
 
 
 @dataclass
@@ -71,6 +72,29 @@ class StepAccountant:
         return (wall_s * (cfg.price_per_hour or 0.0) / 3600
                 + joules * (cfg.energy_price or 0.0) / JOULES_PER_KWH)
 
+    def snapshot(self) -> dict:
+        """The running totals now, for report() over what comes after."""
+        return {name: asdict(p) for name, p in self.phases.items()}
+
+    def report(self, since: dict, input_tokens: int, output_tokens: int, runs: int = 1) -> dict:
+        """Energy, cost and roofline of the steps since `since`, per run: J/token, $/1M tokens, fractions.
+        Prefill steps' time and energy are charged to input tokens, decode steps' to output tokens."""
+        delta = {name: {k: (v or 0.0) - (since[name][k] or 0.0) for k, v in asdict(p).items()
+                        if k in ("steps", "wall_s", "joules", "roofline_s")} for name, p in self.phases.items()}
+        pre, dec = delta["prefill"], delta["decode"]
+        joules = (pre["joules"] + dec["joules"]) / runs
+        out = {"energy_meter": self.meter_name, "energy_estimated": self.estimated,
+               "energy_joules": joules if self.meter else None,
+               "joules_per_output_token": joules / output_tokens if self.meter else None,
+               "joules_per_token": joules / (input_tokens + output_tokens) if self.meter else None}
+        for name, d, tokens in (("prefill", pre, input_tokens), ("decode", dec, output_tokens)):
+            cost = self.cost_usd(d["wall_s"] / runs, d["joules"] / runs)
+            out[name] = {"steps": d["steps"] / runs, "wall_s": d["wall_s"] / runs,
+                         "roofline_fraction": d["roofline_s"] / d["wall_s"]
+                         if self.roofline is not None and d["wall_s"] > 0 else None,
+                         "usd_per_1m_tokens": cost / tokens * 1e6 if cost is not None and tokens else None}
+        return out
+
     def start(self) -> None:
         self._e0 = self.meter.read() if self.meter is not None else 0.0
         self._t0 = time.perf_counter()
@@ -79,15 +103,16 @@ class StepAccountant:
         """Split the step since start() among `chunks` (metrics[i] is chunks[i]'s request's)."""
         wall = time.perf_counter() - self._t0
         joules = self.meter.read() - self._e0 if self.meter is not None else None
+        phase = self.phases["decode" if all(c.start >= c.seq.num_prompt_tokens for c in chunks) else "prefill"]
+        phase.steps += 1
+        phase.wall_s += wall
+        phase.joules += joules or 0.0
         ideal = None
         if self.roofline is not None:
             work = step_work(self.model_config, self.dtype, [(c.start, c.num_tokens) for c in chunks],
                              sum(c.sample for c in chunks))
             ideal = self.roofline.time(work)
-            phase = self.phases["decode" if all(c.start >= c.seq.num_prompt_tokens for c in chunks) else "prefill"]
-            phase.steps += 1
-            phase.wall_s += wall
-            phase.roofline_s += ideal
+            phase.roofline_s = (phase.roofline_s or 0.0) + ideal
             phase.last_fraction = ideal / wall if wall > 0 else None
         self.total_wall_s += wall
         self.total_joules += joules or 0.0
