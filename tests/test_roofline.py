@@ -58,3 +58,15 @@ def test_calibration_is_cached_per_machine(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "calibration.json").read_text())[calibrate.machine_key(cpu)] == entry
     roof = calibrate.roofline_for(entry, torch.float16)  # not calibrated: float32's peak
     assert roof.peak_flops == entry["peak_flops"]["float32"]
+
+
+def test_calibrate_command_saves_the_cache(tmp_path, monkeypatch, capsys):
+    from tokenmill.entrypoints.cli import main
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    small = calibrate.measure
+    monkeypatch.setattr(calibrate, "measure", lambda device: small(device, mem_bytes=2**20, matmul_n=64, repeats=1))
+    assert main(["calibrate", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "memory bandwidth" in out and "matmul float32" in out
+    assert calibrate.load(torch.device("cpu"))["peak_flops"]["float32"] > 0
