@@ -65,6 +65,9 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.eos_token_ids = _eos_ids(ckpt)
         self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
+        self.accountant = make_accountant(
+            EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
+            self.model_config, self.dtype, self.device)
 
         num_blocks = self._num_blocks()
         capacity = (num_blocks - 1) * block_size
@@ -74,9 +77,6 @@ class LLMEngine:
                                    max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model_config, ckpt.weights(), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed)
-        self.accountant = make_accountant(
-            EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
-            self.model_config, self.dtype, self.device)
         self.requests: dict[str, Request] = {}
         log.info("tokenmill: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                  self.model_name, self.dtype, self.device, num_blocks - 1, block_size, self.max_model_len)

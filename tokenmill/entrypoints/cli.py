@@ -40,9 +40,9 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
     g = p.add_argument_group("energy and cost")
-    g.add_argument("--energy-meter", default=None, choices=["auto", "rapl", "nvml", "estimate", "none"],
-                   help="auto: RAPL and (on CUDA) NVML counters where readable, else estimated from CPU time "
-                        "(default: auto)")
+    g.add_argument("--energy-meter", default=None,
+                   help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
+                        "else estimated from CPU time (default: auto)")
     g.add_argument("--cpu-watts-per-core", type=float, default=None,
                    help="estimator: Watts per busy core, charged per CPU second (default: 10)")
     g.add_argument("--idle-watts", type=float, default=None,
