@@ -310,3 +310,10 @@ def test_bench_report_labels_the_estimate(tiny_models, tmp_path, monkeypatch):
     for text in (tp.format_text(result), tp.format_markdown(result)):
         assert "J / output token, estimated(cpu-time)" in text and "decode roofline fraction" in text
     assert json.loads(tp.write_json(result, tmp_path / "r.json").read_text())["tokenmill"]["extra"]["energy"] == energy
+
+
+def test_bad_energy_arguments_are_refused(tiny_models):
+    for kwargs, param in (({"energy_meter": "wattmeter"}, "energy_meter"), ({"price_per_hour": -1.0}, "price_per_hour"),
+                          ({"cpu_watts_per_core": -5.0}, "cpu_watts_per_core")):
+        with pytest.raises(ValueError, match=param):
+            LLM(str(tiny_models["llama"]), kv_cache_memory="4MiB", **kwargs)
