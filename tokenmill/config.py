@@ -116,3 +116,14 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of available memory
     kv_cache_fraction: float = 0.2
     scheduling_policy: str = "fcfs"
+
+
+@dataclass
+class EnergyConfig:
+    """How the engine meters energy and prices time (see tokenmill.metering)."""
+
+    energy_meter: str = "auto"  # auto, rapl, nvml, estimate or none
+    cpu_watts_per_core: float = 10.0  # the estimator's power model (used only when no counter is readable)
+    idle_watts: float = 0.0
+    price_per_hour: float | None = None  # USD per hour of machine time
+    energy_price: float | None = None  # USD per kWh

@@ -16,12 +16,19 @@ class Logprob:
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock times (time.time()) of a request's life; TTFT and E2E follow from them."""
+    """Wall-clock times (time.time()) of a request's life, and what it cost; TTFT and E2E follow from them."""
 
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # Its share of each step it was in, split by tokens (tokenmill.metering.accounting):
+    compute_time: float | None = None  # seconds of step wall time
+    energy_joules: float | None = None  # None when metering is off
+    energy_meter: str | None = None  # "rapl", "nvml", "rapl+nvml", "estimated(cpu-time)", ...
+    energy_estimated: bool | None = None  # True when the meter is a power model, not a counter
+    cost_usd: float | None = None  # None unless price_per_hour or energy_price is set
+    idealized_time: float | None = None  # seconds at the roofline, no contention; None uncalibrated
 
     @property
     def ttft(self) -> float | None:
@@ -60,3 +67,10 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     num_cached_tokens: int = 0
+
+    @property
+    def energy_per_output_token(self) -> float | None:
+        """Joules per generated token (all n samples' tokens); None when metering is off or none yet."""
+        tokens = sum(len(o.token_ids) for o in self.outputs)
+        energy = self.metrics.energy_joules
+        return None if energy is None or not tokens else energy / tokens

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from tokenmill.errors import InvalidParameterError, TokenmillError
+from tokenmill.metering import calibrate
 
 # ---- prompt sets ----------------------------------------------------------------------------
 
@@ -199,6 +200,8 @@ def measure_tokenmill(llm, prompts: Sequence[list[int]], output_lens: Sequence[i
     check_fits(prompts, output_lens, llm.engine.max_model_len)
     if warmup:
         _tm_run(llm, [prompts[0][:8]], [2])
+    accountant = llm.engine.accountant
+    since = accountant.snapshot()
     produced: list[int] = []
 
     def once() -> float:
@@ -210,8 +213,10 @@ def measure_tokenmill(llm, prompts: Sequence[list[int]], output_lens: Sequence[i
     expected = sum(output_lens)
     if any(n != expected for n in produced):
         raise TokenmillError(f"tokenmill produced {produced} output tokens, expected {expected} per run")
-    return ThroughputResult("tokenmill", len(prompts), sum(map(len, prompts)), expected,
-                            statistics.median(runs), runs)
+    input_tokens = sum(map(len, prompts))
+    energy = accountant.report(since, input_tokens, expected, len(runs))
+    return ThroughputResult("tokenmill", len(prompts), input_tokens, expected, statistics.median(runs), runs,
+                            {"energy": energy})
 
 
 def measure_tokenmill_decode(llm, prompt: list[int], new_tokens: int = 128, repeats: int = 3) -> DecodeResult:
@@ -405,6 +410,9 @@ def run_throughput_benchmark(model: str | None = None, *, num_prompts: int | Non
     say("loading tokenmill engine")
     llm = LLM(model, **engine_args)
     engine = llm.engine
+    if engine.accountant.roofline is None:
+        say("measuring this machine's roofline once (`tokenmill calibrate`; cached)")
+        engine.accountant.roofline = calibrate.roofline_for(calibrate.load_or_measure(engine.device), engine.dtype)
     tokenizer = engine.tokenizer
     if prompts_file:
         prompts = load_prompts_file(prompts_file, tokenizer, num_prompts)
@@ -490,6 +498,7 @@ def format_text(result: dict) -> str:
                      f"{r['total_tokens_per_s']:.1f} total tok/s")
     if "ratio" in result:
         lines.append(f"    ratio: tokenmill / hf = {result['ratio']['total_tokens_per_s']:.2f}x")
+    lines.extend(energy_lines(result["tokenmill"]["extra"].get("energy")))
     b1 = result.get("batch1")
     if b1:
         for key in ("tokenmill", "hf"):
@@ -518,6 +527,8 @@ def format_markdown(result: dict) -> str:
             rows.append(f"| {label} | {tm:.{digits}f} | {hf:.{digits}f} | {ratio:.2f}x |")
         else:
             rows.append(f"| {label} | {tm:.{digits}f} |")
+    rows.extend(f"| {label} | {value} |" + (" | |" if has_hf else "")
+                for label, value in energy_rows(result["tokenmill"]["extra"].get("energy")))
     b1 = result.get("batch1")
     if b1:
         tm = b1["tokenmill"]["decode_tokens_per_s"]
@@ -527,6 +538,28 @@ def format_markdown(result: dict) -> str:
         else:
             rows.append(f"| {label} | {tm:.1f} |")
     return "\n".join(rows)
+
+
+def energy_rows(energy: dict | None) -> list[tuple[str, str]]:
+    """(label, value) pairs of an accountant report; the meter's name says when it is an estimate."""
+    if not energy:
+        return []
+    rows = []
+    if energy["energy_joules"] is not None:
+        meter = energy["energy_meter"]  # an estimator's name starts with "estimated"
+        rows.append((f"J / output token, {meter}", f"{energy['joules_per_output_token']:.3f}"))
+        rows.append((f"J / token (input + output), {meter}", f"{energy['joules_per_token']:.3f}"))
+    for phase, tokens in (("prefill", "input"), ("decode", "output")):
+        p = energy[phase]
+        if p["usd_per_1m_tokens"] is not None:
+            rows.append((f"$ / 1M {tokens} tokens ({phase} steps)", f"{p['usd_per_1m_tokens']:.4f}"))
+        if p["roofline_fraction"] is not None:
+            rows.append((f"{phase} roofline fraction", f"{p['roofline_fraction']:.3f}"))
+    return rows
+
+
+def energy_lines(energy: dict | None) -> list[str]:
+    return [f"{label}: {value}" for label, value in energy_rows(energy)]
 
 
 def write_json(result: dict, path: str | Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.config import EngineConfig, ModelConfig, architecture_of, parse_memory, resolve_dtype
+from tokenmill.config import EnergyConfig, EngineConfig, ModelConfig, architecture_of, parse_memory, resolve_dtype
 from tokenmill.engine.policy import make_policy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
@@ -22,6 +22,7 @@ from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.loader import load_checkpoint
+from tokenmill.metering.accounting import make_accountant
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
@@ -50,7 +51,9 @@ class LLMEngine:
                  seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16,
                  kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
-                 scheduling_policy: str = "fcfs"):
+                 scheduling_policy: str = "fcfs", energy_meter: str = EnergyConfig.energy_meter,
+                 cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
+                 price_per_hour: float | None = None, energy_price: float | None = None):
         self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                                    parse_memory(kv_cache_memory), kv_cache_fraction, scheduling_policy)
         _check_engine_args(self.config)
@@ -62,6 +65,9 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.eos_token_ids = _eos_ids(ckpt)
         self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
+        self.accountant = make_accountant(
+            EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
+            self.model_config, self.dtype, self.device)
 
         num_blocks = self._num_blocks()
         capacity = (num_blocks - 1) * block_size
@@ -161,7 +167,9 @@ class LLMEngine:
             return []
         now = time.time()
         blocked = [self._blocked_tokens(c.seq) for c in plan.chunks if c.sample]
+        self.accountant.start()
         result = self.runner.execute(plan.chunks, blocked)
+        self.accountant.end(plan.chunks, [self.requests[c.seq.request_id].metrics for c in plan.chunks])
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             metrics = self.requests[chunk.seq.request_id].metrics

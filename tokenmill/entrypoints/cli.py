@@ -1,10 +1,11 @@
-"""The `tokenmill` command line: generate, chat, serve, bench throughput, bench serve.
+"""The `tokenmill` command line: generate, chat, serve, bench throughput, bench serve, calibrate.
 
     tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
     tokenmill chat --system "You are terse."
     tokenmill serve --port 8000 --api-key secret
     tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
     tokenmill bench serve --base-url http://127.0.0.1:8000 --request-rate 1 4 inf --num-prompts 64
+    tokenmill calibrate
 
 Every subcommand but `bench serve` (a client of a server elsewhere) takes the engine flags
 (--model, --dtype, --max-num-seqs, ...); with no --model the embedded default model is used. Errors tokenmill raises for bad input print one
@@ -39,10 +40,21 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
+    g = p.add_argument_group("energy and cost")
+    g.add_argument("--energy-meter", default=None,
+                   help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
+                        "else estimated from CPU time (default: auto)")
+    g.add_argument("--cpu-watts-per-core", type=float, default=None,
+                   help="estimator: Watts per busy core, charged per CPU second (default: 10)")
+    g.add_argument("--idle-watts", type=float, default=None,
+                   help="estimator: the machine's floor in Watts, charged per second of step time (default: 0)")
+    g.add_argument("--price-per-hour", type=float, default=None, help="machine cost in USD per hour (default: none)")
+    g.add_argument("--energy-price", type=float, default=None, help="energy cost in USD per kWh (default: none)")
     return p
 
 
-ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size", "seed")
+ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
+                "seed", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -344,9 +356,37 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- calibrate ------------------------------------------------------------------------------
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure memory bandwidth and peak matmul FLOP/s for the roofline",
+                       description="Measure this machine's memory bandwidth and peak matmul throughput per dtype, "
+                                   "and cache them ($TOKENMILL_CACHE, default ~/.cache/tokenmill) so every engine "
+                                   "reports its roofline fraction. Takes seconds; run it on a quiet machine.")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenmill.metering import calibrate
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    entry = calibrate.measure(device)
+    path = calibrate.save(entry)
+    print(f"{entry['key']}\nmemory bandwidth {entry['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    for dtype, flops in entry["peak_flops"].items():
+        print(f"matmul {dtype} {flops / 1e9:.1f} GFLOP/s")
+    print(f"saved to {path}" if path else "not saved: the cache is disabled (TOKENMILL_CACHE is empty)",
+          file=sys.stderr)
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_serve, _add_bench]
+SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_serve, _add_bench, _add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ import transformers
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
+from tokenmill.cache import cache_root
 from tokenmill.errors import ModelLoadError
 
 Q = GGMLQuantizationType
@@ -304,15 +305,10 @@ def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None):
 
 
 def _tokenizer_cache_dir(path: Path) -> Path | None:
-    """$TOKENMILL_CACHE (default ~/.cache/tokenmill)/gguf-tokenizers/<key of this file>; None if disabled."""
-    root = os.environ.get("TOKENMILL_CACHE")
+    """<cache_root()>/gguf-tokenizers/<key of this file>; None if the cache is disabled."""
+    root = cache_root()
     if root is None:
-        try:
-            root = str(Path.home() / ".cache" / "tokenmill")
-        except RuntimeError:  # no home folder to find: no cache
-            return None
-    if not root:
         return None
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    return Path(root) / "gguf-tokenizers" / key
+    return root / "gguf-tokenizers" / key

@@ -1,18 +1,21 @@
 """The server's Prometheus metrics, in a registry of its own (one per app, so tests can run several).
 
 Request-level figures are observed from the engine thread when a request ends; gauges
-(running, waiting, KV blocks) are read from the engine at scrape time.
+(running, waiting, KV blocks, roofline fractions) and the energy total are read from the
+engine at scrape time.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from tokenmill.outputs import RequestOutput
 
 disable_created_metrics()  # the *_created series only repeat the start time
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+JOULES_PER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
@@ -33,6 +36,10 @@ class ServerMetrics:
                               registry=r)
         self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.joules_per_token = Histogram(
+            "tokenmill_energy_per_output_token_joules", "A finished request's energy share over its output tokens; "
+            "estimated=\"true\" when the meter is a power model, not a counter", ["meter", "estimated"],
+            buckets=JOULES_PER_TOKEN_BUCKETS, registry=r)
 
     def bind_engine(self, async_engine) -> None:
         """Gauges that read the engine's state whenever /metrics is scraped."""
@@ -47,6 +54,17 @@ class ServerMetrics:
               registry=r).set_function(lambda: pool.num_free_blocks)
         Gauge("tokenmill_kv_cache_total_blocks", "KV blocks in the pool (the null block excluded)",
               registry=r).set_function(lambda: pool.num_usable_blocks)
+        accountant = async_engine.engine.accountant
+        if accountant.meter is not None:
+            r.register(_EnergyCollector(accountant))
+        if accountant.roofline is not None:
+            mean = Gauge("tokenmill_roofline_fraction", "Roofline time over step time, all steps of a phase so far "
+                         "(1 = at the machine's memory or compute ceiling)", ["phase"], registry=r)
+            last = Gauge("tokenmill_roofline_fraction_last_step", "Roofline time over step time of the "
+                         "phase's latest step", ["phase"], registry=r)
+            for name, stats in accountant.phases.items():
+                mean.labels(phase=name).set_function(lambda s=stats: s.fraction or 0.0)
+                last.labels(phase=name).set_function(lambda s=stats: s.last_fraction or 0.0)
 
     def observe(self, kind: str, item: RequestOutput | str) -> None:
         """The AsyncLLMEngine observer: a request finished, was aborted, or failed."""
@@ -60,6 +78,10 @@ class ServerMetrics:
             self.ttft.observe(m.ttft)
         if m.e2e is not None:
             self.e2e.observe(m.e2e)
+        tokens = sum(len(o.token_ids) for o in out.outputs)
+        if m.energy_joules is not None and tokens:
+            self.joules_per_token.labels(meter=m.energy_meter, estimated=_flag(m.energy_estimated)).observe(
+                m.energy_joules / tokens)
         reasons = {o.finish_reason for o in out.outputs}
         self.requests.labels(status="length" if "length" in reasons else "stop").inc()
         for o in out.outputs:
@@ -69,3 +91,22 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+class _EnergyCollector:
+    """tokenmill_energy_joules_total: every step's energy since start, read from the engine when scraped."""
+
+    def __init__(self, accountant):
+        self.accountant = accountant
+
+    def collect(self):
+        family = CounterMetricFamily("tokenmill_energy_joules", "Energy of all engine steps since start; "
+                                     "estimated=\"true\" when the meter is a power model, not a counter",
+                                     labels=["meter", "estimated"])
+        family.add_metric([self.accountant.meter_name, _flag(self.accountant.estimated)],
+                          self.accountant.total_joules)
+        yield family

@@ -226,8 +226,24 @@ def _usage(finals: list[RequestOutput]) -> dict:
     prompt = sum(len(out.prompt_token_ids) for out in finals)
     completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
     cached = sum(out.num_cached_tokens for out in finals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": cached}}
+    return usage | _cost_usage([out.metrics for out in finals], completion)
+
+
+def _cost_usage(metrics: list, completion_tokens: int) -> dict:
+    """tokenmill's extension fields: the requests' share of energy, cost and roofline time."""
+    if not metrics or any(m.energy_joules is None for m in metrics):
+        return {}
+    energy = sum(m.energy_joules for m in metrics)
+    usage = {"energy_joules": energy,
+             "energy_joules_per_output_token": energy / completion_tokens if completion_tokens else None,
+             "energy_meter": metrics[0].energy_meter, "energy_estimated": metrics[0].energy_estimated}
+    if all(m.cost_usd is not None for m in metrics):
+        usage["cost_usd"] = sum(m.cost_usd for m in metrics)
+    if all(m.idealized_time is not None for m in metrics):
+        usage["idealized_time_s"] = sum(m.idealized_time for m in metrics)
+    return usage
 
 
 def _sse(payload: dict) -> str:
