@@ -30,13 +30,15 @@ LLMEngine.__init__ = _tracking_init
 
 @pytest.fixture(autouse=True)
 def all_kv_blocks_returned():
-    """After every test, every live engine is idle with its whole KV pool free."""
+    """After every test, every live engine is idle with its whole KV pool free (cached blocks
+    nobody references count as free: they are evicted on demand) and no block referenced."""
     yield
     for engine in list(_engines):
         pool = engine.block_pool
         assert not engine.requests, f"requests left in the engine: {list(engine.requests)}"
         assert pool.num_free_blocks == pool.num_usable_blocks, (
             f"{pool.num_usable_blocks - pool.num_free_blocks} KV blocks not returned to the pool")
+        assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks still referenced by a sequence"
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def run_chunks(engine: LLMEngine, seq: Sequence, spans: list[tuple[int, int]]) -
     """Compute `seq` span by span through the paged cache; logits of each span."""
     results = []
     for start, length in spans:
-        assert engine.scheduler._grow(seq, start + length)
+        assert engine.kv_cache.grow(seq, start + length)
         results.append(engine.runner.logits_for([ScheduledChunk(seq, start, length)]))
     return results
 
@@ -61,7 +61,7 @@ def test_logits_match_transformers(tiny_models, variant):
                 expected = ref(torch.tensor([seq.token_ids])).logits[0, -1:]
             assert (logits - expected).abs().max().item() <= 1e-4
     finally:
-        engine.block_pool.free(seq.block_table)
+        engine.kv_cache.free(seq)
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral-window", "qwen2", "qwen3"])
@@ -101,7 +101,7 @@ def test_half_precision_logits_close_to_fp32(tiny_models, dtype, torch_dtype):
     try:
         (logits,) = run_chunks(engine, seq, [(0, len(prompt))])
     finally:
-        engine.block_pool.free(seq.block_table)
+        engine.kv_cache.free(seq)
     with torch.no_grad():
         expected = hf_model(path)(torch.tensor([prompt])).logits[0]
     assert (logits - expected).abs().max().item() < 0.1

@@ -65,3 +65,21 @@ def test_smollm_default_model_is_the_embedded_gguf(smollm):
     cfg = llm.engine.model_config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings
+
+
+def test_smollm_chat_turns_same_with_a_warm_and_a_cold_prefix_cache(smollm):
+    """Each turn re-renders the conversation through the chat template. Warm, it reuses the
+    earlier turns' blocks; after reset_prefix_cache it computes everything; same tokens."""
+    llm, _ = smollm
+    params = SamplingParams(temperature=0, max_tokens=24)
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."}]
+    for turn, question in enumerate(["What is the capital of France?", "And of Germany?", "Which one is larger?"]):
+        messages.append({"role": "user", "content": question})
+        warm = llm.chat(messages, params, use_tqdm=False)[0]
+        assert llm.reset_prefix_cache()
+        cold = llm.chat(messages, params, use_tqdm=False)[0]
+        assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+        assert cold.num_cached_tokens == 0
+        if turn:
+            assert warm.num_cached_tokens >= 16  # at least the system prompt and the first question
+        messages.append({"role": "assistant", "content": warm.outputs[0].text})

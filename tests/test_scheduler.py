@@ -7,6 +7,7 @@ import random
 from tokenmill.engine.policy import FCFSPolicy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence, SequenceStatus
 
@@ -15,14 +16,21 @@ def make_seq(prompt_len: int, max_tokens: int, arrival: float) -> Sequence:
     return Sequence(f"r{arrival}", 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), arrival)
 
 
+def make_scheduler(num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                   caching: bool = True) -> Scheduler:
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=caching)
+    return Scheduler(kv, FCFSPolicy(), max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+
+
 def fake_step(sched: Scheduler, finished: list[Sequence]) -> list:
-    """What the engine does around the runner: advance computed counts, append a token, finish."""
+    """What the engine does around the runner: advance computed counts, cache full blocks, append a token, finish."""
     plan = sched.schedule()
     for chunk in plan.chunks:
         seq = chunk.seq
         assert chunk.start == seq.num_computed_tokens
         seq.num_computed_tokens += chunk.num_tokens
-        assert len(seq.block_table) * sched.block_size >= seq.num_computed_tokens
+        sched.kv.cache_full_blocks(seq)
+        assert len(seq.block_table) * sched.kv.block_size >= seq.num_computed_tokens
         if chunk.sample:
             seq.token_ids.append(0)
             if seq.num_output_tokens >= seq.params.max_tokens:
@@ -32,8 +40,7 @@ def fake_step(sched: Scheduler, finished: list[Sequence]) -> list:
 
 
 def test_chunked_prefill_respects_the_token_budget():
-    pool = BlockPool(64)
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=8, max_num_batched_tokens=10)
+    sched = make_scheduler(64, 4, max_num_seqs=8, max_num_batched_tokens=10)
     long = make_seq(25, 2, 0.0)
     sched.add(long)
     plans = [fake_step(sched, []) for _ in range(3)]
@@ -44,8 +51,7 @@ def test_chunked_prefill_respects_the_token_budget():
 
 
 def test_decodes_and_prefill_chunks_share_a_step():
-    pool = BlockPool(64)
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=8, max_num_batched_tokens=8)
+    sched = make_scheduler(64, 4, max_num_seqs=8, max_num_batched_tokens=8)
     a = make_seq(3, 10, 0.0)
     sched.add(a)
     fake_step(sched, [])
@@ -56,8 +62,7 @@ def test_decodes_and_prefill_chunks_share_a_step():
 
 
 def test_max_num_seqs_caps_the_running_set():
-    pool = BlockPool(64)
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=2, max_num_batched_tokens=100)
+    sched = make_scheduler(64, 4, max_num_seqs=2, max_num_batched_tokens=100)
     seqs = [make_seq(3, 5, float(i)) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -67,8 +72,7 @@ def test_max_num_seqs_caps_the_running_set():
 
 
 def test_admission_is_first_come_first_served():
-    pool = BlockPool(64)
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=1, max_num_batched_tokens=100)
+    sched = make_scheduler(64, 4, max_num_seqs=1, max_num_batched_tokens=100)
     late, early = make_seq(3, 1, 5.0), make_seq(3, 1, 1.0)
     sched.add(late)
     sched.add(early)
@@ -76,8 +80,8 @@ def test_admission_is_first_come_first_served():
 
 
 def test_preemption_takes_the_newest_and_recomputes_it():
-    pool = BlockPool(1 + 6)  # 6 usable blocks of 4 tokens
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=4, max_num_batched_tokens=100)
+    sched = make_scheduler(1 + 6, 4, max_num_seqs=4, max_num_batched_tokens=100)  # 6 usable blocks of 4 tokens
+    pool = sched.kv.pool
     old, new = make_seq(8, 14, 0.0), make_seq(8, 14, 1.0)  # each fits alone (22 <= 24 tokens)
     sched.add(old)
     sched.add(new)
@@ -93,8 +97,7 @@ def test_preemption_takes_the_newest_and_recomputes_it():
 
 
 def test_preempted_sequence_restarts_from_zero_with_its_output():
-    pool = BlockPool(1 + 4)
-    sched = Scheduler(pool, 4, FCFSPolicy(), max_num_seqs=4, max_num_batched_tokens=100)
+    sched = make_scheduler(1 + 4, 4, max_num_seqs=4, max_num_batched_tokens=100, caching=False)
     a, b = make_seq(6, 8, 0.0), make_seq(6, 8, 1.0)
     sched.add(a)
     sched.add(b)
@@ -113,27 +116,34 @@ def test_preempted_sequence_restarts_from_zero_with_its_output():
 
 
 def test_random_workload_finishes_everything_and_frees_every_block():
+    """Shared prefixes (every prompt is 0, 1, 2, ...) and n = 3 requests: blocks are shared, never leaked."""
     rng = random.Random(7)
-    pool = BlockPool(1 + 30)
-    sched = Scheduler(pool, 8, FCFSPolicy(), max_num_seqs=6, max_num_batched_tokens=32)
-    seqs = [make_seq(rng.randint(1, 60), rng.randint(1, 40), float(i)) for i in range(40)]
+    sched = make_scheduler(1 + 30, 8, max_num_seqs=6, max_num_batched_tokens=32)
+    pool = sched.kv.pool
+    requests = []
+    for i in range(40):
+        prompt_len, max_tokens = rng.randint(1, 60), rng.randint(1, 40)
+        requests.append([make_seq(prompt_len, max_tokens, float(i)) for _ in range(3 if i % 5 == 0 else 1)])
     finished: list[Sequence] = []
-    pending = list(seqs)
+    pending = list(requests)
     steps = 0
     while pending or sched.has_unfinished():
         for _ in range(rng.randint(0, 3)):
             if pending:
-                sched.add(pending.pop(0))
+                seqs = pending.pop(0)
+                sched.add(seqs[0], forks=seqs[1:])
         plan = fake_step(sched, finished)
         assert plan.num_tokens <= 32
         assert len(sched.running) <= 6
-        used = sum(len(s.block_table) for s in sched.running)
-        assert used + pool.num_free_blocks == pool.num_usable_blocks
+        assert len({b for s in sched.running for b in s.block_table}) == pool.num_used_blocks
+        assert pool.num_used_blocks + pool.num_free_blocks == pool.num_usable_blocks
         steps += 1
         assert steps < 10_000
-    assert sorted(s.arrival_time for s in finished) == [s.arrival_time for s in seqs]
+    every = [s for seqs in requests for s in seqs]
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in every)
     assert all(s.num_output_tokens == s.params.max_tokens for s in finished)
-    assert pool.num_free_blocks == pool.num_usable_blocks
+    assert sched.kv.stats.hit_tokens > 0
+    assert pool.num_free_blocks == pool.num_usable_blocks and pool.num_used_blocks == 0
 
 
 def test_block_pool_refuses_double_free():

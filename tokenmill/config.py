@@ -116,6 +116,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of available memory
     kv_cache_fraction: float = 0.2
     scheduling_policy: str = "fcfs"
+    enable_prefix_caching: bool = True
 
 
 @dataclass

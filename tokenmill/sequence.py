@@ -30,8 +30,11 @@ class Sequence:
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     token_ids: list[int] = field(init=False)  # prompt + output
+    cache_salt: str | None = None  # part of every prefix-cache key: only equal salts share cached blocks
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full blocks (tokens only grow)
+    num_cached_tokens: int | None = None  # prompt tokens its first admission found in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

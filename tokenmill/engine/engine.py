@@ -1,9 +1,10 @@
 """LLMEngine: the synchronous engine loop (add_request / step / abort_request).
 
-Each step asks the scheduler what to run, has the runner compute and sample it, then
-appends tokens, detokenizes incrementally, applies stop conditions and frees the KV blocks
-of finished sequences. Everything above it (the offline LLM, the CLI, the server) drives
-this loop.
+Each step asks the scheduler what to run, has the runner make the plan's copy-on-write
+block copies and compute and sample the chunks, registers newly full blocks in the prefix
+cache, then appends tokens, detokenizes incrementally, applies stop conditions and frees the
+KV blocks of finished sequences. Everything above it (the offline LLM, the CLI, the server)
+drives this loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
 from tokenmill.loader import load_checkpoint
 from tokenmill.metering.accounting import make_accountant
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -51,11 +53,13 @@ class LLMEngine:
                  seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16,
                  kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
-                 scheduling_policy: str = "fcfs", energy_meter: str = EnergyConfig.energy_meter,
+                 scheduling_policy: str = "fcfs", enable_prefix_caching: bool = True,
+                 energy_meter: str = EnergyConfig.energy_meter,
                  cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
                  price_per_hour: float | None = None, energy_price: float | None = None):
         self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                                   parse_memory(kv_cache_memory), kv_cache_fraction, scheduling_policy)
+                                   parse_memory(kv_cache_memory), kv_cache_fraction, scheduling_policy,
+                                   enable_prefix_caching)
         _check_engine_args(self.config)
         ckpt = load_checkpoint(model)
         self.model_name = ckpt.name
@@ -73,13 +77,14 @@ class LLMEngine:
         capacity = (num_blocks - 1) * block_size
         self.max_model_len = self._max_model_len(max_model_len, capacity)
         self.block_pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(self.block_pool, block_size, make_policy(scheduling_policy),
-                                   max_num_seqs, max_num_batched_tokens)
+        self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, make_policy(scheduling_policy), max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model_config, ckpt.weights(), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed)
         self.requests: dict[str, Request] = {}
-        log.info("tokenmill: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-                 self.model_name, self.dtype, self.device, num_blocks - 1, block_size, self.max_model_len)
+        log.info("tokenmill: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d, prefix caching %s",
+                 self.model_name, self.dtype, self.device, num_blocks - 1, block_size, self.max_model_len,
+                 "on" if enable_prefix_caching else "off")
 
     # ---- sizing -------------------------------------------------------------------------
     def _num_blocks(self) -> int:
@@ -103,7 +108,9 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+                    arrival_time: float | None = None, prompt_text: str | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a request; only requests with equal `cache_salt` share prefix-cache blocks."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} already exists")
@@ -118,13 +125,12 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(params.seed + i)
-            seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen)
+            seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen, cache_salt=cache_salt)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival))
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs[0], forks=seqs[1:])  # the prompt is computed once, for all n
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -159,10 +165,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # ---- prefix cache -------------------------------------------------------------------
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Queried and hit prompt tokens since start (counters only grow; reset_prefix_cache keeps them)."""
+        return self.kv_cache.stats
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block so that the next requests miss; False (nothing dropped) while requests hold blocks."""
+        return self.block_pool.reset_cache()
+
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests that progressed."""
         plan = self.scheduler.schedule()
+        if plan.copies:
+            self.runner.copy_blocks(plan.copies)
         if not plan.chunks:
             return []
         now = time.time()
@@ -172,6 +190,7 @@ class LLMEngine:
         self.accountant.end(plan.chunks, [self.requests[c.seq.request_id].metrics for c in plan.chunks])
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.kv_cache.cache_full_blocks(chunk.seq)
             metrics = self.requests[chunk.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
@@ -250,7 +269,7 @@ class LLMEngine:
                 logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.finished, request.metrics)
+                             request.finished, request.metrics, request.seqs[0].num_cached_tokens or 0)
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:

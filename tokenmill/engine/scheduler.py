@@ -3,9 +3,13 @@
 Plain Python over plain data (never a tensor). Every step has a token budget
 (max_num_batched_tokens) shared by decodes (1 token each) and prefill chunks; running
 sequences are served first, in policy order, then waiting ones are admitted while budget,
-seats (max_num_seqs) and KV blocks last. When a running sequence needs a block and none is
-free, the policy's last running sequence is preempted: its blocks are freed and it goes
-back to waiting, to be recomputed from its tokens later (so no output is lost or changed).
+seats (max_num_seqs) and KV blocks last; an admitted sequence starts after its longest
+cached prefix (kv/kv_cache_manager.py owns the blocks). When a running sequence needs a
+block and none is free, the policy's last running sequence is preempted: its blocks are
+freed and it goes back to waiting, to be recomputed from its tokens later (so no output is
+lost or changed). The other n - 1 sequences of an n > 1 request wait for the first one's
+prompt: they join the step that computes its last token, share its blocks and sample from
+its logits, so the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.policy import Policy
-from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sequence import Sequence, SequenceStatus
 
 
 @dataclass
 class ScheduledChunk:
-    """Compute tokens seq.token_ids[start:start + num_tokens]; sample after them if `sample`."""
+    """Compute tokens seq.token_ids[start:start + num_tokens]; sample after them if `sample`.
+
+    A fork's chunk has no tokens: it comes right after its parent's last prompt chunk and
+    samples from that chunk's last row.
+    """
 
     seq: Sequence
     start: int
@@ -34,6 +42,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks to copy (source, destination) first
 
     @property
     def num_tokens(self) -> int:
@@ -41,20 +50,22 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_pool: BlockPool, block_size: int, policy: Policy,
-                 max_num_seqs: int, max_num_batched_tokens: int):
-        self.block_pool = block_pool
-        self.block_size = block_size
+    def __init__(self, kv: KVCacheManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
         self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._forks: dict[int, list[Sequence]] = {}  # seq_id -> siblings waiting for its prompt
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, forks: list[Sequence] | None = None) -> None:
+        """Queue `seq`; `forks` (same prompt) join it in the step that computes its last prompt token."""
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        if forks:
+            self._forks[seq.seq_id] = list(forks)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,62 +76,72 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._free_blocks(seq)
+        self._forks.pop(seq.seq_id, None)  # an aborted request's unforked siblings are finished by the engine
+        self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        budget = self._serve_running(out)
+        if not out.preempted:
+            self._admit(out, budget)
+        out.copies = self.kv.take_copies()
+        return out
+
+    def _serve_running(self, out: SchedulerOutput) -> int:
+        """Serve running sequences in policy order, preempting from the tail; return the budget left."""
         budget = self.max_num_batched_tokens
-        # Serve running sequences in policy order; preemption victims come from the tail.
         queue = self.policy.preemption_order(self.running)
         served: list[Sequence] = []
         while queue and budget > 0:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
-            while not self._grow(seq, seq.num_computed_tokens + num):
+            while not self.kv.grow(seq, seq.num_computed_tokens + num):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
-                served.append(seq)
+                served += self._add_chunk(out, seq, num, self.max_num_seqs - len(served) - len(queue) - 1)
                 budget -= num
         # Sequences left in the queue (budget ran out) keep running; they just skip this step.
         self.running = served + queue
-        if out.preempted:
-            return out
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting sequences, each starting after its cached prefix, while budget, seats and blocks last."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.policy.next_to_admit(self.waiting)
-            num = min(seq.num_uncomputed_tokens, budget)
-            if not self._grow(seq, seq.num_computed_tokens + num):
+            hit = self.kv.lookup(seq)
+            num = min(seq.num_tokens - hit.num_tokens, budget)
+            if not self.kv.allocate(seq, hit, hit.num_tokens + num):
                 break
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            self.running += self._add_chunk(out, seq, num, self.max_num_seqs - len(self.running) - 1)
             budget -= num
-        return out
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give `seq` enough blocks to hold `num_tokens` tokens; False if the pool is short."""
-        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
-        if needed <= 0:
-            return True
-        if needed > self.block_pool.num_free_blocks:
-            return False
-        seq.block_table.extend(self.block_pool.allocate(needed))
-        return True
+    def _add_chunk(self, out: SchedulerOutput, seq: Sequence, num: int, free_seats: int) -> list[Sequence]:
+        """Schedule `num` tokens of `seq`; return it and the siblings forked onto its last prompt token."""
+        chunk = ScheduledChunk(seq, seq.num_computed_tokens, num)
+        out.chunks.append(chunk)
+        joined = [seq]
+        forks = self._forks.pop(seq.seq_id, []) if chunk.sample else []
+        for child in forks:
+            if len(joined) > free_seats:
+                self.add(child)  # no seat: it prefills on its own later (from the prefix cache, if on)
+                continue
+            self.kv.fork(seq, child)
+            child.num_computed_tokens = chunk.start + num
+            child.status = SequenceStatus.RUNNING
+            out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0))
+            joined.append(child)
+        return joined
 
     def _preempt(self, seq: Sequence) -> None:
-        self._free_blocks(seq)
-        seq.num_computed_tokens = 0
+        self.kv.free(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
-
-    def _free_blocks(self, seq: Sequence) -> None:
-        self.block_pool.free(seq.block_table)
-        seq.block_table = []

@@ -40,6 +40,8 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of prompt prefixes computed before (default: on)")
     g = p.add_argument_group("energy and cost")
     g.add_argument("--energy-meter", default=None,
                    help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
@@ -54,7 +56,7 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
+                "seed", "enable_prefix_caching", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

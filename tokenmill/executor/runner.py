@@ -37,12 +37,13 @@ class ModelRunner:
             cache[:block_size].zero_()
         self.sampler = Sampler(seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)
+        self.num_copied_blocks = 0  # copy-on-write block copies since start
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], blocked_token_ids: list[list[int]]) -> StepResult:
         """Run the chunks and sample; `blocked_token_ids` has one list per sampling chunk, in order."""
         sampled = [c for c in chunks if c.sample]
-        hidden = self._forward(chunks)
+        hidden = self._forward([c for c in chunks if c.num_tokens])
         if not sampled:
             return StepResult([], None)
         rows = torch.tensor([end for end, c in zip(chunks_ends(chunks), chunks) if c.sample], device=self.device)
@@ -61,6 +62,17 @@ class ModelRunner:
         """Logits of every token of the chunks (for tests against a reference); writes the KV cache."""
         return self.model.compute_logits(self._forward(chunks)).float()
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks' K/V (source, destination) in every layer; all sources are read before any
+        destination is written, so a block freed as a source may already be another copy's destination."""
+        offsets = torch.arange(self.block_size)
+        src = (torch.tensor([s for s, _ in copies])[:, None] * self.block_size + offsets).view(-1).to(self.device)
+        dst = (torch.tensor([d for _, d in copies])[:, None] * self.block_size + offsets).view(-1).to(self.device)
+        for cache in self.kv_caches:
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+        self.num_copied_blocks += len(copies)
+
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
         ids: list[int] = []
@@ -78,7 +90,7 @@ class ModelRunner:
 
 
 def chunks_ends(chunks: list[ScheduledChunk]) -> list[int]:
-    """Row of each chunk's last token in the flat batch."""
+    """Row of each chunk's last token in the flat batch (a fork's empty chunk: the row before it)."""
     ends, total = [], 0
     for c in chunks:
         total += c.num_tokens

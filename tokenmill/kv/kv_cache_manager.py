@@ -1,0 +1,160 @@
+"""Each sequence's KV blocks: prefix-cache lookups, growth with copy-on-write, forks, frees.
+
+Prefix caching: a full block of computed tokens is registered under a hash chained from its
+parent block's hash, so a later sequence with the same leading tokens takes those blocks
+instead of recomputing them. The scheduler decides who runs; this module decides which
+blocks they run in.
+
+Writes never land in a block another sequence can read: before a sequence writes its next
+token's KV, the block receiving it is replaced by a private copy if it is shared (a fork's
+partly filled prompt block) or registered in the cache (a fully cached prompt whose last
+token is recomputed for the first sample's logits). Rewriting a cached block in place would
+be wrong even with the same token: a recomputed K/V need not be bit-identical (another batch
+shape), and other sequences may read that block in the same step. The copies are queued for
+the runner, which makes them before the step's forward pass; a copy costs one block of K/V
+per layer, where backing off a whole block would recompute up to block_size tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.kv.block_pool import BlockPool, CachedBlock
+from tokenmill.sequence import Sequence
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object) -> int:
+    """The chain hash of a full block (collisions only cost a miss: lookups verify the tokens)."""
+    return hash((parent_hash, token_ids, extra_key))
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache counters since the engine started, in prompt tokens (monotonic, for metrics)."""
+
+    queries_tokens: int = 0  # tokens of every admitted sequence (a preempted one again on recompute)
+    hit_tokens: int = 0  # of those, the tokens found in the cache and not recomputed
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queries_tokens if self.queries_tokens else 0.0
+
+
+@dataclass
+class PrefixHit:
+    """The cached leading blocks of a sequence, and how many of its tokens they let it skip."""
+
+    blocks: list[CachedBlock] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = pool
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixCacheStats()
+        self._chains: dict[int, list[CachedBlock]] = {}  # seq_id -> entries of its leading full blocks
+        self._copies: list[tuple[int, int]] = []  # (source, destination) blocks for the next step
+
+    def lookup(self, seq: Sequence) -> PrefixHit:
+        """The longest cached prefix of full blocks; changes nothing.
+
+        At most num_tokens - 1 tokens are skipped, so the last one is computed and gives the
+        logits of the first sample. When every block is cached, that token's block is the
+        last hit, which `allocate` replaces by a private copy before it is written.
+        """
+        if not self.enable_prefix_caching:
+            return PrefixHit()
+        bs = self.block_size
+        hit = PrefixHit()
+        parent = None
+        for i, block_hash in enumerate(self._hashes(seq, seq.num_tokens // bs)):
+            entry = self.pool.lookup(block_hash)
+            if entry is None or not entry.matches(parent, _block_tokens(seq, i, bs), seq.cache_salt):
+                break
+            hit.blocks.append(entry)
+            parent = entry
+        hit.num_tokens = min(len(hit.blocks) * bs, seq.num_tokens - 1)
+        return hit
+
+    def allocate(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> bool:
+        """Admit `seq` on its cached prefix with room for `num_tokens` tokens; False (no change) if short."""
+        hit_blocks = [e.block for e in hit.blocks]
+        reclaimed = sum(1 for b in hit_blocks if self.pool.ref_count(b) == 0)  # taken out of the free ones
+        recompute_cached = hit.num_tokens < len(hit_blocks) * self.block_size
+        if reclaimed + self._blocks_needed(len(hit_blocks), recompute_cached, num_tokens) > self.pool.num_free_blocks:
+            return False
+        self.pool.share(hit_blocks)
+        seq.block_table = hit_blocks
+        seq.num_computed_tokens = hit.num_tokens
+        self._chains[seq.seq_id] = list(hit.blocks)
+        if self.enable_prefix_caching:
+            self.stats.queries_tokens += seq.num_tokens
+            self.stats.hit_tokens += hit.num_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit.num_tokens
+        return self.grow(seq, num_tokens)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` tokens, the next one written made private; False (no change) if short."""
+        table = seq.block_table
+        first = seq.num_computed_tokens // self.block_size  # the block the next token's KV goes to
+        copy = first < len(table) and (self.pool.ref_count(table[first]) > 1 or self.pool.is_cached(table[first]))
+        if self._blocks_needed(len(table), copy, num_tokens) > self.pool.num_free_blocks:
+            return False
+        if copy:
+            (private,) = self.pool.allocate(1)
+            self._copies.append((table[first], private))
+            self.pool.free([table[first]])
+            table[first] = private
+        table.extend(self.pool.allocate(max(0, -(-num_tokens // self.block_size) - len(table))))
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares every block of `parent` (the same prompt); copy-on-write keeps them apart."""
+        self.pool.share(parent.block_table)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        self._chains[child.seq_id] = list(self._chains.get(parent.seq_id, []))
+
+    def free(self, seq: Sequence) -> None:
+        """Give the sequence's blocks back; its full blocks stay cached until evicted."""
+        # Last block first: the LRU list then evicts a prefix from its end, keeping its head reachable.
+        self.pool.free(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        self._chains.pop(seq.seq_id, None)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that the last step filled with computed tokens (prompt or generated)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        chain = self._chains.setdefault(seq.seq_id, [])
+        full = seq.num_computed_tokens // bs
+        hashes = self._hashes(seq, full)
+        for i in range(len(chain), full):
+            chain.append(self.pool.cache(seq.block_table[i], hashes[i], _block_tokens(seq, i, bs),
+                                         chain[-1] if chain else None, seq.cache_salt))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The block copies queued since the last call, for the runner to make before the next forward."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _blocks_needed(self, num_blocks: int, copy: bool, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - num_blocks) + copy
+
+    def _hashes(self, seq: Sequence, count: int) -> list[int]:
+        """The chain hashes of the first `count` full blocks, computed once per sequence."""
+        hashes = seq.block_hashes
+        while len(hashes) < count:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, _block_tokens(seq, i, self.block_size),
+                                     seq.cache_salt))
+        return hashes
+
+
+def _block_tokens(seq: Sequence, index: int, block_size: int) -> tuple[int, ...]:
+    return tuple(seq.token_ids[index * block_size:(index + 1) * block_size])
