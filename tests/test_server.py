@@ -274,3 +274,15 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
         time.sleep(0.02)
     assert server.metric("tokenmill_kv_cache_free_blocks") == total
     assert server.metric("tokenmill_requests_total", 'status="abort"') == aborted_before + 1
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name):
+    prompt = "Here is a long shared system prompt. " * 12 + "Question: what is two plus two?"
+    hits_before = server.metric("tokenmill_prefix_cache_hits_tokens_total")
+    first = client.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
+    second = client.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
+    assert second.choices[0].text == first.choices[0].text
+    cached, n = second.usage.prompt_tokens_details.cached_tokens, second.usage.prompt_tokens
+    assert cached == min(n // 16 * 16, n - 1)  # every full block; the last prompt token is always computed
+    assert server.metric("tokenmill_prefix_cache_hits_tokens_total") - hits_before >= cached
+    assert 0 < server.metric("tokenmill_prefix_cache_hit_rate") <= 1

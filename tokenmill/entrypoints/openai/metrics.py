@@ -54,6 +54,9 @@ class ServerMetrics:
               registry=r).set_function(lambda: pool.num_free_blocks)
         Gauge("tokenmill_kv_cache_total_blocks", "KV blocks in the pool (the null block excluded)",
               registry=r).set_function(lambda: pool.num_usable_blocks)
+        r.register(_PrefixCacheCollector(async_engine.engine.prefix_cache_stats))
+        Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over prompt tokens "
+              "admitted, since start", registry=r).set_function(lambda: async_engine.engine.prefix_cache_stats.hit_rate)
         accountant = async_engine.engine.accountant
         if accountant.meter is not None:
             r.register(_EnergyCollector(accountant))
@@ -110,3 +113,16 @@ class _EnergyCollector:
         family.add_metric([self.accountant.meter_name, _flag(self.accountant.estimated)],
                           self.accountant.total_joules)
         yield family
+
+
+class _PrefixCacheCollector:
+    """Prefix-cache query and hit counters (in prompt tokens), read from the engine when scraped."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("tokenmill_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix "
+                                  "cache (a preempted sequence again when it resumes)", value=self.stats.queries_tokens)
+        yield CounterMetricFamily("tokenmill_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache, "
+                                  "not recomputed", value=self.stats.hit_tokens)
