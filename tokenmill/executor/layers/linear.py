@@ -35,6 +35,8 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, quant: 
 
 
 class LinearBase(nn.Module):
+    """The shared interface: an optional float bias and `load`, which checks shapes for every form."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

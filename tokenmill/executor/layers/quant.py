@@ -5,7 +5,7 @@ int8: symmetric, one scale per output channel, w = q * scale. int4: asymmetric g
 w = (q - 8) * scale + zero (llama.cpp's Q4_1 w = d * q + m is scale = d, zero = m + 8d).
 
 The kernels take [out, in] codes and bfloat16 activations and scales: on x86 CPUs only their
-bfloat16 variants are vectorized (float32 runs a scalar loop, 10-25x slower) and CUDA's int4
+bfloat16 variants are vectorized (float32 runs a scalar loop, 10-15x slower) and CUDA's int4
 kernel takes nothing else. So the kernel calls here cast activations to bfloat16 and back.
 """
 
@@ -70,7 +70,8 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Groups:
 
 
 def int8_fits(in_features: int) -> bool:
-    """The int8 kernel reads activations with aligned vector loads: rows of whole 32-value blocks."""
+    """The int8 kernel reads rows with aligned 8- or 16-value vector loads (a ragged width crashes it);
+    whole 32-value blocks satisfy every CPU variant."""
     return in_features % 32 == 0
 
 
