@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_throughput_benchmark(
         args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
         seed=args.seed, repeats=args.repeats, compare_hf=True, batch1=True, batch1_tokens=128,
-        engine_args={"dtype": "float32"},
+        engine_args={"dtype": "float32", "quantization": "none"},  # float32 weights, as transformers runs them
         log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
 
     print(f"\n### Offline throughput: {result['model']} ({result['dtype']}, {result['device']}, "

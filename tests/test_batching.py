@@ -31,7 +31,7 @@ def check_batch_invariance(path: str, vocab: int, max_tokens: int):
 
 
 def llm_kv_bytes(llm: LLM) -> int:
-    return llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype)
+    return llm.engine.memory_report.kv_bytes_per_token
 
 
 def test_batch_invariance_tiny_llama(tiny_models):

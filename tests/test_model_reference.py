@@ -95,7 +95,7 @@ def test_sharded_safetensors_with_index(tmp_path, tiny_models):
 def test_half_precision_logits_close_to_fp32(tiny_models, dtype, torch_dtype):
     path = tiny_models["llama"]
     engine = LLMEngine(str(path), dtype=dtype, kv_cache_memory="2MiB")
-    assert engine.runner.kv_caches[0].dtype == torch_dtype
+    assert engine.runner.kv_caches[0].data.dtype == torch_dtype
     prompt = list(range(3, 35))
     seq = Sequence("r", 0, prompt, SamplingParams(), 0.0)
     try:

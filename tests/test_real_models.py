@@ -32,7 +32,7 @@ def smollm(default_model_available):
 
     path = default_model_path()
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return LLM(dtype="float32", kv_cache_memory="512MiB"), ref
+    return LLM(dtype="float32", kv_cache_memory="512MiB", quantization="none"), ref  # exact: dequantized weights
 
 
 @pytest.mark.parametrize("prompt", ["One day, Lily met a dragon", "The cat sat", "Tom and Sue went to the beach. They"])

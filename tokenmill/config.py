@@ -53,8 +53,10 @@ class ModelConfig:
             hf_config=hf,
         )
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
+        """Cache bytes of one token over all layers, the scales of an 8-bit cache included."""
+        per_head = self.head_dim * kv_dtype.itemsize + (KV_SCALE_BYTES if kv_dtype in KV_CACHE_DTYPES.values() else 0)
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
 
 def architecture_of(hf) -> str:
@@ -64,6 +66,52 @@ def architecture_of(hf) -> str:
         return archs[0]
     return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type, hf.model_type)
+
+
+# 8-bit KV cache dtypes; each keeps a float32 scale per token, K/V and KV head.
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+KV_SCALE_BYTES = 4
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """"auto" caches K/V in the model dtype; "int8" and "fp8_e4m3" in 8 bits with scales."""
+    if name == "auto":
+        return dtype
+    if name not in KV_CACHE_DTYPES:
+        from tokenmill.errors import InvalidParameterError
+        raise InvalidParameterError("kv_cache_dtype", f"unknown KV cache dtype {name!r}; use auto, int8 or fp8_e4m3")
+    return KV_CACHE_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How the linear layers hold their weights: "int8" (per output channel) or "int4" (in groups)."""
+
+    method: str
+    group_size: int = 32
+
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels accept
+
+
+def resolve_quantization(name: str | None, native: str | None, group_size: int) -> WeightQuant | None:
+    """The weight form to run: "auto" keeps the checkpoint's own low-bit form (`native`), else float.
+
+    `native` is "int4" for a GGUF whose linear weights are all Q4_0/Q4_1 (they load into int4 groups of
+    32 unchanged) and "int8" when they are all Q8_0; None for float checkpoints.
+    """
+    from tokenmill.errors import InvalidParameterError
+
+    name = "auto" if name is None else name
+    if name not in QUANTIZATIONS:
+        raise InvalidParameterError("quantization", f"unknown quantization {name!r}; use {', '.join(QUANTIZATIONS)}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise InvalidParameterError("quantization_group_size",
+                                    f"{group_size} is not one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    if name == "auto":
+        name = native or "none"
+    return None if name == "none" else WeightQuant(name, group_size)
 
 
 def parse_memory(value: int | float | str | None) -> int | None:

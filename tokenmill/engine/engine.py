@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.config import EnergyConfig, EngineConfig, ModelConfig, architecture_of, parse_memory, resolve_dtype
+from tokenmill.config import (
+    EnergyConfig, EngineConfig, ModelConfig, WeightQuant, architecture_of, parse_memory, resolve_dtype, resolve_kv_cache_dtype,
+    resolve_quantization,
+)
 from tokenmill.engine.policy import make_policy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
@@ -48,12 +51,28 @@ class Request:
         return self.finished_seqs == len(self.seqs)
 
 
+@dataclass
+class MemoryReport:
+    """What the loaded weights and the KV cache take, in bytes."""
+
+    weights: str  # their form: "float32", "int8", "int4 g32", ...
+    weight_bytes: int  # parameters and buffers, the float embedding included
+    kv_cache_dtype: str
+    kv_bytes_per_token: int  # all layers, K and V, scales of an 8-bit cache included
+    kv_cache_tokens: int  # what the pool holds (the null block not counted)
+
+    def __str__(self) -> str:
+        return (f"weights {self.weights} {self.weight_bytes / 2**20:.1f} MiB, KV cache {self.kv_cache_dtype} "
+                f"{self.kv_bytes_per_token / 1024:.2f} KiB/token x {self.kv_cache_tokens} tokens")
+
+
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto", device: str | None = None,
                  seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16,
                  kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
                  scheduling_policy: str = "fcfs", enable_prefix_caching: bool = True,
+                 quantization: str | None = "auto", quantization_group_size: int = 32, kv_cache_dtype: str = "auto",
                  energy_meter: str = EnergyConfig.energy_meter,
                  cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
                  price_per_hour: float | None = None, energy_price: float | None = None):
@@ -67,6 +86,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(ckpt.hf_config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
+        self.quant = resolve_quantization(quantization, ckpt.native_quantization, quantization_group_size)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.eos_token_ids = _eos_ids(ckpt)
         self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
         self.accountant = make_accountant(
@@ -79,16 +100,20 @@ class LLMEngine:
         self.block_pool = BlockPool(num_blocks)
         self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, make_policy(scheduling_policy), max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model_config, ckpt.weights(), self.dtype, self.device,
-                                  num_blocks, block_size, self.max_model_len, seed)
+        packed = self.quant is not None and self.quant.method == "int4"  # Q4_0/Q4_1 load as int4 groups
+        self.runner = ModelRunner(self.model_config, ckpt.weights(packed=packed), self.dtype, self.device,
+                                  num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
         self.requests: dict[str, Request] = {}
-        log.info("tokenmill: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d, prefix caching %s",
-                 self.model_name, self.dtype, self.device, num_blocks - 1, block_size, self.max_model_len,
-                 "on" if enable_prefix_caching else "off")
+        self.memory_report = MemoryReport(
+            _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
+            self.model_config.kv_bytes_per_token(self.kv_cache_dtype), capacity)
+        log.info("tokenmill: %s, %s on %s, %s, %d KV blocks of %d tokens, max_model_len %d, prefix caching %s",
+                 self.model_name, self.dtype, self.device, self.memory_report, num_blocks - 1, block_size,
+                 self.max_model_len, "on" if enable_prefix_caching else "off")
 
     # ---- sizing -------------------------------------------------------------------------
     def _num_blocks(self) -> int:
-        per_block = self.model_config.kv_bytes_per_token(self.dtype) * self.config.block_size
+        per_block = self.model_config.kv_bytes_per_token(self.kv_cache_dtype) * self.config.block_size
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(self.config.kv_cache_fraction * _available_memory(self.device))
@@ -291,6 +316,16 @@ def _eos_ids(ckpt) -> list[int]:
             if i is not None and i not in ids:
                 ids.append(int(i))
     return ids
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _weights_name(quant: WeightQuant | None, dtype: torch.dtype) -> str:
+    if quant is None:
+        return _dtype_name(dtype)
+    return quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")
 
 
 def _available_memory(device: torch.device) -> int:

@@ -8,8 +8,9 @@
     tokenmill calibrate
 
 Every subcommand but `bench serve` (a client of a server elsewhere) takes the engine flags
-(--model, --dtype, --max-num-seqs, ...); with no --model the embedded default model is used. Errors tokenmill raises for bad input print one
-line to stderr and exit with status 2.
+(--model, --dtype, --quantization, --kv-cache-dtype, --max-num-seqs, ...); with no --model the
+embedded default model is used. Errors tokenmill raises for bad input print one line to stderr
+and exit with status 2.
 
 Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usually with
 `parents=[engine_parent()]`) and sets `func=<handler(args) -> int>`, and list it in SUBCOMMANDS.
@@ -22,6 +23,7 @@ import os
 import sys
 from typing import Callable
 
+from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS
 from tokenmill.errors import TokenmillError
 
 # ---- shared flags ---------------------------------------------------------------------------
@@ -40,6 +42,14 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="weights: int8 (per channel) or int4 (groups); auto keeps a GGUF's Q4_0/Q4_1 as int4 "
+                        "and Q8_0 as int8, none dequantizes to --dtype (default: auto)")
+    g.add_argument("--quantization-group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+                   help="int4 group size along the input axis (default: 32)")
+    g.add_argument("--kv-cache-dtype", choices=("auto", *KV_CACHE_DTYPES), default=None,
+                   help="KV cache: auto (the model dtype), int8 or fp8_e4m3, with per-token, per-head scales "
+                        "(default: auto)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes computed before (default: on)")
     g = p.add_argument_group("energy and cost")
@@ -56,7 +66,7 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
+                "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.layers.attention import build_metadata
+from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from tokenmill.engine.scheduler import ScheduledChunk
@@ -25,16 +26,16 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, max_model_len: int, seed: int | None = None):
+                 num_blocks: int, block_size: int, max_model_len: int, seed: int | None = None,
+                 quant: WeightQuant | None = None, kv_cache_dtype: torch.dtype | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
-        self.model = _build_model(cfg, weights, dtype, device, max_model_len)
-        shape = (num_blocks * block_size, 2, cfg.num_kv_heads, cfg.head_dim)  # K and V of each slot
-        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        for cache in self.kv_caches:  # the null block: padded reads land here and must be finite
-            cache[:block_size].zero_()
+        self.model = _build_model(cfg, weights, dtype, device, max_model_len, quant)
+        self.kv_caches = [KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                  kv_cache_dtype or dtype, device, null_slots=block_size)
+                          for _ in range(cfg.num_layers)]
         self.sampler = Sampler(seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)
         self.num_copied_blocks = 0  # copy-on-write block copies since start
@@ -70,8 +71,13 @@ class ModelRunner:
         src = (torch.tensor([s for s, _ in copies])[:, None] * self.block_size + offsets).view(-1).to(self.device)
         dst = (torch.tensor([d for _, d in copies])[:, None] * self.block_size + offsets).view(-1).to(self.device)
         for cache in self.kv_caches:
-            cache.index_copy_(0, dst, cache.index_select(0, src))
+            cache.copy_slots(src, dst)
         self.num_copied_blocks += len(copies)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as held: parameters and buffers (packed codes, scales)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
@@ -98,12 +104,14 @@ def chunks_ends(chunks: list[ScheduledChunk]) -> list[int]:
     return ends
 
 
-def _build_model(cfg: ModelConfig, weights, dtype, device, max_model_len):
+def _build_model(cfg: ModelConfig, weights, dtype, device, max_model_len, quant):
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
-        model = cls(cfg, max_model_len)
+        model = cls(cfg, max_model_len, quant)
+    # In the final dtype before loading: weights are converted one tensor at a time, and the
+    # quantized layers' kernel tensors (created while loading) keep their own dtype.
+    model.to(dtype)
     model.to_empty(device=device)
     model.load_weights(weights)
-    model.to(dtype)
     model.rotary.to(device, dtype)
     return model.eval()

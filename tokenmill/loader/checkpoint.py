@@ -31,8 +31,9 @@ class Checkpoint:
     hf_config: object  # transformers PretrainedConfig
     tokenizer: object | None  # transformers PreTrainedTokenizerFast
     chat_template: str | None
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # (HF tensor name, tensor), lazily
+    weights: Callable[..., Iterator[tuple[str, torch.Tensor]]]  # (HF name, tensor), lazily; `packed`: see gguf.py
     generation_config: dict
+    native_quantization: str | None = None  # the low-bit form the weights already have ("int4", "int8")
 
 
 def default_model_path() -> Path:
@@ -46,7 +47,10 @@ def default_model_path() -> Path:
     return path
 
 
-def load_checkpoint(model: str | os.PathLike | None) -> Checkpoint:
+def load_checkpoint(model: str | os.PathLike | Checkpoint | None) -> Checkpoint:
+    """A Checkpoint passes through, so several engines can share one load (benchmarks, tests)."""
+    if isinstance(model, Checkpoint):
+        return model
     if model is None:
         return _load_gguf(default_model_path(), "SmolLM2-135M-Instruct")
     name = str(model)
@@ -82,7 +86,8 @@ def _load_gguf(path: Path, name: str) -> Checkpoint:
     from tokenmill.loader.gguf import load_gguf
 
     ckpt = load_gguf(path)
-    return Checkpoint(name, ckpt.hf_config, ckpt.tokenizer, ckpt.chat_template, ckpt.weights, {})
+    return Checkpoint(name, ckpt.hf_config, ckpt.tokenizer, ckpt.chat_template, ckpt.weights, {},
+                      ckpt.native_quantization)
 
 
 def _load_hf_folder(folder: Path, name: str) -> Checkpoint:
@@ -96,7 +101,8 @@ def _load_hf_folder(folder: Path, name: str) -> Checkpoint:
     gen_path = folder / "generation_config.json"
     generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(packed: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Float tensors as stored (safetensors hold nothing for `packed` to keep)."""
         from safetensors import safe_open
 
         for file in files:

@@ -4,7 +4,8 @@ A GGUF file carries the model's shape as metadata, the tokenizer and chat templa
 llama.cpp's names, often block-quantized. `load_gguf` turns the metadata into a transformers config
 (so `ModelConfig.from_hf` and the RoPE code work unchanged) and the tokenizer into a fast tokenizer;
 `GGUFCheckpoint.weights` then dequantizes one tensor at a time, under Hugging Face's names and layout,
-so a quantized file never has to be expanded to float32 all at once.
+so a quantized file never has to be expanded to float32 all at once. With `packed=True`, Q4_0 and
+Q4_1 tensors come as int4 groups instead (codes, scales and zeros, mapped exactly), for int4 layers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gguf.quants import dequantize
 
 from tokenmill.cache import cache_root
 from tokenmill.errors import ModelLoadError
+from tokenmill.executor.layers.quant import Int4Groups
 
 Q = GGMLQuantizationType
 # Tensor types `weights` can dequantize; every other type is refused before any data is read.
@@ -32,6 +34,10 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset({
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 })
+
+# Q4_0 / Q4_1 block layout: fp16 d (and fp16 m for Q4_1), then 16 bytes of 4-bit codes; byte j holds
+# element j in its low nibble and element j + 16 in its high one. Values: Q4_0 d * (q - 8), Q4_1 d * q + m.
+_INT4_BLOCKS = {Q.Q4_0: 18, Q.Q4_1: 20}  # bytes per block of 32
 
 # general.architecture -> (config class, HF architecture name, whether llama.cpp permuted attn_q/attn_k).
 _ARCHITECTURES = {
@@ -77,15 +83,46 @@ class GGUFCheckpoint:
     # (HF name, GGUF tensor, head count to un-permute the rows by, or None)
     _plan: list[tuple[str, ReaderTensor, int | None]] = field(repr=False)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor in HF shape) one at a time, so only one tensor is expanded at once."""
+    def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+        """Yield (HF name, float32 tensor in HF shape) one at a time, so only one tensor is expanded at once.
+
+        With `packed`, Q4_0/Q4_1 tensors are yielded as Int4Groups (groups of 32) instead.
+        """
         for name, tensor, n_head in self._plan:
-            array = dequantize(tensor.data, tensor.tensor_type)
-            # F32 data comes back as a view of the read-only memory map; torch wants memory it may write.
-            weight = torch.from_numpy(array if array.flags.writeable else array.copy())
+            if packed and tensor.tensor_type in _INT4_BLOCKS:
+                weight = int4_groups(tensor.data, tensor.tensor_type)
+            else:
+                array = dequantize(tensor.data, tensor.tensor_type)
+                # F32 data comes back as a view of the read-only memory map; torch wants memory it may write.
+                weight = torch.from_numpy(array if array.flags.writeable else array.copy())
             if n_head is not None:
-                weight = _unpermute(weight, n_head)
+                weight = _unpermute(weight, n_head) if isinstance(weight, torch.Tensor) \
+                    else weight.map_rows(lambda t, n=n_head: _unpermute(t, n))
             yield name, weight
+
+    @property
+    def native_quantization(self) -> str | None:
+        """"int4" if every layer projection is Q4_0/Q4_1, "int8" if every one is Q8_0, else None."""
+        types = {tensor.tensor_type for name, tensor, _ in self._plan
+                 if name.startswith("model.layers.") and name.endswith("proj.weight")}
+        if types and types <= set(_INT4_BLOCKS):
+            return "int4"
+        return "int8" if types == {Q.Q8_0} else None
+
+
+def int4_groups(raw: np.ndarray, qtype: GGMLQuantizationType) -> Int4Groups:
+    """A Q4_0/Q4_1 tensor's raw blocks [rows, bytes] as Int4Groups, exactly: the same codes, scale d, and
+    zero 0 for Q4_0 (w = d(q - 8)) or m + 8d for Q4_1 (w = dq + m); the kernels compute (q - 8) * scale + zero."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).view(rows, -1, _INT4_BLOCKS[qtype])  # a copy: the map is read-only
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    codes = blocks[..., -16:]
+    q = torch.cat([codes & 0x0F, codes >> 4], dim=-1).reshape(rows, -1)
+    if qtype == Q.Q4_0:
+        zero = torch.zeros_like(d)
+    else:
+        zero = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
+    return Int4Groups(q, d, zero)
 
 
 def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache, for one flat batch of prefill chunks and decodes.
 
-The cache of each layer is one tensor of shape [num_slots, 2, kv_heads, head_dim] (K then V);
+The cache of each layer (kv_cache.py) holds [num_slots, 2, kv_heads, head_dim] (K then V);
 slot `block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
 slots, then reads every sequence's context back through its block table. Decodes (one query
 each) are attended in a few padded SDPA calls, one per group of similar context lengths (a
@@ -8,6 +8,8 @@ gather of the padded context is most of a decode step's attention cost, so paddi
 context to the longest one would waste it); each prefill chunk gets its own call
 with a causal mask shifted by the tokens already cached. Query heads that share a KV head
 are folded into the query-length axis, so grouped-query attention needs no K/V copies.
+With an 8-bit cache a first prefill chunk also reads its K/V back from the cache, so every
+token attends to the same quantized K/V whichever step computes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.executor.layers.kv_cache import KVCache
 
 
 @dataclass
@@ -121,12 +125,12 @@ def _decode_group(rows, tables, lens, block_size, window, device) -> DecodeGroup
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     kv: torch.Tensor,  # [T, 2, kv_heads, head_dim]: the new tokens' K and V
-    cache: torch.Tensor,  # [num_slots, 2, kv_heads, head_dim]
+    cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write the new K/V into the cache and attend; returns [T, heads * head_dim]."""
-    cache.index_copy_(0, meta.slot_mapping, kv)
+    cache.write(meta.slot_mapping, kv)
     tokens, heads, head_dim = q.shape
     kv_heads = kv.shape[2]
     group = heads // kv_heads
@@ -140,7 +144,10 @@ def paged_attention(
         # [Q, kvh, G, hd] -> [1, kvh, Q * G, hd]: query heads of one KV head become extra query rows
         # (4-D, so that SDPA takes its fused CPU kernel rather than the unfused math path).
         qp = q[p.start:p.end].view(n, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(1, kv_heads, n * group, head_dim)
-        ctx = kv[p.start:p.end] if p.slots is None else cache.index_select(0, p.slots)  # [L, 2, kvh, hd]
+        if p.slots is not None:
+            ctx = cache.read(p.slots)  # [L, 2, kvh, hd]
+        else:
+            ctx = cache.read(meta.slot_mapping[p.start:p.end]) if cache.quantized else kv[p.start:p.end]
         o = F.scaled_dot_product_attention(qp, ctx[None, :, 0].transpose(1, 2), ctx[None, :, 1].transpose(1, 2),
                                            attn_mask=p.mask, scale=scale)  # [1, kvh, Q*G, hd]
         out[p.start:p.end] = o.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, heads * head_dim)
@@ -150,7 +157,7 @@ def paged_attention(
 def _decode_attention(q, cache, d: DecodeGroup, kv_heads: int, group: int, scale: float) -> torch.Tensor:
     """One query per sequence, all sequences in one padded SDPA call; returns [B, kvh, G, hd]."""
     batch, length = d.slots.shape
-    ctx = cache.index_select(0, d.slots.view(-1)).view(batch, length, *cache.shape[1:])  # [B, L, 2, kvh, hd]
+    ctx = cache.read(d.slots.view(-1)).view(batch, length, *cache.data.shape[1:])  # [B, L, 2, kvh, hd]
     qd = q.view(-1, kv_heads, group, q.shape[-1])
     return F.scaled_dot_product_attention(qd, ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
                                           attn_mask=d.mask, scale=scale)

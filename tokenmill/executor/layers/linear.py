@@ -1,9 +1,14 @@
-"""Linear layers, with the weight stored input-major ([in, out]) and applied as x @ W.
+"""Linear layers in three forms behind one interface: float, int8 and int4 weight-only.
 
-On CPU, MKL runs the single-row products of batch-1 decode about 1.3-2x faster in this
-layout than in PyTorch's usual [out, in] (nn.Linear), and as fast for large batches.
-Checkpoints store [out, in]; `load` transposes, and writes fused projections (QKV, gate/up)
-into their column range.
+`Linear` stores its weight input-major ([in, out]) and computes x @ W: on CPU, MKL runs the
+single-row products of batch-1 decode about 1.3-2x faster in this layout than in nn.Linear's
+[out, in], and as fast for large batches. `Int8Linear` and `Int4Linear` keep [out, in] codes
+in the layouts of PyTorch's weight-only kernels (quant.py).
+
+All three load the same way: `load("weight", [out, in] tensor, offset)` fills output rows
+offset.., so fused projections (QKV, gate/up) load shard by shard. Quantized layers quantize
+each shard as it arrives (scales never span rows) and build their kernel tensors once every
+row is in, so a model never exists in float32 while it loads.
 """
 
 from __future__ import annotations
@@ -11,24 +16,135 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenmill.config import WeightQuant
+from tokenmill.executor.layers.quant import (
+    Int4Groups, dense, int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale, pack_int4, quantize_int4,
+    quantize_int8,
+)
 
-class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+
+def make_linear(in_features: int, out_features: int, bias: bool = False, quant: WeightQuant | None = None):
+    """The layer `quant` asks for; float where the kernels cannot take the shape."""
+    if quant is not None and quant.method == "int8" and int8_fits(in_features):
+        return Int8Linear(in_features, out_features, bias)
+    if quant is not None and quant.method == "int4":
+        group = int4_group_for(in_features, out_features, quant.group_size)
+        if group is not None:
+            return Int4Linear(in_features, out_features, bias, group)
+    return Linear(in_features, out_features, bias)
+
+
+class LinearBase(nn.Module):
+    """The shared interface: an optional float bias and `load`, which checks shapes for every form."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load(self, kind: str, tensor: torch.Tensor | Int4Groups, offset: int = 0) -> None:
+        """Copy a checkpoint tensor ("weight" [out, in] or "bias" [out]) into output rows offset..."""
+        rows = tensor.shape[0]
+        if kind == "bias":
+            self.bias.data[offset:offset + rows].copy_(tensor)
+            return
+        if tensor.shape[1] != self.in_features or offset + rows > self.out_features:
+            raise ValueError(f"weight of shape {tuple(tensor.shape)} does not fit a "
+                             f"({self.out_features}, {self.in_features}) projection")
+        self._load_weight(tensor, offset)
+
+    def _load_weight(self, weight: torch.Tensor | Int4Groups, offset: int) -> None:
+        raise NotImplementedError
+
+
+class Linear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
 
-    def load(self, kind: str, tensor: torch.Tensor, offset: int = 0) -> None:
-        """Copy a checkpoint tensor ("weight" [out, in] or "bias" [out]) into columns offset..."""
-        if kind == "weight":
-            rows, cols = tensor.shape
-            if cols != self.weight.shape[0] or offset + rows > self.weight.shape[1]:
-                raise ValueError(f"weight of shape {tuple(tensor.shape)} does not fit a {tuple(self.weight.shape[::-1])} projection")
-            self.weight.data[:, offset:offset + rows].copy_(tensor.t())
-        else:
-            self.bias.data[offset:offset + tensor.shape[0]].copy_(tensor)
+    def _load_weight(self, weight, offset):
+        self.weight.data[:, offset:offset + weight.shape[0]].copy_(dense(weight).t())
+
+
+class _QuantizedLinear(LinearBase):
+    """Stages quantized rows while loading; `_pack` builds the kernel tensors when all are in."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__(in_features, out_features, bias)
+        self._rows_loaded = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def _load_weight(self, weight, offset):
+        self._stage(weight, offset)
+        self._rows_loaded += weight.shape[0]
+        if self._rows_loaded == self.out_features:
+            self._pack()
+
+
+class Int8Linear(_QuantizedLinear):
+    """int8 codes [out, in] with one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(0))  # set once loaded
+        self._staged_scale: torch.Tensor | None = None
+
+    def _stage(self, weight, offset):
+        q, scale = quantize_int8(dense(weight))
+        if self._staged_scale is None:
+            self._staged_scale = torch.empty(self.out_features)
+        self.weight[offset:offset + q.shape[0]] = q
+        self._staged_scale[offset:offset + q.shape[0]] = scale
+
+    def _pack(self):
+        self.scale = int8_scale(self._staged_scale, self.weight.device)
+        self._staged_scale = None
+
+    def _matmul(self, x):
+        return int8_mm(x, self.weight, self.scale)
+
+
+class Int4Linear(_QuantizedLinear):
+    """int4 codes in the kernel's packed layout, with a scale and zero per group of `group` inputs.
+
+    GGUF Q4_0/Q4_1 tensors arrive as Int4Groups of 32 and are kept as they are when the
+    layer's group is 32; anything else is (re)quantized to the layer's group.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group: int = 32):
+        super().__init__(in_features, out_features, bias)
+        self.group = group
+        # Empty until loaded; they are on the model's device, where the packed tensors go.
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer("scale_zero", torch.empty(0))
+        self._staged: Int4Groups | None = None
+
+    def _stage(self, weight, offset):
+        if not (isinstance(weight, Int4Groups) and weight.group == self.group):
+            weight = quantize_int4(dense(weight), self.group)
+        if self._staged is None:
+            groups = (self.out_features, self.in_features // self.group)
+            self._staged = Int4Groups(torch.empty(self.out_features, self.in_features, dtype=torch.uint8),
+                                      torch.empty(groups), torch.empty(groups))
+        rows = slice(offset, offset + weight.shape[0])
+        for staged, part in zip((self._staged.q, self._staged.scale, self._staged.zero),
+                                (weight.q, weight.scale, weight.zero)):
+            staged[rows] = part
+
+    def _pack(self):
+        device = self.packed.device
+        self.packed = pack_int4(self._staged.q, device)
+        self.scale_zero = int4_scale_zero(self._staged, device)
+        self._staged = None
+
+    def _matmul(self, x):
+        return int4_mm(x, self.packed, self.group, self.scale_zero)

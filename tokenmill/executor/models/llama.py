@@ -4,8 +4,10 @@ Written for one flat batch of tokens (no padding, no batch axis): [tokens, hidde
 [tokens, hidden] out, with attention reading the paged KV cache. Q/K/V and gate/up are
 each one fused matmul. Weight names follow Hugging Face's, so HF and GGUF checkpoints
 (renamed by the loader) load through the same `load_weights`. The output projection is
-always its own input-major Linear, also when the checkpoint ties it to the embedding: the
-copy costs vocab x hidden values and makes batch-1 logits about twice as fast on CPU.
+always its own layer, also when the checkpoint ties it to the embedding: the copy costs
+vocab x hidden values and makes batch-1 logits about twice as fast on CPU. With quantized
+weights (`quant`) every projection is int8 or int4 except the output one, which is int8 in
+both cases (see LM_HEAD_QUANT); the embedding and the norms stay float.
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.executor.layers.linear import Linear
+from tokenmill.executor.layers.kv_cache import KVCache
+from tokenmill.executor.layers.linear import LinearBase, make_linear
+from tokenmill.executor.layers.quant import dense
 from tokenmill.executor.layers.rotary import RotaryEmbedding
+
+# The output projection of a quantized model. It is the largest matrix of a small model (SmolLM2-135M:
+# 28M of 135M weights, 49k x 576), so leaving it float would cost most of the speed; int8 keeps next-token
+# distributions far closer than int4 does (benchmarks/quant_quality.py).
+LM_HEAD_QUANT = WeightQuant("int8")
 
 
 class RMSNorm(nn.Module):
@@ -34,19 +43,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, cos_sin, meta: AttentionMetadata, cache: torch.Tensor):
+    def forward(self, x, cos_sin, meta: AttentionMetadata, cache: KVCache):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # q|k as one [T, heads + kv_heads, head_dim] view: normed and rotated together, in place,
@@ -62,10 +71,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: WeightQuant | None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -73,12 +82,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg, rotary, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, quant)
 
     def forward(self, x, cos_sin, meta, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
@@ -92,14 +101,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, quant: WeightQuant | None = None):
         super().__init__()
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg, max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, LM_HEAD_QUANT if quant else None)
         self.requires_grad_(False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
@@ -114,8 +123,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (HF name, tensor) pairs; every parameter (and fused shard) must be loaded once."""
-        params = dict(self.named_parameters())
+        """Load (HF name, tensor) pairs; every weight (and fused shard) must be loaded once."""
+        names = self._weight_names()
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
@@ -135,24 +144,31 @@ class LlamaForCausalLM(nn.Module):
                 offset = self._shard_offset(shard[0], shard[1])
             target = ".".join(module_parts)
             key = f"{target}.{kind}"
-            if key not in params:
+            if key not in names:
                 raise KeyError(f"unexpected weight {name!r} in checkpoint")
             module = self.get_submodule(target)
-            if isinstance(module, Linear):
+            if isinstance(module, LinearBase):
                 module.load(kind, tensor, offset)
-            elif params[key].shape != tensor.shape:
-                raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(params[key].shape)}")
             else:
-                params[key].data.copy_(tensor)
+                param = getattr(module, kind)
+                if param.shape != tensor.shape:
+                    raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+                param.data.copy_(dense(tensor))
             loaded.add(key if shard is None else f"{key}#{shard[1]}")
-        missing = sorted(self._expected_keys(params) - loaded)
+        missing = sorted(self._expected_keys(names) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
 
-    def _expected_keys(self, params) -> set[str]:
+    def _weight_names(self) -> set[str]:
+        """Every parameter, and the weight of every linear layer (quantized ones hold it as buffers)."""
+        names = {name for name, _ in self.named_parameters()}
+        names.update(f"{name}.weight" for name, module in self.named_modules() if isinstance(module, LinearBase))
+        return names
+
+    def _expected_keys(self, names: set[str]) -> set[str]:
         shards = {"qkv_proj": 3, "gate_up_proj": 2}
         expected = set()
-        for pname in params:
+        for pname in names:
             module = pname.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if module in shards:
                 expected.update(f"{pname}#{i}" for i in range(shards[module]))

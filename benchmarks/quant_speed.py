@@ -1,0 +1,184 @@
+"""Batch-1 speed of float32, int8 and int4 weights, against llama.cpp on the same GGUF file.
+
+SmolLM2-135M-Instruct (the embedded Q4_1 GGUF) in tokenmill as float32 (dequantized), int8
+(requantized per channel) and int4 (its Q4_1 blocks loaded packed), and in llama.cpp through
+llama-cpp-python with n_threads = --threads, on the same prompt token ids: prefill tokens/s
+(one prompt of --prompt-tokens, timed to its first token) and batch-1 decode tokens/s
+(--new-tokens greedy tokens, timed from the first to the last), medians of --repeats runs.
+Prints a table with ratios to llama.cpp and writes results/quant_speed.json. --profile also
+breaks one tokenmill decode step down (forward, logits, sampling; kernels vs Python overhead).
+
+    python benchmarks/quant_speed.py [--threads 2] [--prompt-tokens 256] [--new-tokens 128] [--repeats 3] [--profile]
+    python benchmarks/quant_speed.py --smoke      # a short run: 32-token prompt, 16 new tokens, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.throughput import measure_tokenmill_decode
+from tokenmill.loader import load_checkpoint
+from tokenmill.loader.checkpoint import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"
+CONFIGS = {"float32": {"quantization": "none"}, "int8": {"quantization": "int8"}, "int4": {"quantization": "auto"}}
+LINEAR_OPS = {"aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm"}
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_"}
+
+
+def tokenmill_prefill(llm: LLM, prompt: list[int], repeats: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([prompt[:8]], params, use_tqdm=False)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        runs.append(len(prompt) / (time.perf_counter() - start))
+    return statistics.median(runs)
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: the llama.cpp columns are skipped", file=sys.stderr)
+        return None
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 16, n_batch=max(512, len(prompt)),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.reset()
+    llm.eval(prompt[:8])  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(len(prompt) / (time.perf_counter() - start))
+        times = []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy; EOS is not a stop here
+            times.append(time.perf_counter())
+            if len(times) == new_tokens:
+                break
+        decode.append((len(times) - 1) / (times[-1] - times[0]))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "version": llama_cpp.__version__}
+
+
+def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
+    """One decode step's time in ms: forward, logits, sampling and the engine around them (wall clock),
+    then, under torch.profiler, the ops' own time by kind; what they do not explain is Python and
+    dispatch (a lower bound: the profiler's own cost lands in the ops' times)."""
+    engine, runner = llm.engine, llm.engine.runner
+    engine.add_request("profile", list(prompt), SamplingParams(temperature=0, max_tokens=4 * steps + 8, ignore_eos=True))
+    for _ in range(steps):  # prefill, then settle into decoding
+        engine.step()
+    wall: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            wall[name] += time.perf_counter() - start
+            return out
+        return call
+
+    sampler = runner.sampler
+    runner._forward = timed("forward", runner._forward)
+    runner.model.compute_logits = timed("logits", runner.model.compute_logits)
+    runner.sampler = timed("sampling", sampler)
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_s = (time.perf_counter() - start) / steps
+    finally:
+        del runner._forward, runner.model.compute_logits  # back to the methods
+        runner.sampler = sampler
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+    finally:
+        engine.abort_request("profile")
+    kinds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            kind = "linear" if event.key in LINEAR_OPS else "attention" if event.key in ATTENTION_OPS else "other_ops"
+            kinds[kind] += event.self_cpu_time_total / 1e3 / steps
+    ms = {name: 1e3 * s / steps for name, s in wall.items()}
+    kernels = sum(kinds.values())
+    layers = runner.cfg.num_layers
+    return {"step_ms": 1e3 * step_s, "forward_ms": ms["forward"], "logits_ms": ms["logits"],
+            "sampling_ms": ms["sampling"], "engine_ms": 1e3 * step_s - sum(ms.values()),
+            "linear_kernels_ms": kinds["linear"], "attention_ms": kinds["attention"], "other_ops_ms": kinds["other_ops"],
+            "python_and_dispatch_ms": 1e3 * step_s - kernels,
+            "python_and_dispatch_per_layer_us": (1e6 * step_s - 1e3 * kernels) / layers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="a short run: 32-token prompt, 16 new tokens, 1 repeat")
+    p.add_argument("--profile", action="store_true", help="break one decode step of each configuration down")
+    p.add_argument("--output", default=str(ROOT / "results" / "quant_speed.json"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.prompt_tokens, args.new_tokens, args.repeats = 32, 16, 1
+    torch.set_num_threads(args.threads)
+
+    ckpt = load_checkpoint(None)
+    prompt = ckpt.tokenizer.encode(TEXT.read_text())[:args.prompt_tokens]
+    result = {"model": ckpt.name, "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "torch": torch.__version__, "tokenmill": {}}
+    for name, kwargs in CONFIGS.items():
+        llm = LLM(ckpt, dtype="float32", kv_cache_memory="256MiB", seed=0, **kwargs)
+        row = {"weights": llm.engine.memory_report.weights, "weight_bytes": llm.engine.memory_report.weight_bytes,
+               "prefill_tokens_per_s": tokenmill_prefill(llm, prompt, args.repeats),
+               "decode_tokens_per_s": measure_tokenmill_decode(llm, prompt, args.new_tokens, args.repeats)
+               .decode_tokens_per_s}
+        if args.profile:
+            row["profile"] = profile_decode(llm, prompt)
+        result["tokenmill"][name] = row
+        print(f"[speed] {name}: {row['decode_tokens_per_s']:.1f} decode tok/s", file=sys.stderr)
+        del llm
+    result["llama_cpp"] = llama_cpp_speed(default_model_path(), prompt, args.new_tokens, args.repeats, args.threads)
+    print(format_table(result))
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def format_table(result: dict) -> str:
+    ref = result["llama_cpp"]
+    lines = [f"{result['model']}, {result['threads']} threads, prompt {result['prompt_tokens']} tokens, "
+             f"{result['new_tokens']} new tokens, median of {result['repeats']}",
+             "| engine | weights | prefill tok/s | decode tok/s | decode / llama.cpp |", "|---|---|---|---|---|"]
+    for name, row in result["tokenmill"].items():
+        ratio = f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}" if ref else "-"
+        lines.append(f"| tokenmill | {name} ({row['weight_bytes'] / 2**20:.0f} MiB) | {row['prefill_tokens_per_s']:.0f} "
+                     f"| {row['decode_tokens_per_s']:.1f} | {ratio} |")
+    if ref:
+        lines.append(f"| llama.cpp {ref['version']} | Q4_1 file | {ref['prefill_tokens_per_s']:.0f} "
+                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00 |")
+    for name, row in result["tokenmill"].items():
+        if "profile" in row:
+            lines.append(f"{name} decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in row["profile"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

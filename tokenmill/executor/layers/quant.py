@@ -1,0 +1,120 @@
+"""Weight quantization for the low-bit linear layers, and PyTorch's weight-only kernels.
+
+int8: symmetric, one scale per output channel, w = q * scale. int4: asymmetric groups of
+`group` weights along the input axis, in the kernels' own convention: codes q in 0..15 and
+w = (q - 8) * scale + zero (llama.cpp's Q4_1 w = d * q + m is scale = d, zero = m + 8d).
+
+The kernels take [out, in] codes and bfloat16 activations and scales: on x86 CPUs only their
+bfloat16 variants are vectorized (float32 runs a scalar loop, 10-15x slower) and CUDA's int4
+kernel takes nothing else. So the kernel calls here cast activations to bfloat16 and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tokenmill.config import INT4_GROUP_SIZES
+
+COMPUTE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class Int4Groups:
+    """An int4 weight [out, in]: codes q (uint8, 0..15) and per-group scale and zero [out, in // group]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        w = (self.q.view(rows, -1, self.group).float() - 8) * self.scale[..., None] + self.zero[..., None]
+        return w.view(rows, cols)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4Groups":
+        """The same weight with `fn` (a reordering of rows) applied to codes, scales and zeros alike."""
+        return Int4Groups(fn(self.q), fn(self.scale), fn(self.zero))
+
+
+def dense(weight: torch.Tensor | Int4Groups) -> torch.Tensor:
+    """The weight as a plain tensor (int4 groups dequantized to float32)."""
+    return weight.dequantize() if isinstance(weight, Int4Groups) else weight
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: codes [rows, in] and float32 scales [rows] (w ~ q * scale)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> Int4Groups:
+    """Asymmetric int4 groups of `group` along the input axis, spanning each group's min..max."""
+    rows, cols = w.shape
+    g = w.float().view(rows, cols // group, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return Int4Groups(q.view(rows, cols), scale, lo + 8 * scale)
+
+
+def int8_fits(in_features: int) -> bool:
+    """The int8 kernel reads rows with aligned 8- or 16-value vector loads (a ragged width crashes it);
+    whole 32-value blocks satisfy every CPU variant."""
+    return in_features % 32 == 0
+
+
+def int4_group_for(in_features: int, out_features: int, group: int) -> int | None:
+    """The group an int4 layer of this shape uses: `group` if it divides the input width, else the
+    largest smaller kernel group that does; None if the kernels cannot take the shape at all
+    (they need output rows in blocks of 16 and whole groups)."""
+    if out_features % 16:
+        return None
+    return next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if g <= group and in_features % g == 0), None)
+
+
+def pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Codes [out, in] (uint8, 0..15) in the layout the device's int4 kernel reads."""
+    if device.type == "cuda":
+        q = q.to(device)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # even input index in the high nibble
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(q.shape[1]))
+    # The CPU packer takes one int32 per code; its inner-k-tiles argument is unused.
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(device, torch.int32), 2)
+
+
+def int4_scale_zero(groups: Int4Groups, device: torch.device) -> torch.Tensor:
+    """Scales and zeros as the int4 kernels read them: [in // group, out, 2] in COMPUTE_DTYPE."""
+    return torch.stack([groups.scale.t(), groups.zero.t()], dim=-1).to(device, COMPUTE_DTYPE).contiguous()
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    """x [tokens, in] @ the int4 weight's transpose -> [tokens, out], in x's dtype."""
+    mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return mm(x.to(COMPUTE_DTYPE), packed, group, scale_zero).to(x.dtype)
+
+
+def int8_scale(scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Per-channel scales [out] as the int8 kernel reads them."""
+    return scale.to(device, COMPUTE_DTYPE)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [tokens, in] @ (q * scale)' -> [tokens, out], in x's dtype; one kernel on CPU and CUDA."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), q, scale).to(x.dtype)
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """CUDA's tile depth: the input width must be a multiple of 16 x inner_k_tiles."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
