@@ -5,9 +5,12 @@ from __future__ import annotations
 import builtins
 import math
 
+import torch
+
 import pytest
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.engine.engine import LLMEngine
 from tokenmill.config import EnergyConfig
 from tokenmill.metering import EstimatedMeter, MeterUnavailable, NvmlMeter, RaplMeter, make_meter
 from tokenmill.metering.accounting import StepAccountant
@@ -194,9 +197,9 @@ def test_a_request_alone_gets_all_of_each_steps_energy(llm):
     assert m.compute_time == pytest.approx(acc.total_wall_s)
     # 3.6 $/h is 0.001 $/s; 0.36 $/kWh is 1e-7 $/J
     assert m.cost_usd == pytest.approx(m.compute_time * 0.001 + m.energy_joules * 1e-7)
-    cfg, dtype = llm.engine.model_config, llm.engine.dtype
-    ideal = Roofline(1e9, 1e10).time(step_work(cfg, dtype, [(0, 4)], 1)) + sum(
-        Roofline(1e9, 1e10).time(step_work(cfg, dtype, [(p, 1)], 1)) for p in range(4, 9))
+    cfg, sizes = llm.engine.model_config, acc.sizes
+    ideal = Roofline(1e9, 1e10).time(step_work(cfg, sizes, [(0, 4)], 1)) + sum(
+        Roofline(1e9, 1e10).time(step_work(cfg, sizes, [(p, 1)], 1)) for p in range(4, 9))
     assert m.idealized_time == pytest.approx(ideal)
     assert acc.phases["prefill"].steps == 1 and acc.phases["decode"].steps == 5
     assert acc.phases["decode"].fraction == pytest.approx(acc.phases["decode"].roofline_s / acc.phases["decode"].wall_s)
@@ -317,3 +320,17 @@ def test_bad_energy_arguments_are_refused(tiny_models):
                           ({"cpu_watts_per_core": -5.0}, "cpu_watts_per_core")):
         with pytest.raises(ValueError, match=param):
             LLM(str(tiny_models["llama"]), kv_cache_memory="4MiB", **kwargs)
+
+
+def test_the_roofline_counts_the_weights_as_held(tiny_models):
+    """A float32 model's held bytes match the dense formula (plus its norms); int8 weights are about 4x fewer."""
+    from tokenmill.metering.roofline import ModelBytes
+
+    dense = LLMEngine(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="4MiB", quantization="none")
+    int8 = LLMEngine(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="4MiB", quantization="int8",
+                     kv_cache_dtype="int8")
+    formula = ModelBytes.dense(dense.model_config, torch.float32)
+    norms = dense.model_config.num_layers * 2 * dense.model_config.hidden_size * 4
+    assert dense.accountant.sizes == ModelBytes(formula.layers + norms, formula.head, formula.kv_per_token)
+    assert int8.accountant.sizes.layers < formula.layers / 3 and int8.accountant.sizes.head < formula.head / 3
+    assert int8.accountant.sizes.kv_per_token < formula.kv_per_token / 3

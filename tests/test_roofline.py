@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 from tokenmill.config import ModelConfig
 from tokenmill.metering import calibrate
-from tokenmill.metering.roofline import Roofline, head_params, layer_params, step_work
+from tokenmill.metering.roofline import ModelBytes, Roofline, head_params, layer_params, step_work
 
 # The tiny Llama: hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 KV heads, vocab 256.
 CFG = ModelConfig.from_hf(tiny_config("llama"))
@@ -27,7 +27,7 @@ def test_parameter_counts():
 
 def test_decode_step_of_two_sequences():
     # two decodes at positions 10 and 20: contexts of 11 and 21 keys
-    work = step_work(CFG, torch.float32, [(10, 1), (20, 1)], num_sampled=2)
+    work = step_work(CFG, ModelBytes.dense(CFG, torch.float32), [(10, 1), (20, 1)], num_sampled=2)
     attention = 4 * 2 * 4 * 16 * (11 + 21)
     assert work.flops == 2 * LAYER * 2 + 2 * HEAD * 2 + attention
     assert work.bytes == (LAYER + HEAD) * 4 + (11 + 1 + 21 + 1) * KV_PER_TOKEN
@@ -35,14 +35,14 @@ def test_decode_step_of_two_sequences():
 
 def test_prefill_chunk_that_does_not_sample():
     # 4 new tokens after 8 cached ones: contexts 9, 10, 11, 12; no output head
-    work = step_work(CFG, torch.bfloat16, [(8, 4)], num_sampled=0)
+    work = step_work(CFG, ModelBytes.dense(CFG, torch.bfloat16), [(8, 4)], num_sampled=0)
     assert work.flops == 2 * LAYER * 4 + 4 * 2 * 4 * 16 * (9 + 10 + 11 + 12)
     assert work.bytes == LAYER * 2 + (8 + 2 * 4) * CFG.kv_bytes_per_token(torch.bfloat16)
 
 
 def test_roofline_time_is_the_slower_bound():
     roof = Roofline(bandwidth=1e9, peak_flops=1e10)
-    work = step_work(CFG, torch.float32, [(10, 1), (20, 1)], num_sampled=2)
+    work = step_work(CFG, ModelBytes.dense(CFG, torch.float32), [(10, 1), (20, 1)], num_sampled=2)
     assert roof.time(work) == pytest.approx(max(work.bytes / 1e9, work.flops / 1e10))
     assert roof.time(work) == pytest.approx(work.bytes / 1e9)  # a decode step is memory-bound
 

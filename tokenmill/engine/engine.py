@@ -103,6 +103,7 @@ class LLMEngine:
         packed = self.quant is not None and self.quant.method == "int4"  # Q4_0/Q4_1 load as int4 groups
         self.runner = ModelRunner(self.model_config, ckpt.weights(packed=packed), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
+        self.accountant.sizes = self.runner.model_bytes()
         self.requests: dict[str, Request] = {}
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),

@@ -13,6 +13,7 @@ import torch
 from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.layers.kv_cache import KVCache
+from tokenmill.metering.roofline import ModelBytes
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from tokenmill.engine.scheduler import ScheduledChunk
@@ -73,6 +74,14 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache.copy_slots(src, dst)
         self.num_copied_blocks += len(copies)
+
+    def model_bytes(self) -> ModelBytes:
+        """What a step reads: decoder-layer and output-head weights as held, KV bytes per token."""
+        def held(module) -> int:
+            return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        kv_per_token = sum(c.data[0].numel() * c.data.element_size()
+                           + (c.scale[0].numel() * c.scale.element_size() if c.quantized else 0) for c in self.kv_caches)
+        return ModelBytes(held(self.model.layers), held(self.model.lm_head), kv_per_token)
 
     def weight_bytes(self) -> int:
         """Bytes of the model's weights as held: parameters and buffers (packed codes, scales)."""

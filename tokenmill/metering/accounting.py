@@ -20,7 +20,7 @@ from tokenmill.config import EnergyConfig, ModelConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.metering import calibrate
 from tokenmill.metering.meters import EnergyMeter, make_meter
-from tokenmill.metering.roofline import Roofline, step_work
+from tokenmill.metering.roofline import ModelBytes, Roofline, step_work
 from tokenmill.outputs import RequestMetrics
 
 JOULES_PER_KWH = 3.6e6
@@ -48,7 +48,7 @@ class StepAccountant:
     meter: EnergyMeter | None
     config: EnergyConfig
     model_config: ModelConfig
-    dtype: torch.dtype
+    sizes: ModelBytes  # the engine sets the held sizes once the weights are loaded
     roofline: Roofline | None = None
     total_joules: float = 0.0
     total_wall_s: float = 0.0
@@ -109,7 +109,7 @@ class StepAccountant:
         phase.joules += joules or 0.0
         ideal = None
         if self.roofline is not None:
-            work = step_work(self.model_config, self.dtype, [(c.start, c.num_tokens) for c in chunks],
+            work = step_work(self.model_config, self.sizes, [(c.start, c.num_tokens) for c in chunks],
                              sum(c.sample for c in chunks))
             ideal = self.roofline.time(work)
             phase.roofline_s = (phase.roofline_s or 0.0) + ideal
@@ -141,4 +141,4 @@ def make_accountant(cfg: EnergyConfig, model_config: ModelConfig, dtype: torch.d
     roofline = calibrate.roofline_for(entry, dtype) if entry is not None else None
     log.info("tokenmill: energy meter %s; roofline %s", meter.name if meter else "off",
              "from the cached calibration" if roofline else "off (run `tokenmill calibrate`)")
-    return StepAccountant(meter, cfg, model_config, dtype, roofline)
+    return StepAccountant(meter, cfg, model_config, ModelBytes.dense(model_config, dtype), roofline)

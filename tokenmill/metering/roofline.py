@@ -34,12 +34,26 @@ def head_params(cfg: ModelConfig) -> int:
 
 
 @dataclass(frozen=True)
+class ModelBytes:
+    """The bytes a step reads per pass over the weights, and per token of KV, as the engine holds them
+    (quantized weights and an 8-bit cache are smaller than `dense` says)."""
+
+    layers: int  # all decoder layers' weights
+    head: int  # the output projection
+    kv_per_token: int  # all layers, K and V
+
+    @classmethod
+    def dense(cls, cfg: ModelConfig, dtype: torch.dtype) -> "ModelBytes":
+        return cls(layer_params(cfg) * dtype.itemsize, head_params(cfg) * dtype.itemsize, cfg.kv_bytes_per_token(dtype))
+
+
+@dataclass(frozen=True)
 class StepWork:
     flops: float
     bytes: float
 
 
-def step_work(cfg: ModelConfig, dtype: torch.dtype, chunks: list[tuple[int, int]], num_sampled: int) -> StepWork:
+def step_work(cfg: ModelConfig, sizes: ModelBytes, chunks: list[tuple[int, int]], num_sampled: int) -> StepWork:
     """FLOPs and bytes of one step; `chunks` are (start position, new tokens) pairs."""
     tokens = sum(n for _, n in chunks)
     # sum over each chunk's new tokens of its context length p + 1, p = start .. start + n - 1
@@ -47,8 +61,8 @@ def step_work(cfg: ModelConfig, dtype: torch.dtype, chunks: list[tuple[int, int]
     flops = (2 * layer_params(cfg) * tokens + 2 * head_params(cfg) * num_sampled
              + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs)
     kv_tokens = sum(start + 2 * n for start, n in chunks)  # read start + n, write n
-    weight_bytes = (layer_params(cfg) + (head_params(cfg) if num_sampled else 0)) * dtype.itemsize
-    return StepWork(float(flops), float(weight_bytes + kv_tokens * cfg.kv_bytes_per_token(dtype)))
+    weight_bytes = sizes.layers + (sizes.head if num_sampled else 0)
+    return StepWork(float(flops), float(weight_bytes + kv_tokens * sizes.kv_per_token))
 
 
 @dataclass(frozen=True)
