@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tokenmill.bench.quality import format_table, run_quality
+from tokenmill.bench.throughput import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"
@@ -32,10 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run_quality(TEXT.read_text(), args.model, log=lambda msg: print(f"[quality] {msg}", file=sys.stderr))
     print(format_table(result))
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {write_json(result, args.output)}", file=sys.stderr)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.throughput import measure_tokenmill_decode
+from tokenmill.bench.throughput import measure_tokenmill_decode, write_json
 from tokenmill.loader import load_checkpoint
 from tokenmill.loader.checkpoint import default_model_path
 
@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         del llm
     result["llama_cpp"] = llama_cpp_speed(default_model_path(), prompt, args.new_tokens, args.repeats, args.threads)
     print(format_table(result))
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {write_json(result, args.output)}", file=sys.stderr)
     return 0
 
 
