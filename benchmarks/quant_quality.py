@@ -14,7 +14,6 @@ The measuring lives in tokenmill.bench.quality (tests/test_quantization.py uses 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -15,7 +15,6 @@ breaks one tokenmill decode step down (forward, logits, sampling; kernels vs Pyt
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
