@@ -80,13 +80,16 @@ def table(results: dict) -> str:
              "| server | concurrency | output tok/s | vs tokenmill | TTFT median (ms) | TTFT p99 (ms) | "
              "TPOT median (ms) | TPOT p99 (ms) | failed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def cell(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for name in names:
         for conc, s in results["servers"][name].items():
             ours = results["servers"].get("tokenmill", {}).get(conc)
             ratio = f"{ours['output_throughput'] / s['output_throughput']:.2f}x" if ours and s["output_throughput"] else "-"
-            lines.append(f"| {name} | {conc} | {s['output_throughput']:.1f} | {ratio if name != 'tokenmill' else ''} | "
-                         f"{s['ttft']['median_ms']:.0f} | {s['ttft']['p99_ms']:.0f} | {s['tpot']['median_ms']:.1f} | "
-                         f"{s['tpot']['p99_ms']:.1f} | {s['failed']} |")
+            lines.append(f"| {name} | {conc} | {cell(s['output_throughput'], 1)} | {ratio if name != 'tokenmill' else ''} | "
+                         f"{cell(s['ttft']['median_ms'], 0)} | {cell(s['ttft']['p99_ms'], 0)} | "
+                         f"{cell(s['tpot']['median_ms'], 1)} | {cell(s['tpot']['p99_ms'], 1)} | {s['failed']} |")
     lines.append("(vs tokenmill: tokenmill's output tok/s divided by the server's, at the same concurrency)")
     return "\n".join(lines)
 
@@ -106,11 +109,11 @@ def main() -> int:
     p.add_argument("--output-json", default="results/serve_vs_llamacpp.json")
     args = p.parse_args()
     results = run(args)
-    print(table(results))
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2))  # before the table, so a run is never lost
     print(f"wrote {out}", file=sys.stderr)
+    print(table(results))
     return 0
 
 
