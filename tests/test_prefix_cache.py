@@ -374,3 +374,17 @@ def test_cli_flag_turns_prefix_caching_off():
     assert "enable_prefix_caching" not in engine_kwargs(parse(["generate", "hi"]))
     assert engine_kwargs(parse(["generate", "hi", "--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
     assert engine_kwargs(parse(["generate", "hi", "--enable-prefix-caching"]))["enable_prefix_caching"] is True
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_copy_on_write_moves_the_scales_of_an_8bit_cache(tiny_models, kv_cache_dtype):
+    """The n samples' copied partial block carries its per-token scales: greedy samples stay identical."""
+    prompt = list(range(40, 77))  # a partial last block, copied on write for each sample
+    llm = tiny_llm(tiny_models, kv_cache_dtype=kv_cache_dtype)
+    single = token_ids(llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                    use_tqdm=False))[0][0]
+    llm.reset_prefix_cache()
+    copies = llm.engine.runner.num_copied_blocks
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.runner.num_copied_blocks > copies
+    assert token_ids(out)[0] == [single] * 3
