@@ -4,8 +4,8 @@
 
 Starts `tokenmill serve` twice on the default model (cache on, then `--no-enable-prefix-caching`),
 sends each the same prompts (a 1024-token prefix shared by all, then 64 distinct tokens) with
-`tokenmill bench serve`'s client, and reads the prompt tokens the server computed from its
-/metrics (prefix-cache queries minus hits). Prints a table and writes JSON.
+`tokenmill bench serve`'s client; prompt tokens computed are the prompt tokens the server
+reported in usage less the prefix-cache hits in its /metrics. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def run_one(flags: list[str], config: ServeBenchConfig, requests, log_path: Path
         cfg = ServeBenchConfig(url, request_rates=[math.inf], max_concurrency=config.max_concurrency,
                                num_prompts=config.num_prompts, output_len=config.output_len)
         summary = run_serve_benchmark_sync(cfg, requests)["runs"][0]["summary"]
-        queried = scrape(url, "tokenmill_prefix_cache_queries_tokens_total")
         hits = scrape(url, "tokenmill_prefix_cache_hits_tokens_total")
-    return {"summary": summary, "prompt_tokens": queried, "cached_tokens": hits, "computed_prompt_tokens": queried - hits}
+    prompt_tokens = summary["total_input_tokens"]  # as the server counted them in usage
+    return {"summary": summary, "prompt_tokens": prompt_tokens, "cached_tokens": hits,
+            "computed_prompt_tokens": prompt_tokens - hits}
 
 
 def main() -> int:

@@ -211,13 +211,13 @@ class LLMEngine:
             return []
         now = time.time()
         blocked = [self._blocked_tokens(c.seq) for c in plan.chunks if c.sample]
+        chunk_metrics = [self.requests[c.seq.request_id].metrics for c in plan.chunks]
         self.accountant.start()
         result = self.runner.execute(plan.chunks, blocked)
-        self.accountant.end(plan.chunks, [self.requests[c.seq.request_id].metrics for c in plan.chunks])
-        for chunk in plan.chunks:
+        self.accountant.end(plan.chunks, chunk_metrics)
+        for chunk, metrics in zip(plan.chunks, chunk_metrics):
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.kv_cache.cache_full_blocks(chunk.seq)
-            metrics = self.requests[chunk.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         now = time.time()

@@ -34,8 +34,9 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.model = _build_model(cfg, weights, dtype, device, max_model_len, quant)
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.kv_caches = [KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                                  kv_cache_dtype or dtype, device, null_slots=block_size)
+                                  self.kv_cache_dtype, device, null_slots=block_size)
                           for _ in range(cfg.num_layers)]
         self.sampler = Sampler(seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)
@@ -77,16 +78,12 @@ class ModelRunner:
 
     def model_bytes(self) -> ModelBytes:
         """What a step reads: decoder-layer and output-head weights as held, KV bytes per token."""
-        def held(module) -> int:
-            return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-        kv_per_token = sum(c.data[0].numel() * c.data.element_size()
-                           + (c.scale[0].numel() * c.scale.element_size() if c.quantized else 0) for c in self.kv_caches)
-        return ModelBytes(held(self.model.layers), held(self.model.lm_head), kv_per_token)
+        return ModelBytes(_held_bytes(self.model.layers), _held_bytes(self.model.lm_head),
+                          self.cfg.kv_bytes_per_token(self.kv_cache_dtype))
 
     def weight_bytes(self) -> int:
         """Bytes of the model's weights as held: parameters and buffers (packed codes, scales)."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return _held_bytes(self.model)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
@@ -102,6 +99,10 @@ class ModelRunner:
         self.num_computed_tokens += len(ids)
         return self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), meta, self.kv_caches)
+
+
+def _held_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def chunks_ends(chunks: list[ScheduledChunk]) -> list[int]:

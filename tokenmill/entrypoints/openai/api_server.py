@@ -158,8 +158,9 @@ def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | No
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_queue=max_queue, observer=metrics.observe)
     metrics.bind_engine(async_engine)
-    app = build_app(async_engine, metrics, served_model_names or [engine.model_name], api_key)
-    log.info("tokenmill: serving %s on http://%s:%d", ", ".join(served_model_names or [engine.model_name]), host, port)
+    names = served_model_names or [engine.model_name]
+    app = build_app(async_engine, metrics, names, api_key)
+    log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
