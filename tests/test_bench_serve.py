@@ -15,7 +15,8 @@ from aiohttp import web
 
 from tokenmill.bench import serve
 from tokenmill.bench.metrics import RequestRecord, latency_stats, parse_slos, summarize
-from tokenmill.bench.workload import BenchRequest, arrival_times, load_dataset, load_tokenizer, synthetic_requests
+from tokenmill.bench.workload import (BenchRequest, TenantSpec, arrival_times, load_dataset, load_tokenizer,
+                                      synthetic_requests, tenant_workload)
 from tokenmill.entrypoints import cli
 from tokenmill.errors import InvalidParameterError
 
@@ -420,3 +421,45 @@ def test_against_a_real_tokenmill_server(tiny_chat_model, tmp_path, capsys):
         assert "TTFT median" in capsys.readouterr().out
         assert server.metric("tokenmill_requests_total", 'status="length"') == 4 * 12
         assert server.metric("tokenmill_num_requests_running") == 0
+
+
+# ---- multi-tenant workloads -----------------------------------------------------------------
+
+
+def test_tenant_specs_parse_and_bad_ones_are_named():
+    t = TenantSpec.parse("name=chat,num=40,rate=2.5,input=16:64,output=8,burstiness=0.5,priority=1")
+    assert (t.name, t.num_prompts, t.rate, t.input_len, t.output_len, t.burstiness, t.priority) == \
+        ("chat", 40, 2.5, "16:64", "8", 0.5, 1)
+    assert TenantSpec.parse("name=batch,rate=inf").rate == math.inf
+    for bad, says in [("num=3", "name="), ("name=a,speed=3", "'speed=3' is not one of"), ("name=a,num=x", "invalid"),
+                      ("name=a,rate=0", "request_rate"), ("name=a,num=0", "num must be"), ("name=a,output=9:2", "low")]:
+        with pytest.raises(InvalidParameterError, match=says):
+            TenantSpec.parse(bad)
+
+
+def test_tenant_workload_merges_each_tenants_own_arrivals(tokenizer):
+    tenants = [TenantSpec("fast", num_prompts=30, rate=20.0, input_len="4:8", output_len=2),
+               TenantSpec("slow", num_prompts=5, rate=1.0, input_len=12, output_len="3:4", priority=2)]
+    requests, times = tenant_workload(tokenizer, tenants, seed=3)
+    assert len(requests) == 35 and times == sorted(times)
+    fast = [t for r, t in zip(requests, times) if r.tenant == "fast"]
+    slow = [t for r, t in zip(requests, times) if r.tenant == "slow"]
+    assert fast[-1] < slow[-1]  # 30 requests at 20/s end long before 5 at 1/s
+    assert all(r.priority == 2 and count(tokenizer, r.prompt) == 12 for r in requests if r.tenant == "slow")
+    assert all(r.priority is None and 4 <= r.prompt_len <= 8 for r in requests if r.tenant == "fast")
+
+
+def test_cli_reports_each_tenant_and_sends_user_and_priority(fake_server, tmp_path, capsys, default_model_available):
+    out = tmp_path / "tenants.json"
+    code = cli.main(["bench", "serve", "--base-url", fake_server.url, "--output-json", str(out),
+                     "--tenant", "name=a,num=4,rate=inf,input=4,output=3",
+                     "--tenant", "name=b,num=2,rate=inf,input=4,output=5,priority=0"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| a | 4 |" in table and "| b | 2 |" in table and "| all | 6 |" in table
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["request_rate"] == "tenants"
+    assert run["tenants"]["a"]["total_output_tokens"] == 4 * 3 and run["tenants"]["b"]["total_output_tokens"] == 2 * 5
+    assert sorted((b["user"], b.get("priority")) for b in fake_server.bodies) == [("a", None)] * 4 + [("b", 0)] * 2
+    assert cli.main(["bench", "serve", "--base-url", fake_server.url, "--tenant", "name=a", "--request-rate", "3"]) == 2
+    assert "leave out --request-rate" in capsys.readouterr().err

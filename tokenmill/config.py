@@ -163,7 +163,6 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of available memory
     kv_cache_fraction: float = 0.2
-    scheduling_policy: str = "fcfs"
     enable_prefix_caching: bool = True
 
 

@@ -31,6 +31,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     token_ids: list[int] = field(init=False)  # prompt + output
     cache_salt: str | None = None  # part of every prefix-cache key: only equal salts share cached blocks
+    priority: int = 0  # lower runs first under the priority and aging policies
+    tenant: str = ""  # whose request it is (the `user` field), for the fair policy and per-tenant estimates
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full blocks (tokens only grow)

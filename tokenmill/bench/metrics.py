@@ -33,6 +33,7 @@ class RequestRecord:
     output_tokens: int = 0
     status: int | None = None  # the HTTP status of a failed request, if it got one
     error: str | None = None
+    tenant: str | None = None  # of a multi-tenant workload
 
     @property
     def tpot(self) -> float | None:

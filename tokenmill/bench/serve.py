@@ -5,7 +5,9 @@
     print(format_table(result))
 
 Requests arrive at each rate in turn (see workload.py), stream back through `/v1/completions`
-or `/v1/chat/completions`, and are timed chunk by chunk (see metrics.py). The result is a
+or `/v1/chat/completions`, and are timed chunk by chunk (see metrics.py). A multi-tenant
+workload (`tenants`) instead runs once: each tenant's requests on its own arrival clock, sent
+with its name as `user`, and reported per tenant as well as overall. The result is a
 JSON-ready dict: the config, then per rate a summary and every request's record. A caller
 holding its own prompts passes them as `requests`; no tokenizer is loaded then.
 """
@@ -25,8 +27,8 @@ import aiohttp
 
 from tokenmill.bench.metrics import LATENCIES, RequestRecord, summarize
 from tokenmill.bench.throughput import model_label, parse_length
-from tokenmill.bench.workload import (BenchRequest, arrival_times, check_arrivals, check_prefix_len, load_dataset,
-                                      load_tokenizer, synthetic_requests)
+from tokenmill.bench.workload import (BenchRequest, TenantSpec, arrival_times, check_arrivals, check_prefix_len,
+                                      load_dataset, load_tokenizer, synthetic_requests, tenant_workload)
 from tokenmill.errors import InvalidParameterError, TokenmillError
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -55,8 +57,14 @@ class ServeBenchConfig:
     ignore_eos: bool = True
     api_key: str | None = None
     goodput: dict[str, float] = field(default_factory=dict)  # SLOs in ms, see metrics.parse_slos
+    tenants: Sequence[TenantSpec] = ()  # a multi-tenant workload instead of one prompt set at request_rates
 
     def __post_init__(self):
+        if self.tenants and (self.dataset is not None or self.shared_prefix_len):
+            raise InvalidParameterError("tenant", "a multi-tenant workload makes its own synthetic prompts; "
+                                                  "leave out --dataset and --shared-prefix-len")
+        if len({t.name for t in self.tenants}) < len(self.tenants):
+            raise InvalidParameterError("tenant", "tenant names must differ")
         if self.endpoint not in ENDPOINTS:
             raise InvalidParameterError("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.request_rates:
@@ -77,6 +85,7 @@ class ServeBenchConfig:
         d["request_rates"] = [rate_label(r) for r in self.request_rates]
         d["dataset"] = Path(self.dataset).name if self.dataset else None
         d["tokenizer"] = None if self.dataset else model_label(self.tokenizer, "default")
+        d["tenants"] = [{**vars(t), "rate": rate_label(t.rate)} for t in self.tenants]
         return d
 
 
@@ -121,6 +130,10 @@ def request_body(config: ServeBenchConfig, model: str, request: BenchRequest) ->
     """The JSON body of one streamed request."""
     body = {"model": model, "max_tokens": request.output_len, "temperature": config.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
+    if request.tenant is not None:
+        body["user"] = request.tenant
+    if request.priority is not None:
+        body["priority"] = request.priority
     if config.ignore_eos:  # min_tokens too: servers without ignore_eos (llama.cpp's) still run the full length
         body["ignore_eos"] = True
         body["min_tokens"] = request.output_len
@@ -214,18 +227,18 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: dict, end
 # ---- one run per rate -----------------------------------------------------------------------
 
 
-async def _run_at_rate(session: aiohttp.ClientSession, config: ServeBenchConfig, model: str,
-                       requests: Sequence[BenchRequest], rate: float) -> tuple[list[RequestRecord], float]:
+async def _run(session: aiohttp.ClientSession, config: ServeBenchConfig, model: str,
+               requests: Sequence[BenchRequest], times: Sequence[float]) -> tuple[list[RequestRecord], float]:
     """Send every request at its arrival time (waiting for a --max-concurrency slot); records and wall time."""
     url = _api_root(config.base_url) + ENDPOINTS[config.endpoint]
-    times = arrival_times(len(requests), rate, config.burstiness, config.seed)
     slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else contextlib.nullcontext()
     start = time.perf_counter()
 
     async def one(request: BenchRequest, at: float) -> RequestRecord:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         async with slots:
-            record = RequestRecord(request.prompt_len, request.output_len, start=time.perf_counter() - start)
+            record = RequestRecord(request.prompt_len, request.output_len, start=time.perf_counter() - start,
+                                   tenant=request.tenant)
             return await send_request(session, url, request_body(config, model, request), config.endpoint, record)
 
     records = await asyncio.gather(*(one(r, t) for r, t in zip(requests, times)))
@@ -236,7 +249,11 @@ async def run_serve_benchmark(config: ServeBenchConfig, requests: Sequence[Bench
                               log: Callable[[str], None] | None = None) -> dict:
     """Run the prompt set at each of config.request_rates in turn; return a JSON-ready dict."""
     say = log or (lambda msg: None)
-    if requests is None:
+    times = None
+    if config.tenants:
+        say(f"building the workload of {len(config.tenants)} tenants")
+        requests, times = tenant_workload(load_tokenizer(config.tokenizer), list(config.tenants), config.seed)
+    elif requests is None:
         say("building the prompt set")
         requests = build_requests(config)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
@@ -246,9 +263,17 @@ async def run_serve_benchmark(config: ServeBenchConfig, requests: Sequence[Bench
     async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT, headers=headers, connector=connector) as session:
         model = config.model or await fetch_model_name(session, config.base_url)
         runs = []
-        for rate in config.request_rates:
+        if times is not None:
+            say(f"{len(requests)} requests of {len(config.tenants)} tenants to {model}")
+            records, duration = await _run(session, config, model, requests, times)
+            tenants = {t.name: summarize([r for r in records if r.tenant == t.name], duration, config.goodput)
+                       for t in config.tenants}
+            runs.append({"request_rate": "tenants", "summary": summarize(records, duration, config.goodput),
+                         "tenants": tenants, "requests": [r.to_dict() for r in records]})
+        for rate in config.request_rates if times is None else ():
             say(f"{len(requests)} requests to {model} at request rate {rate_label(rate)}")
-            records, duration = await _run_at_rate(session, config, model, requests, rate)
+            times_at_rate = arrival_times(len(requests), rate, config.burstiness, config.seed)
+            records, duration = await _run(session, config, model, requests, times_at_rate)
             runs.append({"request_rate": rate_label(rate), "summary": summarize(records, duration, config.goodput),
                          "requests": [r.to_dict() for r in records]})
     return {"model": model, "num_prompts": len(requests), "config": config.to_dict(), "runs": runs}
@@ -287,6 +312,19 @@ def format_table(result: dict) -> str:
     for run in runs:
         for message, count in run["summary"]["errors"].items():
             lines.append(f"rate {run['request_rate']}: {count} failed with {message}")
+        if "tenants" in run:
+            lines += ["", format_tenant_table(run)]
+    return "\n".join(lines)
+
+
+def format_tenant_table(run: dict) -> str:
+    """One row per tenant and one for all: completions, output tok/s, TTFT and E2E median and p99."""
+    lines = ["| tenant | completed | output tok/s | TTFT median (ms) | TTFT p99 (ms) | E2E median (ms) | E2E p99 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in [*run["tenants"].items(), ("all", run["summary"])]:
+        lines.append(f"| {name} | {s['completed']} | {_cell(s['output_throughput'], 1)} | "
+                     f"{_cell(s['ttft']['median_ms'], 0)} | {_cell(s['ttft']['p99_ms'], 0)} | "
+                     f"{_cell(s['e2e']['median_ms'], 0)} | {_cell(s['e2e']['p99_ms'], 0)} |")
     return "\n".join(lines)
 
 

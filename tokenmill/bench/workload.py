@@ -29,6 +29,50 @@ class BenchRequest:
     prompt: str
     output_len: int
     prompt_len: int | None = None  # tokens of the text alone (specials the server adds not counted)
+    tenant: str | None = None  # sent as `user`
+    priority: int | None = None  # sent as `priority` (vLLM's extension field)
+
+
+@dataclass
+class TenantSpec:
+    """One tenant of a multi-tenant workload: its own prompts, output lengths and arrival process."""
+
+    name: str
+    num_prompts: int = 100
+    rate: float = 1.0  # requests per second, or inf
+    burstiness: float = 1.0
+    input_len: int | str = 128
+    output_len: int | str = 128
+    priority: int | None = None
+
+    KEYS = {"name": "name", "num": "num_prompts", "rate": "rate", "burstiness": "burstiness", "input": "input_len",
+            "output": "output_len", "priority": "priority"}
+
+    @classmethod
+    def parse(cls, spec: str) -> "TenantSpec":
+        """From "name=chat,num=100,rate=2,input=64:256,output=16:64[,burstiness=0.5][,priority=0]"."""
+        fields: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in cls.KEYS:
+                raise InvalidParameterError("tenant", f"{spec!r}: {item!r} is not one of "
+                                                      f"{', '.join(k + '=...' for k in cls.KEYS)}")
+            fields[cls.KEYS[key]] = value
+        if not fields.get("name"):
+            raise InvalidParameterError("tenant", f"{spec!r}: give the tenant a name=...")
+        try:
+            for name, kind in (("num_prompts", int), ("rate", float), ("burstiness", float), ("priority", int)):
+                if name in fields:
+                    fields[name] = kind(fields[name])
+        except ValueError as e:
+            raise InvalidParameterError("tenant", f"{spec!r}: {e}") from None
+        tenant = cls(**fields)
+        if tenant.num_prompts < 1:
+            raise InvalidParameterError("tenant", f"{spec!r}: num must be at least 1")
+        check_arrivals(tenant.rate, tenant.burstiness)
+        parse_length(tenant.input_len)
+        parse_length(tenant.output_len)
+        return tenant
 
 
 # ---- lengths and arrivals -------------------------------------------------------------------
@@ -183,3 +227,20 @@ def load_dataset(path: str | Path, num_prompts: int | None = None, output_len: i
             raise InvalidParameterError("dataset", f"{path.name} line {n}: bad JSON ({e})") from None
         requests.append(_dataset_line(record, default, f"{path.name} line {n}"))
     return requests
+
+
+# ---- several tenants ------------------------------------------------------------------------
+
+
+def tenant_workload(tokenizer, tenants: list[TenantSpec], seed: int | None = 0) -> tuple[list[BenchRequest], list[float]]:
+    """Every tenant's synthetic requests, each tenant arriving on its own clock; merged in arrival order."""
+    timed: list[tuple[float, int, BenchRequest]] = []
+    for i, tenant in enumerate(tenants):
+        tenant_seed = None if seed is None else seed + i
+        requests = synthetic_requests(tokenizer, tenant.num_prompts, tenant.input_len, tenant.output_len, 0, tenant_seed)
+        times = arrival_times(tenant.num_prompts, tenant.rate, tenant.burstiness, tenant_seed)
+        for request, at in zip(requests, times):
+            request.tenant, request.priority = tenant.name, tenant.priority
+            timed.append((at, len(timed), request))
+    timed.sort(key=lambda item: item[:2])
+    return [r for _, _, r in timed], [t for t, _, _ in timed]

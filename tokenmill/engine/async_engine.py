@@ -75,6 +75,8 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     prompt_text: str | None
+    priority: int
+    tenant: str | None
     stream: RequestStream
     accepted: asyncio.Future
 
@@ -100,7 +102,8 @@ class AsyncLLMEngine:
 
     # ---- called from the event loop ----------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          prompt_text: str | None = None) -> RequestStream:
+                          prompt_text: str | None = None, priority: int = 0,
+                          tenant: str | None = None) -> RequestStream:
         """Hand a request to the engine thread; return its stream once the engine accepted it.
 
         Raises the engine's error for a rejected request (bad parameter, full queue), so a
@@ -109,7 +112,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, loop)
         accepted = loop.create_future()
-        self._commands.put(_Add(request_id, prompt, params, prompt_text, stream, accepted))
+        self._commands.put(_Add(request_id, prompt, params, prompt_text, priority, tenant, stream, accepted))
         try:
             await accepted
         except BaseException:  # rejected (a no-op abort) or cancelled while waiting (a needed one)
@@ -163,7 +166,8 @@ class AsyncLLMEngine:
             if self.max_queue is not None and self.num_waiting >= self.max_queue:
                 raise QueueFullError(f"the server is busy: {self.num_waiting} requests are already waiting "
                                      f"(--max-queue {self.max_queue}); retry later")
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_text=cmd.prompt_text)
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_text=cmd.prompt_text,
+                                    priority=cmd.priority, tenant=cmd.tenant)
         except Exception as e:  # rejected: the caller gets the error, the engine is untouched
             loop.call_soon_threadsafe(_settle, cmd.accepted, e)
             return

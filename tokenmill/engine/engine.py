@@ -19,7 +19,7 @@ from tokenmill.config import (
     EnergyConfig, EngineConfig, ModelConfig, WeightQuant, architecture_of, parse_memory, resolve_dtype, resolve_kv_cache_dtype,
     resolve_quantization,
 )
-from tokenmill.engine.policy import make_policy
+from tokenmill.engine.policy import PolicyConfig, make_policy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.models.registry import model_class
@@ -71,15 +71,18 @@ class LLMEngine:
                  seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16,
                  kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
-                 scheduling_policy: str = "fcfs", enable_prefix_caching: bool = True,
+                 scheduling_policy: str = "fcfs", priority_aging_seconds: float = PolicyConfig.aging_seconds,
+                 sjf_seconds_per_token: float = PolicyConfig.sjf_seconds_per_token,
+                 tenant_weights: dict[str, float] | str | None = None, enable_prefix_caching: bool = True,
                  quantization: str | None = "auto", quantization_group_size: int = 32, kv_cache_dtype: str = "auto",
                  energy_meter: str = EnergyConfig.energy_meter,
                  cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
                  price_per_hour: float | None = None, energy_price: float | None = None):
         self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                                   parse_memory(kv_cache_memory), kv_cache_fraction, scheduling_policy,
-                                   enable_prefix_caching)
+                                   parse_memory(kv_cache_memory), kv_cache_fraction, enable_prefix_caching)
         _check_engine_args(self.config)
+        policy_config = PolicyConfig(scheduling_policy, priority_aging_seconds, sjf_seconds_per_token,
+                                     tenant_weights or {})
         ckpt = load_checkpoint(model)
         self.model_name = ckpt.name
         model_class(architecture_of(ckpt.hf_config))  # unsupported architectures fail before anything else
@@ -99,7 +102,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(max_model_len, capacity)
         self.block_pool = BlockPool(num_blocks)
         self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, make_policy(scheduling_policy), max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, make_policy(policy_config, self.max_model_len), max_num_seqs, max_num_batched_tokens)
         packed = self.quant is not None and self.quant.method == "int4"  # Q4_0/Q4_1 load as int4 groups
         self.runner = ModelRunner(self.model_config, ckpt.weights(packed=packed), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
@@ -135,14 +138,20 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, prompt_text: str | None = None,
-                    cache_salt: str | None = None) -> None:
-        """Queue a request; only requests with equal `cache_salt` share prefix-cache blocks."""
+                    cache_salt: str | None = None, priority: int = 0, tenant: str | None = None) -> None:
+        """Queue a request; only requests with equal `cache_salt` share prefix-cache blocks.
+
+        `priority` (lower runs first) matters to the priority and aging policies, `tenant`
+        (who sent it: the OpenAI `user` field) to the fair policy and sjf's length estimates.
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} already exists")
         token_ids, text = self._tokenize(prompt)
         if prompt_text is not None:
             text = prompt_text
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         if (params.stop) and self.tokenizer is None:
             raise InvalidParameterError("stop", "stop strings need a tokenizer; this model has none")
         arrival = time.time() if arrival_time is None else arrival_time
@@ -151,7 +160,8 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(params.seed + i)
-            seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen, cache_salt=cache_salt)
+            seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen, cache_salt=cache_salt,
+                           priority=priority, tenant=tenant or "")
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             seqs.append(seq)

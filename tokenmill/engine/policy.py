@@ -1,17 +1,45 @@
 """Scheduling policies: the order in which waiting sequences are admitted and running ones preempted.
 
-A policy gives every sequence a sort key: the smallest key is admitted first, the largest
-is preempted first. Other policies (priority, shortest-job-first, aging, fair share) are new
-subclasses with another key.
+A policy gives every sequence a sort key: the smallest key is admitted first and served first,
+the largest is preempted first when KV blocks run out. A preemptive policy also lets the best
+waiting sequence take the place of running ones whose keys it beats, when seats or blocks are
+short (the scheduler asks `outranks`). The scheduler tells the policy what happens to sequences
+(`on_add`, `on_scheduled`, `on_finish`), so policies that learn or count can do so.
+
+- fcfs: arrival order.
+- priority: the request's `priority` (lower first), then arrival; preemptive.
+- aging: priority that improves with waiting: at time t a request's effective priority is
+  `priority - (t - arrival) / aging_seconds`. Every request ages at the same rate, so the
+  order is the fixed key `priority * aging_seconds + arrival`, and a request of priority p
+  can be overtaken only by requests of priority q < p that arrive less than
+  `(p - q) * aging_seconds` after it: its wait is bounded by the work that arrives before
+  then, whatever comes later. Preemptive, like priority.
+- sjf: shortest predicted remaining work first, where the work is the output tokens the
+  LengthEstimator expects minus those already generated. The key is
+  `arrival + reliability * seconds_per_token * predicted_remaining`: a request is overtaken
+  only by requests arriving less than `seconds_per_token * (its predicted remaining tokens)`
+  seconds after it (no starvation), and as the estimator's reliability falls to 0 (it
+  predicts no better than a constant) the key falls back to arrival order, i.e. FCFS.
+- fair: weighted fair share of computed tokens across tenants (the `user` field), as the
+  virtual token counter of Sheng et al. ("Fairness in Serving Large Language Models", 2024):
+  the tenant with the fewest tokens served per unit of weight goes first, and a tenant that
+  comes back after idling starts at the least counter of the active tenants, so idling earns
+  no credit to burst with later. Not preemptive: shares converge as sequences finish and
+  free their seats.
 """
 
 from __future__ import annotations
 
-from tokenmill.sequence import Sequence
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
+from tokenmill.errors import InvalidParameterError
+from tokenmill.sequence import Sequence
 
 class Policy:
     name = "base"
+    preemptive = False  # may the best waiting sequence preempt running ones it outranks
 
     def key(self, seq: Sequence) -> tuple:
         raise NotImplementedError
@@ -23,6 +51,19 @@ class Policy:
         """Running sequences, first to be served first, first to be preempted last."""
         return sorted(running, key=self.key)
 
+    def outranks(self, seq: Sequence, other: Sequence) -> bool:
+        return self.key(seq) < self.key(other)
+
+    # ---- what happens to sequences (no-ops unless a policy learns or counts) ------------------
+    def on_add(self, seq: Sequence) -> None:
+        """A new sequence entered the system (not a preempted one coming back)."""
+
+    def on_scheduled(self, chunks) -> None:
+        """The step's chunks (ScheduledChunk) are about to run."""
+
+    def on_finish(self, seq: Sequence) -> None:
+        """A sequence left the system: finished (seq.finish_reason says how) or aborted."""
+
 
 class FCFSPolicy(Policy):
     """First come, first served: earliest arrival first; the newest running sequence is preempted."""
@@ -33,11 +74,266 @@ class FCFSPolicy(Policy):
         return (seq.arrival_time, seq.seq_id)
 
 
-POLICIES: dict[str, type[Policy]] = {FCFSPolicy.name: FCFSPolicy}
+class PriorityPolicy(Policy):
+    """Lower `priority` first, then arrival; a waiting request preempts running lower-priority ones."""
+
+    name = "priority"
+    preemptive = True
+
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.priority, seq.arrival_time, seq.seq_id)
 
 
-def make_policy(name: str) -> Policy:
-    if name not in POLICIES:
-        from tokenmill.errors import InvalidParameterError
-        raise InvalidParameterError("scheduling_policy", f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-    return POLICIES[name]()
+class AgingPolicy(Policy):
+    """Priority that improves by one level every `aging_seconds` of waiting (see the module docstring)."""
+
+    name = "aging"
+    preemptive = True
+
+    def __init__(self, aging_seconds: float = 10.0):
+        self.aging_seconds = aging_seconds
+
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.priority * self.aging_seconds + seq.arrival_time, seq.seq_id)
+
+
+# ---- shortest job first ---------------------------------------------------------------------
+
+
+@dataclass
+class _Mean:
+    """A running mean that becomes an exponential moving average after 1/floor observations,
+    so it follows a workload that drifts."""
+
+    count: int = 0
+    value: float = 0.0
+
+    def add(self, x: float, floor: float = 0.02) -> None:
+        self.count += 1
+        self.value += (x - self.value) * max(1.0 / self.count, floor)
+
+
+@dataclass
+class EstimatorStats:
+    """How well the estimator predicted the requests that finished so far (in output tokens)."""
+
+    observations: int = 0
+    mae: float = 0.0  # mean absolute error of the predictions made at arrival
+    rmse: float = 0.0
+    baseline_mae: float = 0.0  # of predicting max_tokens, as a scheduler that knows nothing else would
+    constant_mae: float = 0.0  # of predicting the running mean of all outputs
+    reliability: float = 1.0  # 1 - mae / constant_mae, clamped to [0, 1]: 0 is no better than a constant
+
+
+class _Hierarchy:
+    """Running means of one quantity per tenant and prompt-length bucket, per tenant, and overall.
+
+    A prediction shrinks each level toward the one above it by `prior_weight` pseudo-observations,
+    so a bucket with few samples leans on its tenant's mean, the tenant's on everyone's, and
+    everyone's on the prior the caller gives.
+    """
+
+    def __init__(self, prior_weight: float):
+        self.prior_weight = prior_weight
+        self._means: dict[tuple, _Mean] = defaultdict(_Mean)
+        self.error = _Mean()  # absolute error in tokens of this hierarchy's predictions
+
+    @staticmethod
+    def _levels(seq: Sequence) -> list[tuple]:
+        bucket = max(0, seq.num_prompt_tokens - 1).bit_length()  # powers of two
+        return [("all",), ("tenant", seq.tenant), ("bucket", seq.tenant, bucket)]
+
+    def predict(self, seq: Sequence, prior: float) -> float:
+        estimate, k = prior, self.prior_weight
+        for level in self._levels(seq):
+            mean = self._means.get(level)
+            if mean is not None and mean.count:
+                estimate = (mean.count * mean.value + k * estimate) / (mean.count + k)
+        return estimate
+
+    def add(self, seq: Sequence, value: float) -> None:
+        for level in self._levels(seq):
+            self._means[level].add(value)
+
+
+class LengthEstimator:
+    """Predicts a request's output length from its tenant, prompt length and max_tokens, online.
+
+    Before anything has finished a request is predicted to use its whole max_tokens, the only
+    thing known. Finished requests then teach two hierarchies (see _Hierarchy): one of output
+    lengths in tokens (right when a tenant's answers have a typical length whatever limit it
+    sets) and one of the fraction of max_tokens used (right when outputs scale with the limit,
+    e.g. clients that ignore EOS). The one with the smaller running error predicts. Predictions
+    never exceed max_tokens.
+    """
+
+    def __init__(self, prior_weight: float = 4.0, min_observations: int = 8):
+        self.min_observations = min_observations  # before this many, reliability stays 1 (trust max_tokens)
+        self._tokens = _Hierarchy(prior_weight)
+        self._fraction = _Hierarchy(prior_weight)
+        self._overall = _Mean()
+        self._abs_error = _Mean()
+        self._sq_error = _Mean()
+        self._baseline_error = _Mean()
+        self._constant_error = _Mean()
+        self.stats = EstimatorStats()
+
+    def _both(self, seq: Sequence, limit: int) -> tuple[float, float]:
+        return (min(self._tokens.predict(seq, float(limit)), float(limit)),
+                limit * min(self._fraction.predict(seq, 1.0), 1.0))
+
+    def predict(self, seq: Sequence, limit: int) -> float:
+        """Expected output tokens of `seq`, at most `limit` (its max_tokens, or what the context leaves)."""
+        by_tokens, by_fraction = self._both(seq, limit)
+        return by_tokens if self._tokens.error.value < self._fraction.error.value else by_fraction
+
+    def observe(self, seq: Sequence, predicted: float, limit: int) -> None:
+        """A finished sequence's real output length; `predicted` is what `predict` said at its arrival."""
+        actual = seq.num_output_tokens
+        by_tokens, by_fraction = self._both(seq, limit)
+        self._tokens.error.add(abs(by_tokens - actual))
+        self._fraction.error.add(abs(by_fraction - actual))
+        self._tokens.add(seq, actual)
+        self._fraction.add(seq, actual / max(limit, 1))
+        self._constant_error.add(abs((self._overall.value if self._overall.count else limit) - actual))
+        self._overall.add(actual)
+        self._abs_error.add(abs(predicted - actual))
+        self._sq_error.add((predicted - actual) ** 2)
+        self._baseline_error.add(abs(limit - actual))
+        s = self.stats
+        s.observations += 1
+        s.mae, s.rmse = self._abs_error.value, math.sqrt(self._sq_error.value)
+        s.baseline_mae, s.constant_mae = self._baseline_error.value, self._constant_error.value
+        if s.observations >= self.min_observations:
+            if s.constant_mae > 0:
+                s.reliability = min(1.0, max(0.0, 1.0 - s.mae / s.constant_mae))
+            else:  # every output so far had one length: only a wrong prediction is evidence against us
+                s.reliability = 1.0 if s.mae == 0 else 0.0
+
+
+class ShortestJobFirstPolicy(Policy):
+    """Shortest predicted remaining work first, aged by arrival (see the module docstring)."""
+
+    name = "sjf"
+
+    def __init__(self, max_model_len: int, seconds_per_token: float = 0.1,
+                 estimator: LengthEstimator | None = None):
+        self.max_model_len = max_model_len
+        self.seconds_per_token = seconds_per_token
+        self.estimator = estimator or LengthEstimator()
+        self._predicted: dict[int, float] = {}  # seq_id -> the prediction made at arrival, for the error stats
+
+    def _limit(self, seq: Sequence) -> int:
+        room = self.max_model_len - seq.num_prompt_tokens
+        return room if seq.params.max_tokens is None else min(seq.params.max_tokens, room)
+
+    def predicted_remaining(self, seq: Sequence) -> float:
+        return max(1.0, self.estimator.predict(seq, self._limit(seq)) - seq.num_output_tokens)
+
+    def key(self, seq: Sequence) -> tuple:
+        work = self.estimator.stats.reliability * self.seconds_per_token * self.predicted_remaining(seq)
+        return (seq.arrival_time + work, seq.seq_id)
+
+    def on_add(self, seq: Sequence) -> None:
+        self._predicted[seq.seq_id] = self.estimator.predict(seq, self._limit(seq))
+
+    def on_finish(self, seq: Sequence) -> None:
+        predicted = self._predicted.pop(seq.seq_id, None)
+        if predicted is not None and seq.finish_reason in ("stop", "length"):
+            self.estimator.observe(seq, predicted, self._limit(seq))
+
+
+# ---- weighted fair share --------------------------------------------------------------------
+
+
+class FairSharePolicy(Policy):
+    """Weighted fair share of computed tokens across tenants (see the module docstring)."""
+
+    name = "fair"
+
+    def __init__(self, tenant_weights: dict[str, float] | None = None):
+        self.weights = dict(tenant_weights or {})
+        self.served: dict[str, float] = defaultdict(float)  # tenant -> computed tokens / weight
+        self.tokens: Counter = Counter()  # tenant -> computed tokens (prompt and output), for reports
+        self._active: Counter = Counter()  # tenant -> its sequences in the system
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
+
+    def key(self, seq: Sequence) -> tuple:
+        return (self.served[seq.tenant], seq.arrival_time, seq.seq_id)
+
+    def on_add(self, seq: Sequence) -> None:
+        tenant = seq.tenant
+        if not self._active[tenant]:
+            active = [self.served[t] for t, n in self._active.items() if n]
+            if active:
+                self.served[tenant] = max(self.served[tenant], min(active))
+        self._active[tenant] += 1
+
+    def on_scheduled(self, chunks) -> None:
+        for chunk in chunks:
+            tenant = chunk.seq.tenant
+            self.tokens[tenant] += chunk.num_tokens
+            self.served[tenant] += chunk.num_tokens / self.weight(tenant)
+
+    def on_finish(self, seq: Sequence) -> None:
+        self._active[seq.tenant] -= 1
+
+
+# ---- construction ---------------------------------------------------------------------------
+
+
+POLICIES = ("fcfs", "priority", "aging", "sjf", "fair")
+
+
+@dataclass
+class PolicyConfig:
+    """The knobs of every policy, each policy reading its own; checked when made."""
+
+    name: str = "fcfs"
+    aging_seconds: float = 10.0  # aging: seconds of waiting worth one priority level
+    sjf_seconds_per_token: float = 0.1  # sjf: seconds of waiting worth one predicted token of work
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # fair: unnamed tenants weigh 1
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise InvalidParameterError("scheduling_policy", f"unknown policy {self.name!r}; known: {', '.join(POLICIES)}")
+        for name in ("aging_seconds", "sjf_seconds_per_token"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(name, f"must be positive, got {getattr(self, name)}")
+        self.tenant_weights = parse_tenant_weights(self.tenant_weights)
+        for tenant, weight in self.tenant_weights.items():
+            if not weight > 0:
+                raise InvalidParameterError("tenant_weights", f"tenant {tenant!r}: weights must be positive, got {weight}")
+
+
+def make_policy(config: PolicyConfig, max_model_len: int) -> Policy:
+    if config.name == "fcfs":
+        return FCFSPolicy()
+    if config.name == "priority":
+        return PriorityPolicy()
+    if config.name == "aging":
+        return AgingPolicy(config.aging_seconds)
+    if config.name == "sjf":
+        return ShortestJobFirstPolicy(max_model_len, config.sjf_seconds_per_token)
+    if config.name == "fair":
+        return FairSharePolicy(config.tenant_weights)
+    raise AssertionError(config.name)  # PolicyConfig admits only the names above
+
+
+def parse_tenant_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """{"alice": 2.0, "bob": 1.0} from "alice=2,bob=1" (a dict passes through)."""
+    if spec is None or isinstance(spec, dict):
+        return dict(spec or {})
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tenant, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if weight is None or not tenant.strip():
+            raise InvalidParameterError("tenant_weights", f"{item!r}: need TENANT=WEIGHT, e.g. alice=2")
+        weights[tenant.strip()] = weight
+    return weights

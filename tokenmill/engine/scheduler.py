@@ -7,7 +7,9 @@ seats (max_num_seqs) and KV blocks last; an admitted sequence starts after its l
 cached prefix (kv/kv_cache_manager.py owns the blocks). When a running sequence needs a
 block and none is free, the policy's last running sequence is preempted: its blocks are
 freed and it goes back to waiting, to be recomputed from its tokens later (so no output is
-lost or changed). The other n - 1 sequences of an n > 1 request wait for the first one's
+lost or changed). Under a preemptive policy (priority, aging), the best waiting sequence
+first takes the seat and blocks of running ones it outranks, worst first, so it starts in
+this very step. The other n - 1 sequences of an n > 1 request wait for the first one's
 prompt: they join the step that computes its last token, share its blocks and sample from
 its logits, so the prompt is computed once.
 """
@@ -62,6 +64,8 @@ class Scheduler:
 
     def add(self, seq: Sequence, forks: list[Sequence] | None = None) -> None:
         """Queue `seq`; `forks` (same prompt) join it in the step that computes its last prompt token."""
+        for s in (seq, *(forks or ())):
+            self.policy.on_add(s)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         if forks:
@@ -79,24 +83,65 @@ class Scheduler:
         self._forks.pop(seq.seq_id, None)  # an aborted request's unforked siblings are finished by the engine
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
+        self.policy.on_finish(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._serve_running(out)
-        if not out.preempted:
-            self._admit(out, budget)
+        reserved = self._make_room_for_the_best_waiting(out) if self.policy.preemptive else 0
+        budget, short_of_blocks = self._serve_running(out, self.max_num_batched_tokens - reserved)
+        if not short_of_blocks:
+            self._admit(out, budget + reserved)
         out.copies = self.kv.take_copies()
+        self.policy.on_scheduled(out.chunks)
         return out
 
-    def _serve_running(self, out: SchedulerOutput) -> int:
-        """Serve running sequences in policy order, preempting from the tail; return the budget left."""
-        budget = self.max_num_batched_tokens
+    def _make_room_for_the_best_waiting(self, out: SchedulerOutput) -> int:
+        """Preempt running sequences the best waiting one outranks, worst first, until it fits;
+        return the tokens of its first chunk, which the running ones must leave in the budget."""
+        if not self.waiting:
+            return 0
+        seq = self.policy.next_to_admit(self.waiting)
+        victims = [v for v in reversed(self.policy.preemption_order(self.running)) if self.policy.outranks(seq, v)]
+        while True:
+            first_chunk = self._first_chunk(seq)
+            if self._fits(seq, first_chunk):
+                return first_chunk
+            if not victims:
+                return 0
+            victim = victims.pop(0)
+            self._preempt(victim)
+            self.running.remove(victim)
+            out.preempted.append(victim)
+
+    def _first_chunk(self, seq: Sequence) -> int:
+        """The tokens `seq` would compute if admitted now, leaving every running sequence one."""
+        return max(1, min(seq.num_tokens - self.kv.lookup(seq).num_tokens,
+                          self.max_num_batched_tokens - len(self.running)))
+
+    def _fits(self, seq: Sequence, first_chunk: int) -> bool:
+        """A seat, and the blocks for `seq`'s first chunk after the running sequences' chunks this step."""
+        if len(self.running) + 1 + len(self._forks.get(seq.seq_id, ())) > self.max_num_seqs:
+            return False
+        hit = self.kv.lookup(seq)
+        needed = self.kv.blocks_to_admit(seq, hit, hit.num_tokens + first_chunk)
+        budget = self.max_num_batched_tokens - first_chunk
+        for r in self.policy.preemption_order(self.running):  # as _serve_running will serve them
+            num = min(r.num_uncomputed_tokens, budget)
+            needed += self.kv.blocks_to_grow(r, r.num_computed_tokens + num)
+            budget -= num
+        return needed <= self.kv.pool.num_free_blocks
+
+    def _serve_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        """Serve running sequences in policy order, preempting from the tail when blocks run out;
+        return the budget left and whether blocks ran out."""
         queue = self.policy.preemption_order(self.running)
         served: list[Sequence] = []
+        short_of_blocks = False
         while queue and budget > 0:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
             while not self.kv.grow(seq, seq.num_computed_tokens + num):
+                short_of_blocks = True
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -107,7 +152,7 @@ class Scheduler:
                 budget -= num
         # Sequences left in the queue (budget ran out) keep running; they just skip this step.
         self.running = served + queue
-        return budget
+        return budget, short_of_blocks
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting sequences, each starting after its cached prefix, while budget, seats and blocks last."""
@@ -130,7 +175,8 @@ class Scheduler:
         forks = self._forks.pop(seq.seq_id, []) if chunk.sample else []
         for child in forks:
             if len(joined) > free_seats:
-                self.add(child)  # no seat: it prefills on its own later (from the prefix cache, if on)
+                child.status = SequenceStatus.WAITING  # no seat: it prefills on its own later (from the prefix cache)
+                self.waiting.append(child)
                 continue
             self.kv.fork(seq, child)
             child.num_computed_tokens = chunk.start + num

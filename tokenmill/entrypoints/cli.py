@@ -24,6 +24,7 @@ import sys
 from typing import Callable
 
 from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS
+from tokenmill.engine.policy import POLICIES
 from tokenmill.errors import TokenmillError
 
 # ---- shared flags ---------------------------------------------------------------------------
@@ -52,6 +53,18 @@ def engine_parent() -> argparse.ArgumentParser:
                         "(default: auto)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes computed before (default: on)")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--scheduling-policy", choices=POLICIES, default=None,
+                   help="who runs first: fcfs (arrival), priority (the request's priority, lower first; preempts), "
+                        "aging (priority improving with waiting; preempts), sjf (shortest predicted output first), "
+                        "fair (weighted fair share of tokens per tenant, the request's user) (default: fcfs)")
+    g.add_argument("--priority-aging-seconds", type=float, default=None,
+                   help="aging: seconds of waiting worth one priority level (default: 10)")
+    g.add_argument("--sjf-seconds-per-token", type=float, default=None,
+                   help="sjf: seconds of waiting worth one predicted output token, which bounds how long a long "
+                        "request can be overtaken (default: 0.1)")
+    g.add_argument("--tenant-weights", default=None,
+                   help='fair: tenant weights, e.g. "alice=2,bob=1"; tenants not named weigh 1')
     g = p.add_argument_group("energy and cost")
     g.add_argument("--energy-meter", default=None,
                    help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
@@ -66,7 +79,9 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype", "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
+                "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
+                "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token", "tenant_weights",
+                "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -316,8 +331,12 @@ def _add_bench_serve(bench_sub) -> None:
     g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     g.add_argument("--api-key", default=None, help="sent as a Bearer token")
     g = p.add_argument_group("load")
-    g.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")], metavar="RATE",
+    g.add_argument("--request-rate", type=float, nargs="+", default=None, metavar="RATE",
                    help="requests per second, or inf for all at once; several rates run in turn (default: inf)")
+    g.add_argument("--tenant", action="append", default=[], metavar="SPEC",
+                   help='a tenant of a multi-tenant workload, repeatable: "name=chat,num=100,rate=2,input=64:256,'
+                        'output=16:64[,burstiness=0.5][,priority=0]"; each tenant arrives on its own clock, is sent '
+                        'as `user`, and is reported on its own (replaces --request-rate and --num-prompts)')
     g.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the inter-arrival times: 1 is Poisson, lower is burstier (default: 1)")
     g.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
@@ -350,13 +369,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from tokenmill.bench import serve
     from tokenmill.bench.metrics import parse_slos
     from tokenmill.bench.throughput import write_json
+    from tokenmill.bench.workload import TenantSpec
+    from tokenmill.errors import InvalidParameterError
 
+    tenants = [TenantSpec.parse(spec) for spec in args.tenant]
+    if tenants and (args.request_rate or args.num_prompts):
+        raise InvalidParameterError("tenant", "each tenant sets its own rate and num; leave out --request-rate "
+                                              "and --num-prompts")
     config = serve.ServeBenchConfig(
-        args.base_url, model=args.model, endpoint=args.endpoint, request_rates=args.request_rate,
+        args.base_url, model=args.model, endpoint=args.endpoint, request_rates=args.request_rate or [float("inf")],
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
         input_len=args.input_len, output_len=args.output_len, shared_prefix_len=args.shared_prefix_len,
         dataset=args.dataset, tokenizer=args.tokenizer, seed=args.seed, temperature=args.temperature,
-        ignore_eos=args.ignore_eos, api_key=args.api_key, goodput=parse_slos(args.goodput))
+        ignore_eos=args.ignore_eos, api_key=args.api_key, goodput=parse_slos(args.goodput), tenants=tenants)
     result = serve.run_serve_benchmark_sync(config, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(serve.format_table(result))
     if args.output_json:

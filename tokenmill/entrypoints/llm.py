@@ -30,14 +30,18 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: int | Seq[int] = 0,
+                 user: str | Seq[str] | None = None) -> list[RequestOutput]:
+        """`priority` (lower first; the priority and aging policies) and `user` (the tenant; the fair
+        policy) are one value for every prompt or one per prompt."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run([(p, None) for p in prompts], sampling_params, use_tqdm)
+        return self._run([(p, None) for p in prompts], sampling_params, use_tqdm, priority, user)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True, priority: int | Seq[int] = 0,
+             user: str | Seq[str] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -47,18 +51,17 @@ class LLM:
         for conv in conversations:
             text = tokenizer.render_chat(conv, add_generation_prompt)
             items.append((tokenizer.encode(text, add_special_tokens=False), text))
-        return self._run(items, sampling_params, use_tqdm)
+        return self._run(items, sampling_params, use_tqdm, priority, user)
 
-    def _run(self, items: list[tuple[Prompt, str | None]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(items):
-            raise InvalidParameterError("sampling_params", f"{len(params)} given for {len(items)} prompts")
+    def _run(self, items: list[tuple[Prompt, str | None]], sampling_params, use_tqdm: bool,
+             priority: int | Seq[int] = 0, user: str | Seq[str] | None = None) -> list[RequestOutput]:
+        params = _per_prompt("sampling_params", sampling_params or SamplingParams(), len(items))
+        priorities = _per_prompt("priority", priority, len(items))
+        users = _per_prompt("user", user, len(items))
         ids = [f"offline-{next(self._ids)}" for _ in items]
         try:
-            for request_id, (prompt, text), p in zip(ids, items, params):
-                self.engine.add_request(request_id, prompt, p, prompt_text=text)
+            for request_id, (prompt, text), p, prio, tenant in zip(ids, items, params, priorities, users):
+                self.engine.add_request(request_id, prompt, p, prompt_text=text, priority=prio, tenant=tenant)
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -77,3 +80,11 @@ class LLM:
                 if request_id not in finished:
                     self.engine.abort_request(request_id)
         return [finished[i] for i in ids]
+
+
+def _per_prompt(name: str, value, count: int) -> list:
+    """One value for every prompt, or a list (or tuple) with one per prompt."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise InvalidParameterError(name, f"{len(values)} given for {count} prompts")
+    return values

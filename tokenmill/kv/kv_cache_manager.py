@@ -78,13 +78,22 @@ class KVCacheManager:
         hit.num_tokens = min(len(hit.blocks) * bs, seq.num_tokens - 1)
         return hit
 
-    def allocate(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> bool:
-        """Admit `seq` on its cached prefix with room for `num_tokens` tokens; False (no change) if short."""
+    def blocks_to_admit(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> int:
+        """Free blocks `allocate(seq, hit, num_tokens)` would take (cached hits nobody holds included)."""
         hit_blocks = [e.block for e in hit.blocks]
         reclaimed = sum(1 for b in hit_blocks if self.pool.ref_count(b) == 0)  # taken out of the free ones
         recompute_cached = hit.num_tokens < len(hit_blocks) * self.block_size
-        if reclaimed + self._blocks_needed(len(hit_blocks), recompute_cached, num_tokens) > self.pool.num_free_blocks:
+        return reclaimed + self._blocks_needed(len(hit_blocks), recompute_cached, num_tokens)
+
+    def blocks_to_grow(self, seq: Sequence, num_tokens: int) -> int:
+        """Free blocks `grow(seq, num_tokens)` would take."""
+        return self._blocks_needed(len(seq.block_table), self._copy_needed(seq), num_tokens)
+
+    def allocate(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> bool:
+        """Admit `seq` on its cached prefix with room for `num_tokens` tokens; False (no change) if short."""
+        if self.blocks_to_admit(seq, hit, num_tokens) > self.pool.num_free_blocks:
             return False
+        hit_blocks = [e.block for e in hit.blocks]
         self.pool.share(hit_blocks)
         seq.block_table = hit_blocks
         seq.num_computed_tokens = hit.num_tokens
@@ -100,7 +109,7 @@ class KVCacheManager:
         """Blocks for `num_tokens` tokens, the next one written made private; False (no change) if short."""
         table = seq.block_table
         first = seq.num_computed_tokens // self.block_size  # the block the next token's KV goes to
-        copy = first < len(table) and (self.pool.ref_count(table[first]) > 1 or self.pool.is_cached(table[first]))
+        copy = self._copy_needed(seq)
         if self._blocks_needed(len(table), copy, num_tokens) > self.pool.num_free_blocks:
             return False
         if copy:
@@ -142,6 +151,11 @@ class KVCacheManager:
         """The block copies queued since the last call, for the runner to make before the next forward."""
         copies, self._copies = self._copies, []
         return copies
+
+    def _copy_needed(self, seq: Sequence) -> bool:
+        """Whether the block the next token's KV goes to is shared or cached, so must be copied first."""
+        table, first = seq.block_table, seq.num_computed_tokens // self.block_size
+        return first < len(table) and (self.pool.ref_count(table[first]) > 1 or self.pool.is_cached(table[first]))
 
     def _blocks_needed(self, num_blocks: int, copy: bool, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - num_blocks) + copy

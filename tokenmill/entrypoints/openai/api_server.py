@@ -27,6 +27,7 @@ log = logging.getLogger("tokenmill")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error"}
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
+TENANT_HEADER = "X-Tenant"  # names the tenant of a request whose body has no `user`
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -65,11 +66,11 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _respond(serving.completion(body), request)
+        return await _respond(serving.completion(body, request.headers.get(TENANT_HEADER)), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _respond(serving.chat(body), request)
+        return await _respond(serving.chat(body, request.headers.get(TENANT_HEADER)), request)
 
     route_paths = {route.path for route in app.routes}
     return app

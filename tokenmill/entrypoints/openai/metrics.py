@@ -57,6 +57,12 @@ class ServerMetrics:
         r.register(_PrefixCacheCollector(async_engine.engine.prefix_cache_stats))
         Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over prompt tokens "
               "admitted, since start", registry=r).set_function(lambda: async_engine.engine.prefix_cache_stats.hit_rate)
+        policy = async_engine.engine.scheduler.policy
+        estimator = getattr(policy, "estimator", None)
+        if estimator is not None:
+            self._bind_estimator(estimator.stats)
+        if isinstance(getattr(policy, "tokens", None), dict):
+            r.register(_TenantTokensCollector(policy.tokens))
         accountant = async_engine.engine.accountant
         if accountant.meter is not None:
             r.register(_EnergyCollector(accountant))
@@ -68,6 +74,18 @@ class ServerMetrics:
             for name, stats in accountant.phases.items():
                 mean.labels(phase=name).set_function(lambda s=stats: s.fraction or 0.0)
                 last.labels(phase=name).set_function(lambda s=stats: s.last_fraction or 0.0)
+
+    def _bind_estimator(self, stats) -> None:
+        """The sjf policy's output-length estimator: its errors over the requests finished so far."""
+        for name, attr, doc in (
+                ("mae_tokens", "mae", "Mean absolute error of predicted output lengths (moving, at arrival)"),
+                ("rmse_tokens", "rmse", "Root mean square error of predicted output lengths"),
+                ("baseline_mae_tokens", "baseline_mae", "Mean absolute error of predicting max_tokens"),
+                ("reliability", "reliability", "1 - MAE / MAE of a constant prediction, in [0, 1]; sjf orders by "
+                                               "arrival as it falls to 0"),
+                ("observations", "observations", "Finished requests the estimator learned from")):
+            Gauge(f"tokenmill_length_estimator_{name}", doc,
+                  registry=self.registry).set_function(lambda a=attr: getattr(stats, a))
 
     def observe(self, kind: str, item: RequestOutput | str) -> None:
         """The AsyncLLMEngine observer: a request finished, was aborted, or failed."""
@@ -126,3 +144,17 @@ class _PrefixCacheCollector:
                                   "cache (a preempted sequence again when it resumes)", value=self.stats.queries_tokens)
         yield CounterMetricFamily("tokenmill_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache, "
                                   "not recomputed", value=self.stats.hit_tokens)
+
+
+class _TenantTokensCollector:
+    """tokenmill_tenant_computed_tokens_total{tenant}: the fair policy's count of tokens computed per tenant."""
+
+    def __init__(self, tokens: dict):
+        self.tokens = tokens
+
+    def collect(self):
+        family = CounterMetricFamily("tokenmill_tenant_computed_tokens", "Prompt and output tokens computed per "
+                                     "tenant (the fair policy's ledger; unnamed tenant: \"\")", labels=["tenant"])
+        for tenant, count in list(self.tokens.items()):
+            family.add_metric([tenant], count)
+        yield family

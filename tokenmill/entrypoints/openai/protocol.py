@@ -33,8 +33,9 @@ class _Sampling(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # the tenant, for the fair scheduling policy and per-tenant length estimates
     # extensions
+    priority: int = 0  # lower runs first under the priority and aging policies (vLLM's field)
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0

@@ -49,20 +49,21 @@ class OpenAIServing:
              "max_model_len": self.max_model_len} for name in self.served_model_names]}
 
     # ---- endpoints ----------------------------------------------------------------------------
-    async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
+    async def completion(self, req: CompletionRequest, tenant: str | None = None) -> dict | AsyncIterator[str]:
+        """`tenant`: who sent it when the body has no `user` (the server reads the X-Tenant header)."""
         model = self._model_name(req)
         prompts = [self._completion_prompt(p) for p in req.prompts()]
         if not prompts:
             raise InvalidParameterError("prompt", "the prompt list is empty")
         params = self._params(req, prompts, req.max_tokens, req.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._add(request_id, prompts, params)
+        streams = await self._add(request_id, prompts, params, req.priority, req.user or tenant)
         fmt = _CompletionFormat(self, request_id, model, req.logprobs is not None)
         if req.stream:
             return self._stream(streams, fmt, req.n, req.include_usage)
         return await self._collect(streams, fmt, req.n)
 
-    async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def chat(self, req: ChatCompletionRequest, tenant: str | None = None) -> dict | AsyncIterator[str]:
         model = self._model_name(req)
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameterError("top_logprobs", "needs logprobs set to true")
@@ -70,7 +71,7 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, prompts, req.max_output_tokens, logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._add(request_id, prompts, params)
+        streams = await self._add(request_id, prompts, params, req.priority, req.user or tenant)
         fmt = _ChatFormat(self, request_id, model, req.logprobs, req.top_logprobs or 0)
         if req.stream:
             return self._stream(streams, fmt, req.n, req.include_usage)
@@ -114,12 +115,14 @@ class OpenAIServing:
                                                       f"exceed the context of {self.max_model_len} tokens")
         return req.sampling_params(max_tokens, logprobs)
 
-    async def _add(self, base_id: str, prompts: list[_Prompt], params: SamplingParams) -> list[RequestStream]:
+    async def _add(self, base_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
+                   tenant: str | None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.engine.add_request(request_id, prompt.token_ids, params, prompt.text))
+                streams.append(await self.engine.add_request(request_id, prompt.token_ids, params, prompt.text,
+                                                             priority, tenant))
         except BaseException:
             for stream in streams:
                 stream.abort()

@@ -1,0 +1,101 @@
+"""Scheduling policies under a saturating multi-tenant load: the same workload against each policy.
+
+    python benchmarks/scheduling_policies.py                      # fcfs priority aging sjf fair, default model
+
+Starts `tokenmill serve --scheduling-policy P` once per policy (same engine flags) and sends each
+the same multi-tenant workload with `tokenmill bench serve`'s client: three tenants with their
+own prompt and output lengths, rates and priorities, one of them bursty. It prints the median and
+p99 end-to-end latency per tenant and overall for every policy, the sjf length estimator's error
+(read from /metrics), and writes everything to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+from tokenmill.bench.launch import LaunchedServer, free_port
+from tokenmill.bench.serve import ServeBenchConfig, run_serve_benchmark_sync
+from tokenmill.bench.workload import TenantSpec
+from tokenmill.engine.policy import POLICIES
+
+# (interactive chat, document summaries, a bursty offline batch job); lower priority runs first
+TENANTS = ["name=chat,num=60,rate=1.5,input=64:256,output=16:48,priority=0",
+           "name=summarize,num=15,rate=0.3,input=512:1024,output=32:64,priority=1",
+           "name=batch,num=20,rate=0.5,burstiness=0.3,input=128:256,output=192:256,priority=2"]
+ESTIMATOR = ("mae_tokens", "rmse_tokens", "baseline_mae_tokens", "reliability", "observations")
+
+
+def scrape(url: str, prefix: str) -> dict[str, float]:
+    """The samples of /metrics whose names start with `prefix`."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return {line.split()[0]: float(line.split()[-1]) for line in lines if line.startswith(prefix)}
+
+
+def run_policy(policy: str, flags: list[str], tenants: list[TenantSpec], ignore_eos: bool, log_path: Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port), "--log-level", "warning",
+           "--scheduling-policy", policy, *flags]
+    with LaunchedServer(cmd, url, log_path=str(log_path)):
+        result = run_serve_benchmark_sync(ServeBenchConfig(url, tenants=tenants, ignore_eos=ignore_eos),
+                                          log=lambda msg: print(f"[{policy}] {msg}", file=sys.stderr, flush=True))
+        estimator = scrape(url, "tokenmill_length_estimator_")
+    run = result["runs"][0]
+    return {"summary": run["summary"], "tenants": run["tenants"], "requests": run["requests"],
+            "estimator": {k.removeprefix("tokenmill_length_estimator_"): v for k, v in estimator.items()}}
+
+
+def table(results: dict[str, dict], tenants: list[str]) -> str:
+    head = " | ".join(f"{t} median / p99" for t in [*tenants, "all"])
+    lines = [f"| policy | {head} | failed |", "|---|" + "---:|" * (len(tenants) + 2)]
+    for policy, r in results.items():
+        cells = []
+        for t in [*tenants, "all"]:
+            e2e = (r["summary"] if t == "all" else r["tenants"][t])["e2e"]
+            cells.append(f"{e2e['median_ms'] / 1000:.1f} / {e2e['p99_ms'] / 1000:.1f}")
+        lines.append(f"| {policy} | {' | '.join(cells)} | {r['summary']['failed']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--tenant", action="append", default=None, metavar="SPEC",
+                   help="replace the default tenants (same syntax as `tokenmill bench serve --tenant`)")
+    p.add_argument("--tokenmill-args", default="--max-num-seqs 8", help="`tokenmill serve` flags for every policy")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let outputs end at EOS, so lengths are the model's and the estimator has to learn them")
+    p.add_argument("--output-json", default="results/scheduling_policies.json")
+    args = p.parse_args()
+    tenants = [TenantSpec.parse(spec) for spec in args.tenant or TENANTS]
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for policy in args.policies:
+        results[policy] = run_policy(policy, args.tokenmill_args.split(), tenants, args.ignore_eos,
+                                     out.with_name(f"scheduling_{policy}.log"))
+        out.write_text(json.dumps({"config": vars(args), "tenants": [vars(t) for t in tenants],
+                                   "results": results}, indent=2))
+    names = [t.name for t in tenants]
+    print("End-to-end latency in seconds, median / p99, per tenant:")
+    print(table(results, names))
+    if "fcfs" in results:
+        base = results["fcfs"]["summary"]["e2e"]
+        for policy, r in results.items():
+            e2e = r["summary"]["e2e"]
+            print(f"{policy}: overall median {e2e['median_ms'] / base['median_ms']:.2f}x fcfs, "
+                  f"p99 {e2e['p99_ms'] / base['p99_ms']:.2f}x fcfs")
+    if "sjf" in results:
+        est = results["sjf"]["estimator"]
+        print("sjf length estimator: " + ", ".join(f"{k} {est.get(k, float('nan')):.2f}" for k in ESTIMATOR))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
