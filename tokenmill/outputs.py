@@ -29,6 +29,9 @@ class RequestMetrics:
     energy_estimated: bool | None = None  # True when the meter is a power model, not a counter
     cost_usd: float | None = None  # None unless price_per_hour or energy_price is set
     idealized_time: float | None = None  # seconds at the roofline, no contention; None uncalibrated
+    # Speculative decoding: draft tokens verified for it, and how many of them the target kept.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:

@@ -36,6 +36,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full blocks (tokens only grow)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative proposal for the next step only
     num_cached_tokens: int | None = None  # prompt tokens its first admission found in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

@@ -31,6 +31,9 @@ from tokenmill.metering.accounting import make_accountant
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
+from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.draft_model import DraftModel
+from tokenmill.spec.speculator import Speculator
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("tokenmill")
@@ -77,12 +80,14 @@ class LLMEngine:
                  quantization: str | None = "auto", quantization_group_size: int = 32, kv_cache_dtype: str = "auto",
                  energy_meter: str = EnergyConfig.energy_meter,
                  cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
-                 price_per_hour: float | None = None, energy_price: float | None = None):
+                 price_per_hour: float | None = None, energy_price: float | None = None,
+                 speculative_config: SpeculativeConfig | dict | str | None = None):
         self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                                    parse_memory(kv_cache_memory), kv_cache_fraction, enable_prefix_caching)
         _check_engine_args(self.config)
         policy_config = PolicyConfig(scheduling_policy, priority_aging_seconds, sjf_seconds_per_token,
                                      tenant_weights or {})
+        spec_config = SpeculativeConfig.of(speculative_config)
         ckpt = load_checkpoint(model)
         self.model_name = ckpt.name
         model_class(architecture_of(ckpt.hf_config))  # unsupported architectures fail before anything else
@@ -107,6 +112,15 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, ckpt.weights(packed=packed), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
         self.accountant.sizes = self.runner.model_bytes()
+        self.speculator = None
+        if spec_config is not None:
+            draft = None
+            if spec_config.method == "draft":
+                draft = DraftModel(spec_config, vocab_size=self.model_config.vocab_size, dtype=self.dtype,
+                                   device=self.device, num_blocks=num_blocks + 2 * max_num_seqs, block_size=block_size,
+                                   max_model_len=self.max_model_len, quantization=quantization,
+                                   quantization_group_size=quantization_group_size, seed=seed)
+            self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self.requests: dict[str, Request] = {}
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
@@ -196,7 +210,12 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -214,29 +233,50 @@ class LLMEngine:
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests that progressed."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if plan.copies:
             self.runner.copy_blocks(plan.copies)
         if not plan.chunks:
             return []
         now = time.time()
-        blocked = [self._blocked_tokens(c.seq) for c in plan.chunks if c.sample]
+        blocked = [[self._blocked_tokens(c.seq, j) for j in range(len(c.draft) + 1)] for c in plan.chunks if c.sample]
         chunk_metrics = [self.requests[c.seq.request_id].metrics for c in plan.chunks]
         self.accountant.start()
-        result = self.runner.execute(plan.chunks, blocked)
+        started = time.perf_counter()
+        result = self.runner.execute(plan.chunks, blocked, self.speculator.draft_probs if self.speculator else None)
+        if self.speculator is not None:
+            self.speculator.record_step(plan.num_tokens, time.perf_counter() - started)
         self.accountant.end(plan.chunks, chunk_metrics)
         for chunk, metrics in zip(plan.chunks, chunk_metrics):
-            chunk.seq.num_computed_tokens += chunk.num_tokens
-            self.kv_cache.cache_full_blocks(chunk.seq)
+            if not chunk.draft:  # a verified chunk's computed tokens are known once the sampler decided
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.kv_cache.cache_full_blocks(chunk.seq)
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         now = time.time()
         touched: dict[str, Request] = {}
         samples = result.samples
-        for row, chunk in enumerate(result.sampled):
+        row = 0
+        for chunk, count in zip(result.sampled, result.counts):
             seq = chunk.seq
             request = self.requests[seq.request_id]
-            self._append_token(seq, row, samples, now)
+            if chunk.draft:
+                self.speculator.observe(seq, len(chunk.draft), count - 1)
+                request.metrics.spec_draft_tokens += len(chunk.draft)
+                request.metrics.spec_accepted_tokens += count - 1
+            elif self.speculator is not None:
+                self.speculator.observe_token(seq, samples.token_ids[row])
+            for i in range(count):
+                self._append_token(seq, row + i, samples, now)
+                if seq.is_finished:
+                    break
+            if chunk.draft and not seq.is_finished:
+                self._keep_accepted(chunk, count - 1)
+            if self.speculator is not None:
+                self.speculator.after_step(seq)
+            row += count
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if seq.is_finished:
@@ -250,8 +290,17 @@ class LLMEngine:
             outputs.append(self._output(request))
         return outputs
 
-    def _blocked_tokens(self, seq: Sequence) -> list[int]:
-        if seq.num_output_tokens < seq.params.min_tokens:
+    def _keep_accepted(self, chunk, accepted: int) -> None:
+        """After a verification (its tokens appended): the known tokens and the accepted drafts are
+        computed; the blocks that held only rejected drafts go back to the pool."""
+        seq = chunk.seq
+        seq.num_computed_tokens += chunk.num_known + accepted
+        self.kv_cache.trim(seq)
+        self.kv_cache.cache_full_blocks(seq)
+
+    def _blocked_tokens(self, seq: Sequence, drafts_before: int = 0) -> list[int]:
+        """Tokens the sampler must not pick for `seq`'s next token after `drafts_before` draft tokens."""
+        if seq.num_output_tokens + drafts_before < seq.params.min_tokens:
             return self.eos_token_ids + seq.params.stop_token_ids
         return []
 
@@ -280,7 +329,7 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             seq.finish_reason = reason
-            self.scheduler.finish(seq)
+            self._finish(seq)
 
     @staticmethod
     def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:

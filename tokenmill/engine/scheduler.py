@@ -25,19 +25,29 @@ from tokenmill.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledChunk:
-    """Compute tokens seq.token_ids[start:start + num_tokens]; sample after them if `sample`.
+    """Compute tokens seq.token_ids[start:start + num_known] then `draft`; sample after them if `sample`.
 
-    A fork's chunk has no tokens: it comes right after its parent's last prompt chunk and
-    samples from that chunk's last row.
+    num_tokens counts both (what the step computes); draft tokens, proposed by speculative
+    decoding, are verified: the sampler keeps a prefix of them. A fork's chunk has no tokens:
+    it comes right after its parent's last prompt chunk and samples from that chunk's last row.
     """
 
     seq: Sequence
     start: int
     num_tokens: int
+    draft: list[int] = field(default_factory=list)
     sample: bool = field(init=False)  # fixed at scheduling time: the chunk reaches the last known token
 
     def __post_init__(self) -> None:
-        self.sample = self.start + self.num_tokens == self.seq.num_tokens
+        self.sample = self.start + self.num_known == self.seq.num_tokens
+
+    @property
+    def num_known(self) -> int:
+        return self.num_tokens - len(self.draft)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_known] + self.draft
 
 
 @dataclass
@@ -140,6 +150,7 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
+            draft = self._fit_draft(seq, budget)
             while not self.kv.grow(seq, seq.num_computed_tokens + num):
                 short_of_blocks = True
                 victim = queue.pop() if queue else seq
@@ -148,8 +159,8 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                served += self._add_chunk(out, seq, num, self.max_num_seqs - len(served) - len(queue) - 1)
-                budget -= num
+                served += self._add_chunk(out, seq, num, self.max_num_seqs - len(served) - len(queue) - 1, draft)
+                budget -= num + len(draft)
         # Sequences left in the queue (budget ran out) keep running; they just skip this step.
         self.running = served + queue
         return budget, short_of_blocks
@@ -167,9 +178,22 @@ class Scheduler:
             self.running += self._add_chunk(out, seq, num, self.max_num_seqs - len(self.running) - 1)
             budget -= num
 
-    def _add_chunk(self, out: SchedulerOutput, seq: Sequence, num: int, free_seats: int) -> list[Sequence]:
-        """Schedule `num` tokens of `seq`; return it and the siblings forked onto its last prompt token."""
-        chunk = ScheduledChunk(seq, seq.num_computed_tokens, num)
+    def _fit_draft(self, seq: Sequence, budget: int) -> list[int]:
+        """The draft tokens proposed for a decoding `seq` that fit in the budget and the free blocks
+        (taken out of the sequence: a proposal is for one step). Drafts never cause a preemption."""
+        draft, seq.draft_token_ids = seq.draft_token_ids, []
+        if seq.num_uncomputed_tokens != 1:
+            return []
+        draft = draft[:budget - 1]
+        if draft and not self.kv.grow(seq, seq.num_computed_tokens + 1 + len(draft)):
+            return []
+        return draft
+
+    def _add_chunk(self, out: SchedulerOutput, seq: Sequence, num: int, free_seats: int,
+                   draft: list[int] | None = None) -> list[Sequence]:
+        """Schedule `num` tokens of `seq` (and its drafts); return it and the siblings forked onto its
+        last prompt token."""
+        chunk = ScheduledChunk(seq, seq.num_computed_tokens, num + len(draft or ()), list(draft or ()))
         out.chunks.append(chunk)
         joined = [seq]
         forks = self._forks.pop(seq.seq_id, []) if chunk.sample else []

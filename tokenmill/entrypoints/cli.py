@@ -65,6 +65,11 @@ def engine_parent() -> argparse.ArgumentParser:
                         "request can be overtaken (default: 0.1)")
     g.add_argument("--tenant-weights", default=None,
                    help='fair: tenant weights, e.g. "alice=2,bob=1"; tenants not named weigh 1')
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (prompt lookup) or \'{"method": '
+                        '"draft", "model": PATH, "draft_num_layers": 8}\'; keys: method, num_speculative_tokens, '
+                        'prompt_lookup_max, prompt_lookup_min, model, draft_num_layers, adaptive (default: off)')
     g = p.add_argument_group("energy and cost")
     g.add_argument("--energy-meter", default=None,
                    help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
@@ -81,6 +86,7 @@ def engine_parent() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
                 "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
                 "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token", "tenant_weights",
+                "speculative_config",
                 "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
 

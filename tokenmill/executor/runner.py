@@ -15,14 +15,16 @@ from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.metering.roofline import ModelBytes
 from tokenmill.executor.models.registry import model_class
+from tokenmill.executor.rejection_sampler import verify
 from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from tokenmill.engine.scheduler import ScheduledChunk
 
 
 @dataclass
 class StepResult:
-    sampled: list[ScheduledChunk]  # the chunks that sampled, in the order of `samples`' rows
-    samples: SamplerOutput | None
+    sampled: list[ScheduledChunk]  # the chunks that sampled
+    samples: SamplerOutput | None  # their emitted tokens, in order: counts[i] rows for sampled[i]
+    counts: list[int]  # tokens each sampled chunk emits: 1, or accepted drafts + 1 after a verification
 
 
 class ModelRunner:
@@ -43,22 +45,32 @@ class ModelRunner:
         self.num_copied_blocks = 0  # copy-on-write block copies since start
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], blocked_token_ids: list[list[int]]) -> StepResult:
-        """Run the chunks and sample; `blocked_token_ids` has one list per sampling chunk, in order."""
+    def execute(self, chunks: list[ScheduledChunk], blocked_token_ids: list[list[list[int]]],
+                draft_probs: dict[int, torch.Tensor] | None = None) -> StepResult:
+        """Run the chunks and sample (verify, for chunks with drafts). `blocked_token_ids` has, per
+        sampling chunk in order, one list per row: len(draft) + 1 rows. `draft_probs` holds the
+        proposer's distributions [k, vocab] by seq_id, for drafts a model sampled."""
         sampled = [c for c in chunks if c.sample]
         hidden = self._forward([c for c in chunks if c.num_tokens])
         if not sampled:
-            return StepResult([], None)
-        rows = torch.tensor([end for end, c in zip(chunks_ends(chunks), chunks) if c.sample], device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
+            return StepResult([], None, [])
+        ends = [end for end, c in zip(chunks_ends(chunks), chunks) if c.sample]
+        rows = [r for end, c in zip(ends, sampled) for r in range(end - len(c.draft), end + 1)]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        positions = [(c, j) for c in sampled for j in range(len(c.draft) + 1)]
         batch = SamplingBatch(
-            params=[c.seq.params for c in sampled],
-            generators=[c.seq.generator for c in sampled],
-            prompt_token_ids=[c.seq.prompt_token_ids for c in sampled],
-            output_token_ids=[c.seq.output_token_ids for c in sampled],
-            blocked_token_ids=blocked_token_ids,
+            params=[c.seq.params for c, _ in positions],
+            generators=[c.seq.generator for c, _ in positions],
+            prompt_token_ids=[c.seq.prompt_token_ids for c, _ in positions],
+            output_token_ids=[c.seq.output_token_ids + c.draft[:j] for c, j in positions],
+            blocked_token_ids=[row for chunk_rows in blocked_token_ids for row in chunk_rows],
         )
-        return StepResult(sampled, self.sampler(logits, batch))
+        if len(rows) == len(sampled):  # no drafts: one token per chunk
+            return StepResult(sampled, self.sampler(logits, batch), [1] * len(sampled))
+        probs = draft_probs or {}
+        counts, samples = verify(self.sampler, logits, batch, [c.draft for c in sampled],
+                                 [probs.get(c.seq.seq_id) for c in sampled])
+        return StepResult(sampled, samples, counts)
 
     @torch.inference_mode()
     def logits_for(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -87,13 +99,17 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
+        return self.forward([(c.token_ids, c.start, c.seq.block_table) for c in chunks])
+
+    def forward(self, spans: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """Hidden states [tokens, hidden] of spans (token ids, first position, block table), flat."""
         ids: list[int] = []
         positions: list[int] = []
-        for c in chunks:
-            ids.extend(c.seq.token_ids[c.start:c.start + c.num_tokens])
-            positions.extend(range(c.start, c.start + c.num_tokens))
+        for tokens, start, _ in spans:
+            ids.extend(tokens)
+            positions.extend(range(start, start + len(tokens)))
         meta = build_metadata(
-            [c.seq.block_table for c in chunks], [c.start for c in chunks], [c.num_tokens for c in chunks],
+            [table for _, _, table in spans], [start for _, start, _ in spans], [len(t) for t, _, _ in spans],
             self.block_size, self.cfg.num_heads // self.cfg.num_kv_heads, self.cfg.sliding_window, self.device,
         )
         self.num_computed_tokens += len(ids)

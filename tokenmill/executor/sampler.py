@@ -51,13 +51,7 @@ class Sampler:
             # The common greedy decode step: nothing to transform, one kernel.
             return SamplerOutput(logits.argmax(-1).tolist(), None, None, None)
 
-        # Copy only when the logits are edited in place below (float() may return the caller's tensor).
-        x = logits.to(torch.float32, copy=bool(penalized or blocked))
-        if penalized:
-            _apply_penalties(x, penalized, batch)
-        if blocked:
-            rows, cols = _flat_indices(batch.blocked_token_ids, x.device)
-            x[rows, cols] = float("-inf")
+        x = self.processed(logits, batch) if penalized or blocked else logits.float()
 
         tokens = torch.empty(len(params), dtype=torch.long, device=x.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -68,26 +62,31 @@ class Sampler:
             sampled = [i for i, p in enumerate(params) if not p.greedy]
             index = torch.tensor(sampled, device=x.device)
             generators = [batch.generators[i] for i in sampled]
-            tokens[index] = self._sample(x[index], [params[i] for i in sampled], generators)
+            tokens[index] = self.race(target_probs(x[index], [params[i] for i in sampled]), generators)
 
         token_ids = tokens.tolist()
         if not want_logprobs:
             return SamplerOutput(token_ids, None, None, None)
-        return _logprobs(logits, tokens, token_ids, params)
+        return logprobs_of(logits, tokens, params)
 
-    def _sample(
-        self, x: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        """Temperature, top-k, top-p and min-p over the sampling rows, then an exponential race per row.
+    def processed(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """float32 logits after the penalties and the blocked tokens (a copy: `logits` is untouched)."""
+        x = logits.to(torch.float32, copy=True)
+        penalized = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
+        if penalized:
+            _apply_penalties(x, penalized, batch)
+        if any(batch.blocked_token_ids):
+            rows, cols = _flat_indices(batch.blocked_token_ids, x.device)
+            x[rows, cols] = float("-inf")
+        return x
+
+    def race(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row drawn from `probs`, each seeded row from its own generator.
 
         argmax(probs / q) with q ~ Exp(1) i.i.d. draws token t with probability probs[t]; unlike
         torch.multinomial over the batch, each row's draw depends only on that row's generator.
         """
-        device = x.device
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        x = _filter(x / temperature.unsqueeze(1), params)
-        probs = x.softmax(-1)
-
+        device = probs.device
         q = torch.empty_like(probs)
         unseeded = [j for j, g in enumerate(generators) if g is None]
         if len(unseeded) == len(generators):
@@ -99,7 +98,11 @@ class Sampler:
             if unseeded:
                 draws = torch.empty(len(unseeded), q.shape[1], device=device)
                 q[torch.tensor(unseeded, device=device)] = draws.exponential_(generator=self._shared_generator(device))
-        return probs.div_(q).argmax(-1)
+        return (probs / q).argmax(-1)
+
+    def uniform(self, generator: torch.Generator | None, device: torch.device) -> float:
+        """One U(0, 1) draw from a row's generator (or the shared one), for acceptance tests."""
+        return torch.rand(1, generator=generator or self._shared_generator(device), device=device).item()
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         """One shared generator per device, made on first use since the logits' device is known only then."""
@@ -181,10 +184,15 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return x
 
 
-def _logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
-) -> SamplerOutput:
+def target_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution sampling rows draw from: temperature, then top-k, top-p and min-p, softmaxed."""
+    temperature = torch.tensor([p.temperature for p in params], device=x.device)
+    return _filter(x / temperature.unsqueeze(1), params).softmax(-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
     """Logprobs of the raw logits (vLLM's default): the sampled token's, its rank, and the requested top lists."""
+    token_ids = tokens.tolist()
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     sampled = logprobs.gather(1, tokens.unsqueeze(1))
     ranks = (logprobs >= sampled).sum(-1)  # counts ties as better, as vLLM does

@@ -120,6 +120,14 @@ class KVCacheManager:
         table.extend(self.pool.allocate(max(0, -(-num_tokens // self.block_size) - len(table))))
         return True
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the computed tokens: after a verification they held only
+        rejected draft tokens, so nothing stale stays reachable through the block table."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.free(reversed(seq.block_table[keep:]))
+            del seq.block_table[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares every block of `parent` (the same prompt); copy-on-write keeps them apart."""
         self.pool.share(parent.block_table)

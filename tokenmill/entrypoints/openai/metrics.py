@@ -63,6 +63,13 @@ class ServerMetrics:
             self._bind_estimator(estimator.stats)
         if isinstance(getattr(policy, "tokens", None), dict):
             r.register(_TenantTokensCollector(policy.tokens))
+        if async_engine.engine.speculator is not None:
+            spec = async_engine.engine.speculator.stats
+            r.register(_SpecCollector(spec))
+            Gauge("tokenmill_spec_decode_acceptance_rate", "Draft tokens kept over draft tokens verified, since start",
+                  registry=r).set_function(lambda: spec.acceptance_rate)
+            Gauge("tokenmill_spec_decode_mean_accepted_length", "Draft tokens kept per verification, since start",
+                  registry=r).set_function(lambda: spec.mean_accepted_length)
         accountant = async_engine.engine.accountant
         if accountant.meter is not None:
             r.register(_EnergyCollector(accountant))
@@ -158,3 +165,18 @@ class _TenantTokensCollector:
         for tenant, count in list(self.tokens.items()):
             family.add_metric([tenant], count)
         yield family
+
+
+class _SpecCollector:
+    """Speculative decoding counters, read from the engine when scraped."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("tokenmill_spec_decode_draft_tokens", "Draft tokens verified by the target",
+                                  value=self.stats.draft_tokens)
+        yield CounterMetricFamily("tokenmill_spec_decode_accepted_tokens", "Draft tokens the target kept",
+                                  value=self.stats.accepted_tokens)
+        yield CounterMetricFamily("tokenmill_spec_decode_verify_steps", "Sequence-steps that verified drafts",
+                                  value=self.stats.verify_steps)

@@ -41,6 +41,7 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.served_model_names = served_model_names
+        self.speculative = engine.engine.speculator is not None
 
     def models(self) -> dict:
         created = int(time.time())
@@ -146,7 +147,7 @@ class OpenAIServing:
             for stream in streams:  # a no-op for finished ones; frees the rest if the client left
                 stream.abort()
         choices = [fmt.choice(p * n + o.index, o) for p, out in enumerate(finals) for o in out.outputs]
-        return fmt.response(choices, _usage(finals))
+        return fmt.response(choices, _usage(finals, self.speculative))
 
     async def _stream(self, streams: list[RequestStream], fmt: "_Format", n: int,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -175,7 +176,7 @@ class OpenAIServing:
                 if output.finished:
                     finals[p] = output
             if include_usage:
-                yield _sse(fmt.chunk([]) | {"usage": _usage(list(finals.values()))})
+                yield _sse(fmt.chunk([]) | {"usage": _usage(list(finals.values()), self.speculative)})
         except TokenmillError as e:  # nothing more can be sent as a status code once the stream started
             yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}})
         except RuntimeError as e:
@@ -225,12 +226,15 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             task.cancel()
 
 
-def _usage(finals: list[RequestOutput]) -> dict:
+def _usage(finals: list[RequestOutput], speculative: bool = False) -> dict:
     prompt = sum(len(out.prompt_token_ids) for out in finals)
     completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
     cached = sum(out.num_cached_tokens for out in finals)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
              "prompt_tokens_details": {"cached_tokens": cached}}
+    if speculative:  # tokenmill's extension: the request's draft tokens and how many were kept
+        usage["speculative"] = {"draft_tokens": sum(out.metrics.spec_draft_tokens for out in finals),
+                                "accepted_tokens": sum(out.metrics.spec_accepted_tokens for out in finals)}
     return usage | _cost_usage([out.metrics for out in finals], completion)
 
 

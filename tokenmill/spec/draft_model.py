@@ -1,0 +1,163 @@
+"""A draft model: a smaller model with the target's vocabulary that proposes tokens autoregressively.
+
+It has its own weights, its own runner and its own paged KV cache (a block pool of its own,
+sized like the target's). For each sequence it remembers the tokens whose KV its cache holds;
+before proposing, that list is cut back to the longest prefix the sequence still agrees with
+(rejected drafts are discarded, their blocks given back) and the tokens since are fed in one
+chunk (the whole prompt the first time), then one token per further draft. With
+`draft_num_layers`, only the checkpoint's first layers are loaded: a truncated copy of the
+target (or of any model) needs no second file.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+from tokenmill.config import ModelConfig, architecture_of, resolve_quantization
+from tokenmill.errors import InvalidParameterError
+from tokenmill.executor.models.registry import model_class
+from tokenmill.executor.runner import ModelRunner
+from tokenmill.executor.sampler import target_probs
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager
+from tokenmill.loader import load_checkpoint
+from tokenmill.sequence import Sequence
+from tokenmill.spec.config import SpeculativeConfig
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass(eq=False)
+class _DraftState:
+    """One sequence in the draft cache (the fields KVCacheManager reads, plus the tokens fed)."""
+
+    seq_id: int
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    fed: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds, in order
+
+
+class DraftModel:
+    def __init__(self, config: SpeculativeConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device,
+                 num_blocks: int, block_size: int, max_model_len: int, quantization: str | None,
+                 quantization_group_size: int, seed: int | None = None):
+        ckpt = load_checkpoint(config.model)
+        hf = copy.deepcopy(ckpt.hf_config)
+        model_class(architecture_of(hf))
+        keep = config.draft_num_layers
+        if keep is not None:
+            if keep > hf.num_hidden_layers:
+                raise InvalidParameterError("speculative_config.draft_num_layers",
+                                            f"{keep} is more than the draft's {hf.num_hidden_layers} layers")
+            hf.num_hidden_layers = keep
+        self.model_config = ModelConfig.from_hf(hf)
+        if self.model_config.vocab_size != vocab_size:
+            raise InvalidParameterError("speculative_config.model", f"the draft's vocabulary has "
+                                        f"{self.model_config.vocab_size} tokens, the target's {vocab_size}: they must "
+                                        "share one tokenizer")
+        self.name = ckpt.name if keep is None else f"{ckpt.name} (first {keep} layers)"
+        quant = resolve_quantization(quantization, ckpt.native_quantization, quantization_group_size)
+        weights = ckpt.weights(packed=quant is not None and quant.method == "int4")
+        if keep is not None:
+            weights = ((name, t) for name, t in weights if not _beyond(name, keep))
+        self.runner = ModelRunner(self.model_config, weights, dtype, device, num_blocks, block_size, max_model_len,
+                                  seed, quant)
+        self.kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=False)
+        self._states: dict[int, _DraftState] = {}
+
+    @torch.inference_mode()
+    def propose(self, ks: dict[Sequence, int]) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+        """Draft ks[seq] tokens for each sequence; returns the tokens and, for sampling sequences, the
+        distributions they were drawn from ([k, vocab], by seq_id). A sequence the draft cache has no
+        room for gets no draft."""
+        pending: dict[Sequence, list[int]] = {}  # tokens to feed next, per sequence still drafting
+        for seq, k in ks.items():
+            state = self.sync(seq)
+            if state.num_computed_tokens == seq.num_tokens:  # the last token is fed: feed it again for logits
+                self._cut(state, seq.num_tokens - 1)
+            pending[seq] = seq.token_ids[state.num_computed_tokens:]
+        drafts: dict[int, list[int]] = {seq.seq_id: [] for seq in ks}
+        probs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in ks if not seq.params.greedy}
+        while pending:
+            for seq in [s for s, tokens in pending.items() if not self._room(s, len(tokens))]:
+                self.release(seq)  # no room: this sequence proposes nothing this step
+                drafts[seq.seq_id] = []
+                probs.pop(seq.seq_id, None)
+                del pending[seq]
+            if not pending:
+                break
+            seqs = list(pending)
+            states = [self._states[s.seq_id] for s in seqs]
+            hidden = self.runner.forward([(pending[s], st.num_computed_tokens, st.block_table)
+                                          for s, st in zip(seqs, states)])
+            ends = torch.tensor([end - 1 for end in accumulate(len(pending[s]) for s in seqs)], device=hidden.device)
+            logits = self.runner.model.compute_logits(hidden[ends]).float()
+            tokens = self._draw(logits, seqs, probs)
+            for seq, state, token in zip(seqs, states, tokens):
+                state.fed += pending[seq]
+                state.num_computed_tokens = len(state.fed)
+                drafts[seq.seq_id].append(token)
+                if len(drafts[seq.seq_id]) < ks[seq]:
+                    pending[seq] = [token]
+                else:
+                    del pending[seq]
+        return drafts, {sid: torch.stack(rows) for sid, rows in probs.items() if rows}
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], probs: dict[int, list[torch.Tensor]]) -> list[int]:
+        """The next draft token of each row: the argmax for greedy sequences, else a draw from the draft's
+        distribution under the request's temperature and filters (kept for the rejection test)."""
+        tokens = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:  # a seeded request's drafts come from its own generator: reproducible with the seed
+            q = target_probs(logits[sampled], [seqs[i].params for i in sampled])
+            tokens[sampled] = self.runner.sampler.race(q, [seqs[i].generator for i in sampled])
+            for i, row in zip(sampled, q):
+                probs[seqs[i].seq_id].append(row)
+        return tokens.tolist()
+
+    def _room(self, seq: Sequence, num_new: int) -> bool:
+        state = self._states[seq.seq_id]
+        return self.kv.grow(state, state.num_computed_tokens + num_new)
+
+    def sync(self, seq: Sequence) -> _DraftState:
+        """Cut the draft cache of `seq` back to the prefix it shares with the sequence's tokens."""
+        state = self._states.get(seq.seq_id)
+        if state is None:
+            state = self._states[seq.seq_id] = _DraftState(seq.seq_id)
+        common = 0
+        for fed, token in zip(state.fed, seq.token_ids):
+            if fed != token:
+                break
+            common += 1
+        if common < state.num_computed_tokens:
+            self._cut(state, common)
+        return state
+
+    def _cut(self, state: _DraftState, length: int) -> None:
+        del state.fed[length:]
+        state.num_computed_tokens = length
+        self.kv.trim(state)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the draft cache of a sequence that finished, was aborted, or found no room."""
+        state = self._states.pop(seq.seq_id, None)
+        if state is not None:
+            self.kv.free(state)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.kv.pool.num_used_blocks
+
+    def cached_tokens(self) -> dict[int, int]:
+        """Tokens in the draft cache per seq_id."""
+        return {sid: state.num_computed_tokens for sid, state in self._states.items()}
+
+
+def _beyond(name: str, keep: int) -> bool:
+    match = _LAYER.search(name)
+    return match is not None and int(match.group(1)) >= keep

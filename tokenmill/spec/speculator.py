@@ -1,0 +1,118 @@
+"""The engine's side of speculative decoding: propose before a step, learn after it.
+
+Before each step `propose` gives every running sequence that decodes a draft (possibly empty)
+in `seq.draft_token_ids`: up to the controller's k for it, never past max_tokens or the context.
+The scheduler fits what it can into the step (drafts never preempt anyone), the runner
+verifies, and the engine reports each verification (`observe`) and each plain decode
+(`observe_token`), and times the step (`record_step`) for the controller's cost model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sequence import Sequence
+from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.controller import SpecController
+from tokenmill.spec.draft_model import DraftModel
+from tokenmill.spec.ngram import propose_ngram
+
+DRAFT_COST_SMOOTHING = 0.2
+
+
+@dataclass
+class SpecStats:
+    """Since start: draft tokens verified, and how many the target kept."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0  # sequence-steps that verified at least one draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Drafts kept per verification (the step also emits one more token of its own)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_num_batched_tokens: int,
+                 draft: DraftModel | None = None):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.draft = draft
+        self.controller = SpecController(config.num_speculative_tokens, config.adaptive)
+        self.stats = SpecStats()
+        self.draft_probs: dict[int, torch.Tensor] = {}  # this step's proposal distributions, by seq_id
+
+    def _cap(self, seq: Sequence) -> int:
+        """Most drafts worth verifying: the step emits drafts + 1 tokens, within max_tokens and the context."""
+        room = self.max_model_len - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens)
+        return max(0, min(self.config.num_speculative_tokens, room - 1))
+
+    def propose(self, running: list[Sequence]) -> None:
+        started = time.perf_counter()
+        self.draft_probs = {}
+        for seq in running:
+            seq.draft_token_ids = []
+        decoding = [s for s in running if s.num_uncomputed_tokens == 1 and self._cap(s) > 0]
+        if not decoding:
+            return
+        c = self.config
+        if self.draft is None:
+            proposals = {s.seq_id: propose_ngram(s.token_ids, self._cap(s), c.prompt_lookup_max, c.prompt_lookup_min)
+                         for s in decoding}
+            caps = {sid: len(p) for sid, p in proposals.items() if p}
+        else:
+            caps = {s.seq_id: self._cap(s) for s in decoding}
+        step_tokens = min(sum(s.num_uncomputed_tokens for s in running), self.max_num_batched_tokens)
+        ks = self.controller.choose(caps, step_tokens, len(decoding))
+        by_id = {s.seq_id: s for s in decoding}
+        if self.draft is None:
+            for sid, proposal in proposals.items():
+                if ks.get(sid):
+                    by_id[sid].draft_token_ids = proposal[:ks[sid]]
+                elif proposal:
+                    self.controller.shadow(sid, proposal[0])  # checked against the token it gets instead
+        elif ks:
+            drafts, self.draft_probs = self.draft.propose({by_id[sid]: k for sid, k in ks.items()})
+            for sid, tokens in drafts.items():
+                by_id[sid].draft_token_ids = tokens
+        drafted = sum(len(s.draft_token_ids) for s in decoding)
+        if drafted:
+            per_token = (time.perf_counter() - started) / drafted
+            self.controller.draft_seconds_per_token += DRAFT_COST_SMOOTHING * (
+                per_token - self.controller.draft_seconds_per_token)
+
+    def record_step(self, tokens: int, seconds: float) -> None:
+        self.controller.target_cost.observe(tokens, seconds)
+
+    def observe(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """A verification of `proposed` drafts that kept `accepted` of them."""
+        self.stats.draft_tokens += proposed
+        self.stats.accepted_tokens += accepted
+        self.stats.verify_steps += 1
+        self.controller.observe(seq.seq_id, proposed, accepted)
+
+    def observe_token(self, seq: Sequence, token: int) -> None:
+        self.controller.observe_token(seq.seq_id, token)
+
+    def after_step(self, seq: Sequence) -> None:
+        """Bring the draft cache of a sequence that moved back in line with its tokens."""
+        if self.draft is not None and not seq.is_finished:
+            self.draft.sync(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence finished or was aborted."""
+        self.controller.forget(seq.seq_id)
+        if self.draft is not None:
+            self.draft.release(seq)
