@@ -30,7 +30,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8], [10, 11, 12], list(range(20, 90)), [3, 4
 def spec_configs(path: str) -> dict[str, dict]:
     return {"ngram": {"method": "ngram"},
             "ngram-always": {"method": "ngram", "adaptive": False, "prompt_lookup_min": 1},
-            "draft-truncated": {"method": "draft", "model": path, "draft_num_layers": 1, "adaptive": False},
+            "draft-truncated": {"method": "draft", "model": path, "draft_layers": 1, "adaptive": False},
             "draft-same": {"method": "draft", "model": path, "num_speculative_tokens": 3},
             "draft-other": {"method": "draft", "model": None, "adaptive": False}}  # set per test: another model
 
@@ -69,7 +69,7 @@ def test_greedy_output_is_unchanged_on_a_real_model(stories_path):
     params = SamplingParams(temperature=0, max_tokens=64)
     plain = outputs(LLM(str(stories_path), dtype="float32", kv_cache_memory="32MiB"), prompts, params)
     for config in ({"method": "ngram", "adaptive": False},
-                   {"method": "draft", "model": str(stories_path), "draft_num_layers": 2, "adaptive": False}):
+                   {"method": "draft", "model": str(stories_path), "draft_layers": 2, "adaptive": False}):
         llm = LLM(str(stories_path), dtype="float32", kv_cache_memory="32MiB", speculative_config=config)
         assert outputs(llm, prompts, params) == plain
         assert llm.engine.speculator.stats.accepted_tokens > 0
@@ -164,7 +164,7 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny_logits, proposer)
 def test_seeded_sampling_under_speculation_is_reproducible(tiny_models):
     path = str(tiny_models["llama"])
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, seed=7, ignore_eos=True)
-    config = {"method": "draft", "model": path, "draft_num_layers": 1, "adaptive": False}
+    config = {"method": "draft", "model": path, "draft_layers": 1, "adaptive": False}
     runs = [outputs(LLM(path, dtype="float32", kv_cache_memory="4MiB", speculative_config=config), PROMPTS[:3], params)
             for _ in range(2)]
     assert runs[0] == runs[1]
@@ -177,7 +177,7 @@ def test_rejected_drafts_leave_no_blocks_and_no_stale_kv(tiny_models, reference)
     path = str(tiny_models["llama"])
     engine = LLMEngine(path, dtype="float32", kv_cache_memory="4MiB", block_size=4,
                        speculative_config={"method": "draft", "model": str(tiny_models["llama-tied"]),
-                                           "draft_num_layers": 1, "adaptive": False, "num_speculative_tokens": 6})
+                                           "draft_layers": [1], "adaptive": False, "num_speculative_tokens": 6})
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), prompt, GREEDY)
     draft = engine.speculator.draft
@@ -255,7 +255,7 @@ def test_a_compute_bound_batch_gets_fewer_drafts():
 def test_a_draft_that_never_agrees_stops_being_used(tiny_models):
     path = str(tiny_models["llama"])
     llm = LLM(path, dtype="float32", kv_cache_memory="4MiB",
-              speculative_config={"method": "draft", "model": str(tiny_models["llama-tied"]), "draft_num_layers": 1})
+              speculative_config={"method": "draft", "model": str(tiny_models["llama-tied"]), "draft_layers": 1})
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=120, ignore_eos=True), use_tqdm=False)[0]
     stats = llm.engine.speculator.stats
     assert out.metrics.spec_draft_tokens == stats.draft_tokens < 119 * 4 / 2  # it stopped proposing most steps
@@ -269,16 +269,16 @@ def test_bad_speculative_configs_are_refused_by_name(tiny_models):
                       ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                       ({"prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
                       ({"k": 3}, "unknown keys"), ("{not json", "not a JSON object"),
-                      ({"draft_num_layers": 0}, "draft_num_layers")]:
+                      ({"draft_layers": 0}, "draft_layers")]:
         with pytest.raises(InvalidParameterError, match=says):
             SpeculativeConfig.of(bad)
     path = str(tiny_models["llama"])
     with pytest.raises(InvalidParameterError, match="vocabulary"):
         LLMEngine(path, kv_cache_memory="2MiB", speculative_config={"method": "draft",
                                                                    "model": str(_other_vocab(tiny_models))})
-    with pytest.raises(InvalidParameterError, match="draft_num_layers"):
+    with pytest.raises(InvalidParameterError, match="draft_layers"):
         LLMEngine(path, kv_cache_memory="2MiB", speculative_config={"method": "draft", "model": path,
-                                                                   "draft_num_layers": 9})
+                                                                   "draft_layers": 9})
 
 
 def _other_vocab(tiny_models):

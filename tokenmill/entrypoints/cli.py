@@ -68,8 +68,8 @@ def engine_parent() -> argparse.ArgumentParser:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (prompt lookup) or \'{"method": '
-                        '"draft", "model": PATH, "draft_num_layers": 8}\'; keys: method, num_speculative_tokens, '
-                        'prompt_lookup_max, prompt_lookup_min, model, draft_num_layers, adaptive (default: off)')
+                        '"draft", "model": PATH, "draft_layers": 8}\'; keys: method, num_speculative_tokens, '
+                        'prompt_lookup_max, prompt_lookup_min, model, draft_layers, adaptive (default: off)')
     g = p.add_argument_group("energy and cost")
     g.add_argument("--energy-meter", default=None,
                    help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "

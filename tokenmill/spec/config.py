@@ -19,7 +19,11 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram: the longest suffix of the context looked up
     prompt_lookup_min: int = 1  # ngram: the shortest
     model: str | None = None  # draft: a Hugging Face folder, .gguf file or hub id (None: the default model)
-    draft_num_layers: int | None = None  # draft: keep only the model's first layers (a truncated draft)
+    # draft: the checkpoint's layers to keep, in order: N (the first N) or a list of indices (e.g. the
+    # first and last few: a self-speculative draft that skips the middle of the target)
+    draft_layers: int | list[int] | None = None
+    draft_dtype: str | None = None  # draft: its own dtype (None: the target's), e.g. bfloat16 under a float32 target
+    draft_quantization: str | None = None  # draft: its own weights (None: the target's setting), e.g. int4
     adaptive: bool = True  # choose k per request from its acceptance and the measured step costs
 
     def __post_init__(self):
@@ -33,9 +37,15 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise InvalidParameterError("speculative_config.prompt_lookup_min",
                                         f"{self.prompt_lookup_min} is above prompt_lookup_max {self.prompt_lookup_max}")
-        if self.draft_num_layers is not None and (not isinstance(self.draft_num_layers, int) or self.draft_num_layers < 1):
-            raise InvalidParameterError("speculative_config.draft_num_layers",
-                                        f"must be an integer >= 1, got {self.draft_num_layers!r}")
+        layers = self.draft_layers
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = list(range(layers))
+        if layers is not None and (not isinstance(layers, list) or not layers
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                                   or len(set(layers)) < len(layers)):
+            raise InvalidParameterError("speculative_config.draft_layers", "must be a number of layers >= 1 or a list "
+                                        f"of distinct layer indices, got {self.draft_layers!r}")
+        self.draft_layers = layers
 
     @classmethod
     def of(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":

@@ -4,22 +4,29 @@ Speculation often makes things slower (users of vLLM and llama.cpp report it): e
 token costs drafting time and a row of the verification pass, and pays only if accepted. The
 controller keeps, per request, a running estimate of the per-token acceptance rate alpha, so
 the expected tokens from k drafts are 1 + alpha + ... + alpha^k, and the measured cost of a
-step as a function of its token count. For each request with a proposal it picks the k (0
-included) that maximises the step's expected tokens per second, given the drafts already
-chosen for others; k = 0 means the request decodes normally this step. A request that stops
-speculating is still observed: for n-gram lookup the guess it would have made is checked
-against the token it got (free), and otherwise its evidence decays toward the prior, so it
-tries again later and resumes when it pays.
+step as a function of its token count (and of a draft model's forward). For each request with
+a proposal it picks the k (0 included) that maximises the step's expected tokens per second,
+given the drafts already chosen for others; k = 0 means the request decodes normally.
+
+A new request starts from the acceptance seen over all requests (so a good draft is used from
+the first step, a bad one is not), and until a few verifications have been seen at all every
+request probes with its full k. A request that stops speculating is still observed: for
+n-gram lookup the guess it would have made is checked against the token it got (free); with
+a draft model, its evidence decays toward the overall rate and every PROBE_EVERY idle steps it
+verifies one draft. So it resumes when speculation pays again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PRIOR_ALPHA = 0.5  # acceptance before any evidence: optimistic enough to try
-PRIOR_WEIGHT = 2.0  # pseudo-trials behind the prior
-FORGET = 0.9  # weight of older evidence per round, so alpha follows the text as it changes
-IDLE_DECAY = 0.97  # per step without speculation or shadow evidence: drift back toward the prior
+PRIOR_ALPHA = 0.5  # acceptance before any evidence at all
+PRIOR_WEIGHT = 2.0  # pseudo-trials behind a request's prior (the overall rate)
+FORGET = 0.9  # weight of a request's older evidence per round, so alpha follows the text as it changes
+OVERALL_FORGET = 0.99  # the same for the rate over all requests
+EXPLORE_TRIALS = 8  # until this many draft trials were verified overall, every request probes with its full k
+IDLE_DECAY = 0.97  # per step without speculation or shadow evidence: drift back toward the overall rate
+PROBE_EVERY = 32  # idle steps after which a request without shadow evidence verifies one draft
 MIN_GAIN = 1.02  # a k must raise expected throughput by 2% to be chosen
 
 
@@ -32,7 +39,8 @@ class StepCost:
     """Seconds of a step against its token count, learned online: a moving average per power-of-two
     bucket of the count, interpolated linearly between the buckets seen."""
 
-    def __init__(self, smoothing: float = 0.2):
+    def __init__(self, unmeasured: float = 1.0, smoothing: float = 0.2):
+        self.unmeasured = unmeasured  # what any step costs before one is measured
         self.smoothing = smoothing
         self._buckets: dict[int, tuple[float, float]] = {}  # bucket -> (mean tokens, mean seconds)
 
@@ -48,12 +56,12 @@ class StepCost:
         self._buckets[bucket] = (t + a * (tokens - t), s + a * (seconds - s))
 
     def seconds(self, tokens: int) -> float:
-        """Predicted step time; with nothing measured every count costs 1 (flat: speculation looks free)."""
+        """Predicted step time; with nothing measured, `unmeasured` whatever the count."""
         points = sorted(self._buckets.values())
         if not points:
-            return 1.0
-        if tokens <= points[0][0] or len(points) == 1:
-            return points[0][1] if tokens <= points[0][0] else points[0][1] * tokens / points[0][0]
+            return self.unmeasured
+        if tokens <= points[0][0] or len(points) == 1:  # one size seen: flat (optimistic until measured)
+            return points[0][1]
         for (t0, s0), (t1, s1) in zip(points, points[1:]):
             if tokens <= t1:
                 return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0) if t1 > t0 else s1
@@ -66,58 +74,78 @@ class StepCost:
 class _Acceptance:
     accepted: float = 0.0
     trials: float = 0.0
+    idle_steps: int = 0  # steps since it last verified a draft or was checked by a shadow guess
 
-    @property
-    def alpha(self) -> float:
-        return (self.accepted + PRIOR_ALPHA * PRIOR_WEIGHT) / (self.trials + PRIOR_WEIGHT)
+    def alpha(self, prior: float) -> float:
+        return (self.accepted + prior * PRIOR_WEIGHT) / (self.trials + PRIOR_WEIGHT)
 
-    def add(self, accepted: int, trials: int) -> None:
-        self.accepted = FORGET * self.accepted + accepted
-        self.trials = FORGET * self.trials + trials
+    def add(self, accepted: int, trials: int, forget: float = FORGET) -> None:
+        self.accepted = forget * self.accepted + accepted
+        self.trials = forget * self.trials + trials
+        self.idle_steps = 0
 
     def decay(self) -> None:
         self.accepted *= IDLE_DECAY
         self.trials *= IDLE_DECAY
+        self.idle_steps += 1
 
 
 class SpecController:
-    def __init__(self, max_k: int, adaptive: bool = True):
+    def __init__(self, max_k: int, adaptive: bool = True, draft_cost: StepCost | None = None):
         self.max_k = max_k
         self.adaptive = adaptive
-        self.target_cost = StepCost()  # the target's step, by tokens computed
-        self.draft_seconds_per_token = 0.0  # what proposing one draft token costs (n-gram: ~0)
+        self.target_cost = StepCost()  # the target's step by tokens computed; flat until measured
+        self.draft_cost = draft_cost  # a draft model's seconds per drafted token by sequences drafting (None: free)
         self._acceptance: dict[int, _Acceptance] = {}
+        self._overall = _Acceptance()
         self._shadow: dict[int, int] = {}  # seq_id -> the first token it would have proposed
 
+    @property
+    def overall_alpha(self) -> float:
+        o = self._overall
+        return o.accepted / o.trials if o.trials else PRIOR_ALPHA
+
     def alpha(self, seq_id: int) -> float:
-        return self._acceptance.get(seq_id, _Acceptance()).alpha
+        return self._acceptance.get(seq_id, _Acceptance()).alpha(self.overall_alpha)
 
     def choose(self, caps: dict[int, int], step_tokens: int, decodes: int) -> dict[int, int]:
         """k per sequence (seq_id -> at most caps[seq_id]), for a step that computes `step_tokens`
-        tokens and samples for `decodes` sequences without drafts; sequences left out decode normally."""
-        if not self.adaptive:
+        tokens and samples for `decodes` sequences without drafts; sequences left out decode normally.
+
+        The m requests most likely to accept draft k tokens each (draft rounds are batched: one
+        forward per draft position for all m): the (m, k) with the most expected tokens per second.
+        """
+        if not self.adaptive or self._overall.trials < EXPLORE_TRIALS:
             return {sid: min(cap, self.max_k) for sid, cap in caps.items()}
-        tokens, extra, draft_time = float(max(decodes, 1)), 0, 0.0
-        chosen: dict[int, int] = {}
-        for sid, cap in caps.items():
-            alpha = self.alpha(sid)
-            now = tokens / (self.target_cost.seconds(step_tokens + extra) + draft_time)
-            best_k, best = 0, now * MIN_GAIN
-            for k in range(1, min(cap, self.max_k) + 1):
-                rate = (tokens - 1 + expected_tokens(alpha, k)) / (
-                    self.target_cost.seconds(step_tokens + extra + k) + draft_time + k * self.draft_seconds_per_token)
-                if rate > best:
-                    best_k, best = k, rate
-            if best_k:
-                chosen[sid] = best_k
-                tokens += expected_tokens(alpha, best_k) - 1
-                extra += best_k
-                draft_time += best_k * self.draft_seconds_per_token
+        ranked = sorted(caps, key=self.alpha, reverse=True)
+        alphas = [self.alpha(sid) for sid in ranked]
+        decodes = max(decodes, 1)
+        best_rate = decodes / self.target_cost.seconds(step_tokens) * MIN_GAIN
+        best_m = best_k = 0
+        for m in range(1, len(ranked) + 1):
+            round_seconds = self.draft_cost.seconds(m) * m if self.draft_cost else 0.0
+            for k in range(1, self.max_k + 1):
+                ks = [min(k, caps[sid]) for sid in ranked[:m]]
+                tokens = decodes - m + sum(expected_tokens(a, kk) for a, kk in zip(alphas, ks))
+                rate = tokens / (self.target_cost.seconds(step_tokens + sum(ks)) + k * round_seconds)
+                if rate > best_rate:
+                    best_rate, best_m, best_k = rate, m, k
+        chosen = {sid: min(best_k, caps[sid]) for sid in ranked[:best_m]}
+        for sid in ranked[best_m:]:
+            if self._probe_due(sid):
+                chosen[sid] = 1
         return chosen
+
+    def _probe_due(self, seq_id: int) -> bool:
+        """A draft-model request idle for PROBE_EVERY steps verifies one draft to see if it pays again."""
+        acceptance = self._acceptance.get(seq_id)
+        return self.draft_cost is not None and acceptance is not None and acceptance.idle_steps >= PROBE_EVERY
 
     def observe(self, seq_id: int, proposed: int, accepted: int) -> None:
         """A verification: `accepted` of `proposed` drafts kept (the first rejection ends the trials)."""
-        self._acceptance.setdefault(seq_id, _Acceptance()).add(accepted, accepted + (accepted < proposed))
+        trials = accepted + (accepted < proposed)
+        self._acceptance.setdefault(seq_id, _Acceptance()).add(accepted, trials)
+        self._overall.add(accepted, trials, OVERALL_FORGET)
 
     def shadow(self, seq_id: int, first_token: int) -> None:
         """A proposal made but not verified: check it against the token the step gives instead."""
@@ -131,6 +159,7 @@ class SpecController:
             acceptance.decay()
         else:
             acceptance.add(int(guess == token), 1)
+            self._overall.add(int(guess == token), 1, OVERALL_FORGET)
 
     def forget(self, seq_id: int) -> None:
         self._acceptance.pop(seq_id, None)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 
-from tokenmill.config import ModelConfig, architecture_of, resolve_quantization
+from tokenmill.config import ModelConfig, architecture_of, resolve_dtype, resolve_quantization
 from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
@@ -28,8 +29,10 @@ from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.loader import load_checkpoint
 from tokenmill.sequence import Sequence
 from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.controller import StepCost
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
+CATCH_UP_TOKENS = 4  # per sequence: a propose that feeds more is a prefill, left out of the cost
 
 
 @dataclass(eq=False)
@@ -49,38 +52,44 @@ class DraftModel:
         ckpt = load_checkpoint(config.model)
         hf = copy.deepcopy(ckpt.hf_config)
         model_class(architecture_of(hf))
-        keep = config.draft_num_layers
+        keep = config.draft_layers
         if keep is not None:
-            if keep > hf.num_hidden_layers:
-                raise InvalidParameterError("speculative_config.draft_num_layers",
-                                            f"{keep} is more than the draft's {hf.num_hidden_layers} layers")
-            hf.num_hidden_layers = keep
+            if max(keep) >= hf.num_hidden_layers:
+                raise InvalidParameterError("speculative_config.draft_layers",
+                                            f"layer {max(keep)} is beyond the draft's {hf.num_hidden_layers} layers")
+            hf.num_hidden_layers = len(keep)
         self.model_config = ModelConfig.from_hf(hf)
         if self.model_config.vocab_size != vocab_size:
             raise InvalidParameterError("speculative_config.model", f"the draft's vocabulary has "
                                         f"{self.model_config.vocab_size} tokens, the target's {vocab_size}: they must "
                                         "share one tokenizer")
-        self.name = ckpt.name if keep is None else f"{ckpt.name} (first {keep} layers)"
-        quant = resolve_quantization(quantization, ckpt.native_quantization, quantization_group_size)
+        self.name = ckpt.name if keep is None else f"{ckpt.name} (layers {keep})"
+        dtype = resolve_dtype(config.draft_dtype or dtype, device)
+        quant = resolve_quantization(config.draft_quantization or quantization, ckpt.native_quantization,
+                                     quantization_group_size)
         weights = ckpt.weights(packed=quant is not None and quant.method == "int4")
         if keep is not None:
-            weights = ((name, t) for name, t in weights if not _beyond(name, keep))
+            weights = _renumbered(weights, {old: new for new, old in enumerate(keep)})
         self.runner = ModelRunner(self.model_config, weights, dtype, device, num_blocks, block_size, max_model_len,
                                   seed, quant)
         self.kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=False)
         self._states: dict[int, _DraftState] = {}
+        # seconds per drafted token (catch-up feeds and every draft round included) by sequences drafting
+        self.cost = StepCost(unmeasured=0.0)
 
     @torch.inference_mode()
     def propose(self, ks: dict[Sequence, int]) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
         """Draft ks[seq] tokens for each sequence; returns the tokens and, for sampling sequences, the
         distributions they were drawn from ([k, vocab], by seq_id). A sequence the draft cache has no
         room for gets no draft."""
+        started = time.perf_counter()
         pending: dict[Sequence, list[int]] = {}  # tokens to feed next, per sequence still drafting
         for seq, k in ks.items():
             state = self.sync(seq)
             if state.num_computed_tokens == seq.num_tokens:  # the last token is fed: feed it again for logits
                 self._cut(state, seq.num_tokens - 1)
             pending[seq] = seq.token_ids[state.num_computed_tokens:]
+        catch_up = sum(len(tokens) for tokens in pending.values())
         drafts: dict[int, list[int]] = {seq.seq_id: [] for seq in ks}
         probs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in ks if not seq.params.greedy}
         while pending:
@@ -106,6 +115,9 @@ class DraftModel:
                     pending[seq] = [token]
                 else:
                     del pending[seq]
+        drafted = sum(len(d) for d in drafts.values())
+        if drafted and catch_up <= CATCH_UP_TOKENS * len(ks):  # a prompt's first feed is not drafting work
+            self.cost.observe(len(ks), (time.perf_counter() - started) / drafted)
         return drafts, {sid: torch.stack(rows) for sid, rows in probs.items() if rows}
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], probs: dict[int, list[torch.Tensor]]) -> list[int]:
@@ -158,6 +170,11 @@ class DraftModel:
         return {sid: state.num_computed_tokens for sid, state in self._states.items()}
 
 
-def _beyond(name: str, keep: int) -> bool:
-    match = _LAYER.search(name)
-    return match is not None and int(match.group(1)) >= keep
+def _renumbered(weights, new_index: dict[int, int]):
+    """The weights of the kept layers, renamed to their place in the draft; other layers' dropped."""
+    for name, tensor in weights:
+        match = _LAYER.search(name)
+        if match is None:
+            yield name, tensor
+        elif int(match.group(1)) in new_index:
+            yield f"{name[:match.start()]}layers.{new_index[int(match.group(1))]}.{name[match.end():]}", tensor

@@ -9,7 +9,6 @@ verifies, and the engine reports each verification (`observe`) and each plain de
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,6 @@ from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.controller import SpecController
 from tokenmill.spec.draft_model import DraftModel
 from tokenmill.spec.ngram import propose_ngram
-
-DRAFT_COST_SMOOTHING = 0.2
 
 
 @dataclass
@@ -48,7 +45,8 @@ class Speculator:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.draft = draft
-        self.controller = SpecController(config.num_speculative_tokens, config.adaptive)
+        self.controller = SpecController(config.num_speculative_tokens, config.adaptive,
+                                         draft.cost if draft is not None else None)
         self.stats = SpecStats()
         self.draft_probs: dict[int, torch.Tensor] = {}  # this step's proposal distributions, by seq_id
 
@@ -60,7 +58,6 @@ class Speculator:
         return max(0, min(self.config.num_speculative_tokens, room - 1))
 
     def propose(self, running: list[Sequence]) -> None:
-        started = time.perf_counter()
         self.draft_probs = {}
         for seq in running:
             seq.draft_token_ids = []
@@ -87,11 +84,6 @@ class Speculator:
             drafts, self.draft_probs = self.draft.propose({by_id[sid]: k for sid, k in ks.items()})
             for sid, tokens in drafts.items():
                 by_id[sid].draft_token_ids = tokens
-        drafted = sum(len(s.draft_token_ids) for s in decoding)
-        if drafted:
-            per_token = (time.perf_counter() - started) / drafted
-            self.controller.draft_seconds_per_token += DRAFT_COST_SMOOTHING * (
-                per_token - self.controller.draft_seconds_per_token)
 
     def record_step(self, tokens: int, seconds: float) -> None:
         self.controller.target_cost.observe(tokens, seconds)

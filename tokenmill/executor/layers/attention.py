@@ -3,10 +3,12 @@
 The cache of each layer (kv_cache.py) holds [num_slots, 2, kv_heads, head_dim] (K then V);
 slot `block * block_size + offset` holds one token. Each step writes the new tokens' K/V to their
 slots, then reads every sequence's context back through its block table. Decodes (one query
-each) are attended in a few padded SDPA calls, one per group of similar context lengths (a
-gather of the padded context is most of a decode step's attention cost, so padding a short
-context to the longest one would waste it); each prefill chunk gets its own call
-with a causal mask shifted by the tokens already cached. Query heads that share a KV head
+each) and short spans after a cached context (up to SHORT_SPAN queries: the k + 1 tokens a
+speculative verification computes, a draft model's catch-up) are attended in a few padded SDPA
+calls, one per group of similar context lengths (a gather of the padded context is most of a
+decode step's attention cost, so padding a short context to the longest one would waste it);
+a span's queries are padded to the group's longest span and masked causally. Each longer
+prefill chunk gets its own call with a causal mask shifted by the tokens already cached. Query heads that share a KV head
 are folded into the query-length axis, so grouped-query attention needs no K/V copies.
 With an 8-bit cache a first prefill chunk also reads its K/V back from the cache, so every
 token attends to the same quantized K/V whichever step computes it.
@@ -24,9 +26,13 @@ from tokenmill.executor.layers.kv_cache import KVCache
 
 @dataclass
 class DecodeGroup:
-    rows: torch.Tensor | None  # [B] rows of the flat batch that are decodes; None: every row is one
+    """B sequences with Q queries each at most (1 for decodes), attended in one padded call."""
+
+    rows: torch.Tensor | None  # [B, Q] rows of the flat batch; a short span's padding repeats its last row;
+    # None: every row of the batch is one decode, in order
     slots: torch.Tensor  # [B, L] cache slots of each sequence's context, padded with null slots
-    mask: torch.Tensor | None  # [B, 1, 1, L] True where attended; None if nothing is padded
+    mask: torch.Tensor | None  # [B, 1, Q * group, L] True where attended; None if nothing is masked
+    valid: torch.Tensor | None  # [B, Q] the real (not padding) queries; None: all are real
 
 
 @dataclass
@@ -46,6 +52,8 @@ class AttentionMetadata:
 
 # A decode group's shortest context is at least this fraction of its longest.
 DECODE_GROUP_MIN_FILL = 0.7
+# Spans of at most this many tokens after a cached context are attended like decodes.
+SHORT_SPAN = 16
 
 
 def build_metadata(
@@ -59,18 +67,20 @@ def build_metadata(
 ) -> AttentionMetadata:
     """Index tensors for one step: sequence i computes positions starts[i] .. starts[i]+lengths[i]-1."""
     slot_mapping: list[int] = []
-    decode_rows: list[int] = []
+    decode_rows: list[int] = []  # first row of each decode or short span
     decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
+    decode_lens: list[int] = []  # its context length, new tokens included
+    decode_queries: list[int] = []  # its new tokens
     prefills: list[PrefillChunk] = []
     row = 0
     for table, start, length in zip(block_tables, starts, lengths):
         end = start + length
         slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        if length == 1:
+        if length == 1 or (start > 0 and length <= SHORT_SPAN):
             decode_rows.append(row)
             decode_tables.append(table)
             decode_lens.append(end)
+            decode_queries.append(length)
         else:
             slots = None if start == 0 else _slots(torch.tensor(table, dtype=torch.long), end, block_size).to(device)
             mask = _causal_mask(start, end, sliding_window).repeat_interleave(group, dim=0).to(device)
@@ -84,9 +94,10 @@ def build_metadata(
         order = order[len(take):]
         take.sort()  # rows in batch order, so a group that is the whole batch needs no row index
         decodes.append(_decode_group([decode_rows[i] for i in take], [decode_tables[i] for i in take],
-                                     [decode_lens[i] for i in take], block_size, sliding_window, device))
-    if len(decodes) == 1 and not prefills:
-        decodes[0].rows = None  # the group is the whole batch, in order
+                                     [decode_lens[i] for i in take], [decode_queries[i] for i in take],
+                                     block_size, group, sliding_window, device))
+    if len(decodes) == 1 and not prefills and decodes[0].valid is None and decodes[0].rows.shape[1] == 1:
+        decodes[0].rows = None  # the group is the whole batch of decodes, in order
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decodes, prefills)
 
 
@@ -105,21 +116,30 @@ def _causal_mask(start: int, end: int, window: int | None) -> torch.Tensor:
     return mask
 
 
-def _decode_group(rows, tables, lens, block_size, window, device) -> DecodeGroup:
-    max_len = max(lens)
+def _decode_group(rows, tables, lens, queries, block_size, group, window, device) -> DecodeGroup:
+    max_len, max_q = max(lens), max(queries)
     max_blocks = -(-max_len // block_size)
     table = torch.zeros(len(tables), max_blocks, dtype=torch.long)  # 0 = null block
     for i, t in enumerate(tables):
         table[i, : len(t[:max_blocks])] = torch.tensor(t[:max_blocks], dtype=torch.long)
     pos = torch.arange(max_len)
     slots = table[:, pos // block_size] * block_size + pos % block_size
-    lens_t = torch.tensor(lens)
-    valid = pos[None, :] < lens_t[:, None]
+    lens_t, queries_t = torch.tensor(lens), torch.tensor(queries)
+    j = torch.arange(max_q)
+    # Query j of a span sits at position lens - queries + j; padding queries repeat the last one.
+    q_pos = lens_t[:, None] - queries_t[:, None] + torch.minimum(j[None, :], queries_t[:, None] - 1)  # [B, Q]
+    attended = pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]: causal, and never past the context
     if window is not None:
-        valid &= pos[None, :] > lens_t[:, None] - 1 - window
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
-    mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
-    return DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device), slots.to(device), mask)
+        attended &= pos[None, None, :] > q_pos[:, :, None] - window
+    seen = attended.any(dim=1)  # [B, L]: slots some query reads; the others point at the null block
+    slots = torch.where(seen, slots, torch.zeros_like(slots))
+    rows_t = torch.tensor(rows)[:, None] + torch.minimum(j[None, :], queries_t[:, None] - 1)
+    if bool(attended.all()):
+        mask = None
+    else:  # decodes: one row for all G heads (broadcast); spans: each query's row repeated for its G heads
+        mask = (attended[:, None] if max_q == 1 else attended.repeat_interleave(group, dim=1)[:, None]).to(device)
+    valid = None if max_q == 1 or bool((queries_t == max_q).all()) else (j[None, :] < queries_t[:, None]).to(device)
+    return DecodeGroup(rows_t.to(device), slots.to(device), mask, valid)
 
 
 def paged_attention(
@@ -138,7 +158,11 @@ def paged_attention(
         return _decode_attention(q, cache, meta.decodes[0], kv_heads, group, scale).reshape(tokens, heads * head_dim)
     out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
     for d in meta.decodes:
-        out[d.rows] = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale).reshape(-1, heads * head_dim)
+        o = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale)  # [B, Q, heads * hd]
+        if d.valid is None:
+            out[d.rows.reshape(-1)] = o.reshape(-1, heads * head_dim)
+        else:
+            out[d.rows[d.valid]] = o[d.valid]
     for p in meta.prefills:
         n = p.end - p.start
         # [Q, kvh, G, hd] -> [1, kvh, Q * G, hd]: query heads of one KV head become extra query rows
@@ -155,9 +179,18 @@ def paged_attention(
 
 
 def _decode_attention(q, cache, d: DecodeGroup, kv_heads: int, group: int, scale: float) -> torch.Tensor:
-    """One query per sequence, all sequences in one padded SDPA call; returns [B, kvh, G, hd]."""
+    """Q queries per sequence ([B, Q, heads, hd], or [B, heads, hd] for the whole-batch decode), all
+    sequences in one padded SDPA call; returns [B, Q, heads * hd] ([B, kvh, G, hd] for the latter)."""
     batch, length = d.slots.shape
     ctx = cache.read(d.slots.view(-1)).view(batch, length, *cache.data.shape[1:])  # [B, L, 2, kvh, hd]
-    qd = q.view(-1, kv_heads, group, q.shape[-1])
-    return F.scaled_dot_product_attention(qd, ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
-                                          attn_mask=d.mask, scale=scale)
+    k, v = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)
+    if q.dim() == 3:  # one decode per sequence: the G query heads of a KV head are its query rows
+        return F.scaled_dot_product_attention(q.view(-1, kv_heads, group, q.shape[-1]), k, v, attn_mask=d.mask,
+                                              scale=scale)
+    _, queries, heads, head_dim = q.shape
+    # [B, Q, kvh, G, hd] -> [B, kvh, Q * G, hd]: query j's heads of KV head h are rows j*G .. j*G+G-1
+    qd = q.view(batch, queries, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
+        batch, kv_heads, queries * group, head_dim)
+    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=d.mask, scale=scale)
+    return o.view(batch, kv_heads, queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
+        batch, queries, heads * head_dim)
