@@ -69,6 +69,8 @@ def main() -> int:
     p.add_argument("--tenant", action="append", default=None, metavar="SPEC",
                    help="replace the default tenants (same syntax as `tokenmill bench serve --tenant`)")
     p.add_argument("--tokenmill-args", default="--max-num-seqs 8", help="`tokenmill serve` flags for every policy")
+    p.add_argument("--sjf-seconds-per-token", type=float, nargs="+", default=[0.1],
+                   help="run sjf once per value (how much waiting outweighs predicted length; default: 0.1)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let outputs end at EOS, so lengths are the model's and the estimator has to learn them")
     p.add_argument("--output-json", default="results/scheduling_policies.json")
@@ -77,9 +79,15 @@ def main() -> int:
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
-    for policy in args.policies:
-        results[policy] = run_policy(policy, args.tokenmill_args.split(), tenants, args.ignore_eos,
-                                     out.with_name(f"scheduling_{policy}.log"))
+    runs = [(p, []) for p in args.policies if p != "sjf"]
+    if "sjf" in args.policies:
+        at = args.policies.index("sjf")
+        runs[at:at] = [(f"sjf {v} s/token" if len(args.sjf_seconds_per_token) > 1 else "sjf",
+                        ["--sjf-seconds-per-token", str(v)]) for v in args.sjf_seconds_per_token]
+    for label, flags in runs:
+        policy = label.split()[0]
+        results[label] = run_policy(policy, [*args.tokenmill_args.split(), *flags], tenants, args.ignore_eos,
+                                    out.with_name(f"scheduling_{label.replace(' ', '_').replace('/', '')}.log"))
         out.write_text(json.dumps({"config": vars(args), "tenants": [vars(t) for t in tenants],
                                    "results": results}, indent=2))
     names = [t.name for t in tenants]
@@ -93,9 +101,10 @@ def main() -> int:
                 continue
             print(f"{policy}: overall median {e2e['median_ms'] / base['median_ms']:.2f}x fcfs, "
                   f"p99 {e2e['p99_ms'] / base['p99_ms']:.2f}x fcfs")
-    if "sjf" in results:
-        est = results["sjf"]["estimator"]
-        print("sjf length estimator: " + ", ".join(f"{k} {est.get(k, float('nan')):.2f}" for k in ESTIMATOR))
+    for label, r in results.items():
+        if r["estimator"]:
+            print(f"{label} length estimator: " + ", ".join(f"{k} {r['estimator'].get(k, float('nan')):.2f}"
+                                                          for k in ESTIMATOR))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -247,7 +247,7 @@ class LLMEngine:
         started = time.perf_counter()
         result = self.runner.execute(plan.chunks, blocked, self.speculator.draft_probs if self.speculator else None)
         if self.speculator is not None:
-            self.speculator.record_step(plan.num_tokens, time.perf_counter() - started)
+            self.speculator.record_step(plan.chunks, time.perf_counter() - started, sum(result.counts))
         self.accountant.end(plan.chunks, chunk_metrics)
         for chunk, metrics in zip(plan.chunks, chunk_metrics):
             if not chunk.draft:  # a verified chunk's computed tokens are known once the sampler decided

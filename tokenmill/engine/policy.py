@@ -20,6 +20,10 @@ short (the scheduler asks `outranks`). The scheduler tells the policy what happe
   only by requests arriving less than `seconds_per_token * (its predicted remaining tokens)`
   seconds after it (no starvation), and as the estimator's reliability falls to 0 (it
   predicts no better than a constant) the key falls back to arrival order, i.e. FCFS.
+  Preemptive by the same key, so a burst of long requests cannot hold every seat while short
+  ones queue; a running request's key falls as it progresses, so it is preempted only by
+  requests that arrive soon after it, and its computed blocks stay in the prefix cache for
+  the recompute.
 - fair: weighted fair share of computed tokens across tenants (the `user` field), as the
   virtual token counter of Sheng et al. ("Fairness in Serving Large Language Models", 2024):
   the tenant with the fewest tokens served per unit of weight goes first, and a tenant that
@@ -215,6 +219,7 @@ class ShortestJobFirstPolicy(Policy):
     """Shortest predicted remaining work first, aged by arrival (see the module docstring)."""
 
     name = "sjf"
+    preemptive = True  # a short request may take the seat of a long one that arrived not much earlier
 
     def __init__(self, max_model_len: int, seconds_per_token: float = 0.1,
                  estimator: LengthEstimator | None = None):

@@ -4,16 +4,21 @@ Speculation often makes things slower (users of vLLM and llama.cpp report it): e
 token costs drafting time and a row of the verification pass, and pays only if accepted. The
 controller keeps, per request, a running estimate of the per-token acceptance rate alpha, so
 the expected tokens from k drafts are 1 + alpha + ... + alpha^k, and the measured cost of a
-step as a function of its token count (and of a draft model's forward). For each request with
-a proposal it picks the k (0 included) that maximises the step's expected tokens per second,
-given the drafts already chosen for others; k = 0 means the request decodes normally.
+step as a function of its token count (and of a draft model's seconds per drafted token).
+Each step it picks the m requests likeliest to accept and one k for them (a draft model's
+rounds are batched, one forward per draft position) that maximise the step's expected tokens
+per second; everyone else, and everyone when nothing beats plain decoding by 2%, decodes
+normally.
 
 A new request starts from the acceptance seen over all requests (so a good draft is used from
 the first step, a bad one is not), and until a few verifications have been seen at all every
 request probes with its full k. A request that stops speculating is still observed: for
 n-gram lookup the guess it would have made is checked against the token it got (free); with
 a draft model, its evidence decays toward the overall rate and every PROBE_EVERY idle steps it
-verifies one draft. So it resumes when speculation pays again.
+verifies one draft, when a request with the overall acceptance would gain from drafting. So it
+resumes when speculation pays again. The model can be wrong, so the clock has the last word:
+for each batch size, decode steps with and without drafts are timed (proposing included), and
+while drafting measures slower, only one step in PROBE_EVERY may draft.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ EXPLORE_TRIALS = 8  # until this many draft trials were verified overall, every 
 IDLE_DECAY = 0.97  # per step without speculation or shadow evidence: drift back toward the overall rate
 PROBE_EVERY = 32  # idle steps after which a request without shadow evidence verifies one draft
 MIN_GAIN = 1.02  # a k must raise expected throughput by 2% to be chosen
+REALIZED_SMOOTHING = 0.1  # of the measured tokens per second of decode steps, with and without drafts
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -71,6 +77,27 @@ class StepCost:
 
 
 @dataclass
+class _Realized:
+    """Measured tokens per second of decode steps of one batch size, with drafts and without."""
+
+    spec: float | None = None
+    plain: float | None = None
+    held_back: int = 0  # steps since the last one allowed to draft while drafting measured slower
+
+    def add(self, drafted: bool, rate: float) -> None:
+        old = self.spec if drafted else self.plain
+        new = rate if old is None else old + REALIZED_SMOOTHING * (rate - old)
+        if drafted:
+            self.spec = new
+        else:
+            self.plain = new
+
+    @property
+    def losing(self) -> bool:
+        return self.spec is not None and self.plain is not None and self.spec < self.plain
+
+
+@dataclass
 class _Acceptance:
     accepted: float = 0.0
     trials: float = 0.0
@@ -99,6 +126,7 @@ class SpecController:
         self._acceptance: dict[int, _Acceptance] = {}
         self._overall = _Acceptance()
         self._shadow: dict[int, int] = {}  # seq_id -> the first token it would have proposed
+        self._realized: dict[int, _Realized] = {}  # by power-of-two bucket of the decoding batch
 
     @property
     def overall_alpha(self) -> float:
@@ -117,6 +145,12 @@ class SpecController:
         """
         if not self.adaptive or self._overall.trials < EXPLORE_TRIALS:
             return {sid: min(cap, self.max_k) for sid, cap in caps.items()}
+        realized = self._realized.setdefault((max(decodes, 1) - 1).bit_length(), _Realized())
+        if realized.losing:  # the cost model said it pays, the clock says it does not: hold back
+            realized.held_back += 1
+            if realized.held_back < PROBE_EVERY:
+                return {}
+            realized.held_back = 0  # one step drafts again, to see whether it pays now
         ranked = sorted(caps, key=self.alpha, reverse=True)
         alphas = [self.alpha(sid) for sid in ranked]
         decodes = max(decodes, 1)
@@ -131,10 +165,18 @@ class SpecController:
                 if rate > best_rate:
                     best_rate, best_m, best_k = rate, m, k
         chosen = {sid: min(best_k, caps[sid]) for sid in ranked[:best_m]}
+        # A request left out only for its own low acceptance, when a typical one would pay, probes now and then.
+        base = decodes / self.target_cost.seconds(step_tokens)
+        one_draft = self.target_cost.seconds(step_tokens + 1) + (self.draft_cost.seconds(1) if self.draft_cost else 0.0)
+        typical_pays = (decodes + self.overall_alpha) / one_draft > base * MIN_GAIN
         for sid in ranked[best_m:]:
-            if self._probe_due(sid):
+            if typical_pays and self._probe_due(sid):
                 chosen[sid] = 1
         return chosen
+
+    def realized(self, decodes: int, drafted: bool, tokens_per_second: float) -> None:
+        """A decode step's measured output rate (proposing included), for the check on the cost model."""
+        self._realized.setdefault((max(decodes, 1) - 1).bit_length(), _Realized()).add(drafted, tokens_per_second)
 
     def _probe_due(self, seq_id: int) -> bool:
         """A draft-model request idle for PROBE_EVERY steps verifies one draft to see if it pays again."""

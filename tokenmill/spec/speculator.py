@@ -9,6 +9,7 @@ verifies, and the engine reports each verification (`observe`) and each plain de
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class Speculator:
                                          draft.cost if draft is not None else None)
         self.stats = SpecStats()
         self.draft_probs: dict[int, torch.Tensor] = {}  # this step's proposal distributions, by seq_id
+        self.propose_seconds = 0.0  # what this step's proposing took
 
     def _cap(self, seq: Sequence) -> int:
         """Most drafts worth verifying: the step emits drafts + 1 tokens, within max_tokens and the context."""
@@ -58,6 +60,8 @@ class Speculator:
         return max(0, min(self.config.num_speculative_tokens, room - 1))
 
     def propose(self, running: list[Sequence]) -> None:
+        started = time.perf_counter()
+        self.propose_seconds = 0.0
         self.draft_probs = {}
         for seq in running:
             seq.draft_token_ids = []
@@ -84,9 +88,14 @@ class Speculator:
             drafts, self.draft_probs = self.draft.propose({by_id[sid]: k for sid, k in ks.items()})
             for sid, tokens in drafts.items():
                 by_id[sid].draft_token_ids = tokens
+        self.propose_seconds = time.perf_counter() - started
 
-    def record_step(self, tokens: int, seconds: float) -> None:
-        self.controller.target_cost.observe(tokens, seconds)
+    def record_step(self, chunks, seconds: float, emitted: int) -> None:
+        """A step ran `chunks` in `seconds` and emitted `emitted` tokens."""
+        self.controller.target_cost.observe(sum(c.num_tokens for c in chunks), seconds)
+        if all(c.sample and c.num_known == 1 for c in chunks):  # a pure decode step: its rate is comparable
+            self.controller.realized(len(chunks), any(c.draft for c in chunks),
+                                     emitted / (seconds + self.propose_seconds))
 
     def observe(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """A verification of `proposed` drafts that kept `accepted` of them."""
