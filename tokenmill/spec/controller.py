@@ -17,8 +17,9 @@ n-gram lookup the guess it would have made is checked against the token it got (
 a draft model, its evidence decays toward the overall rate and every PROBE_EVERY idle steps it
 verifies one draft, when a request with the overall acceptance would gain from drafting. So it
 resumes when speculation pays again. The model can be wrong, so the clock has the last word:
-for each batch size, decode steps with and without drafts are timed (proposing included), and
-while drafting measures slower, only one step in PROBE_EVERY may draft.
+for each batch size, decode steps with and without drafts are timed (proposing included; one
+step in PROBE_EVERY decodes plainly to keep the comparison fresh), and while drafting measures
+slower, only one step in PROBE_EVERY may draft.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class _Realized:
     spec: float | None = None
     plain: float | None = None
     held_back: int = 0  # steps since the last one allowed to draft while drafting measured slower
+    drafting: int = 0  # drafting steps since the last plain one (plain steps are timed now and then too)
 
     def add(self, drafted: bool, rate: float) -> None:
         old = self.spec if drafted else self.plain
@@ -172,6 +174,11 @@ class SpecController:
         for sid in ranked[best_m:]:
             if typical_pays and self._probe_due(sid):
                 chosen[sid] = 1
+        if chosen:
+            realized.drafting += 1
+            if realized.plain is None or realized.drafting >= PROBE_EVERY:
+                realized.drafting = 0
+                return {}  # a plain step, timed, for the comparison
         return chosen
 
     def realized(self, decodes: int, drafted: bool, tokens_per_second: float) -> None:
