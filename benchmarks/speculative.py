@@ -50,8 +50,9 @@ TASKS = {
     "copy": [f"Copy the following passage exactly, fixing only its spelling mistakes:\n\n{p}" for p in PASSAGES],
     "story": [f"Write a short story about {s}." for s in STORIES],
 }
-DRAFT = {"method": "draft", "draft_dtype": "auto", "draft_quantization": "auto"}  # the default engine's form
-METHODS = {"off": None, "ngram": {"method": "ngram"}, "draft": DRAFT}
+DRAFT = {"method": "draft", "draft_dtype": "auto", "draft_quantization": "auto"}  # the default engine form
+METHODS = {"off": None, "ngram": {"method": "ngram"}, "draft": DRAFT,
+           "draft-always": DRAFT | {"adaptive": False}}  # the same draft without the controller, for comparison
 
 
 def decode_rate(outputs) -> float:
@@ -78,7 +79,7 @@ def run(llm: LLM, prompts: list[str], batch: int, params: SamplingParams) -> tup
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["off", "ngram", "draft"], choices=METHODS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     p.add_argument("--batch1-prompts", type=int, default=4, help="prompts of each task run one at a time")
     p.add_argument("--max-tokens", type=int, default=128)

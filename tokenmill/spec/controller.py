@@ -24,7 +24,8 @@ slower, only one step in PROBE_EVERY may draft.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 PRIOR_ALPHA = 0.5  # acceptance before any evidence at all
 PRIOR_WEIGHT = 2.0  # pseudo-trials behind a request's prior (the overall rate)
@@ -34,7 +35,8 @@ EXPLORE_TRIALS = 8  # until this many draft trials were verified overall, every 
 IDLE_DECAY = 0.97  # per step without speculation or shadow evidence: drift back toward the overall rate
 PROBE_EVERY = 32  # idle steps after which a request without shadow evidence verifies one draft
 MIN_GAIN = 1.02  # a k must raise expected throughput by 2% to be chosen
-REALIZED_SMOOTHING = 0.1  # of the measured tokens per second of decode steps, with and without drafts
+REALIZED_WINDOW = 8  # measured decode steps, with and without drafts, that the comparison averages
+REALIZED_MIN = 3  # steps of each kind before the comparison may hold drafting back
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -79,24 +81,21 @@ class StepCost:
 
 @dataclass
 class _Realized:
-    """Measured tokens per second of decode steps of one batch size, with drafts and without."""
+    """Measured tokens per second of decode steps of one batch size, with drafts and without: the
+    mean of the last REALIZED_WINDOW of each."""
 
-    spec: float | None = None
-    plain: float | None = None
+    spec: deque = field(default_factory=lambda: deque(maxlen=REALIZED_WINDOW))
+    plain: deque = field(default_factory=lambda: deque(maxlen=REALIZED_WINDOW))
     held_back: int = 0  # steps since the last one allowed to draft while drafting measured slower
     drafting: int = 0  # drafting steps since the last plain one (plain steps are timed now and then too)
 
     def add(self, drafted: bool, rate: float) -> None:
-        old = self.spec if drafted else self.plain
-        new = rate if old is None else old + REALIZED_SMOOTHING * (rate - old)
-        if drafted:
-            self.spec = new
-        else:
-            self.plain = new
+        (self.spec if drafted else self.plain).append(rate)
 
     @property
     def losing(self) -> bool:
-        return self.spec is not None and self.plain is not None and self.spec < self.plain
+        enough = len(self.spec) >= REALIZED_MIN and len(self.plain) >= REALIZED_MIN
+        return enough and sum(self.spec) / len(self.spec) < sum(self.plain) / len(self.plain)
 
 
 @dataclass
@@ -176,7 +175,7 @@ class SpecController:
                 chosen[sid] = 1
         if chosen:
             realized.drafting += 1
-            if realized.plain is None or realized.drafting >= PROBE_EVERY:
+            if len(realized.plain) < REALIZED_MIN or realized.drafting >= PROBE_EVERY:
                 realized.drafting = 0
                 return {}  # a plain step, timed, for the comparison
         return chosen

@@ -76,6 +76,7 @@ class DraftModel:
         self._states: dict[int, _DraftState] = {}
         # seconds per drafted token (catch-up feeds and every draft round included) by sequences drafting
         self.cost = StepCost(unmeasured=0.0)
+        self.steady = True  # the last propose fed only what the last verification left: a typical draft step
 
     @torch.inference_mode()
     def propose(self, ks: dict[Sequence, int]) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
@@ -116,7 +117,8 @@ class DraftModel:
                 else:
                     del pending[seq]
         drafted = sum(len(d) for d in drafts.values())
-        if drafted and catch_up <= CATCH_UP_TOKENS * len(ks):  # a prompt's first feed is not drafting work
+        self.steady = catch_up <= CATCH_UP_TOKENS * len(ks)  # a prompt's (or a long pause's) first feed is not
+        if drafted and self.steady:                           # the cost of drafting
             self.cost.observe(len(ks), (time.perf_counter() - started) / drafted)
         return drafts, {sid: torch.stack(rows) for sid, rows in probs.items() if rows}
 

@@ -93,9 +93,10 @@ class Speculator:
     def record_step(self, chunks, seconds: float, emitted: int) -> None:
         """A step ran `chunks` in `seconds` and emitted `emitted` tokens."""
         self.controller.target_cost.observe(sum(c.num_tokens for c in chunks), seconds)
-        if all(c.sample and c.num_known == 1 for c in chunks):  # a pure decode step: its rate is comparable
-            self.controller.realized(len(chunks), any(c.draft for c in chunks),
-                                     emitted / (seconds + self.propose_seconds))
+        drafted = any(c.draft for c in chunks)
+        steady = not drafted or self.draft is None or self.draft.steady  # a catch-up prefill is no typical step
+        if steady and all(c.sample and c.num_known == 1 for c in chunks):  # a pure decode step: comparable rates
+            self.controller.realized(len(chunks), drafted, emitted / (seconds + self.propose_seconds))
 
     def observe(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """A verification of `proposed` drafts that kept `accepted` of them."""
