@@ -258,8 +258,11 @@ async def run_serve_benchmark(config: ServeBenchConfig, requests: Sequence[Bench
         requests = build_requests(config)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
     # No connection cap of aiohttp's own (100 by default): only --max-concurrency limits the load, and
-    # before the clock of a request starts, so waiting for a slot does not count as TTFT.
-    connector = aiohttp.TCPConnector(limit=0)
+    # before the clock of a request starts, so waiting for a slot does not count as TTFT. A new
+    # connection per request: servers that close idle keep-alive connections (llama.cpp's does)
+    # would otherwise fail requests sent on a pooled connection they just closed
+    # ("Can not write request body"), a failure of the client, not of the server.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT, headers=headers, connector=connector) as session:
         model = config.model or await fetch_model_name(session, config.base_url)
         runs = []
