@@ -12,6 +12,7 @@ p99 end-to-end latency per tenant and overall for every policy, the sjf length e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import urllib.request
@@ -71,11 +72,14 @@ def main() -> int:
     p.add_argument("--tokenmill-args", default="--max-num-seqs 8", help="`tokenmill serve` flags for every policy")
     p.add_argument("--sjf-seconds-per-token", type=float, nargs="+", default=[0.1],
                    help="run sjf once per value (how much waiting outweighs predicted length; default: 0.1)")
+    p.add_argument("--rate-scale", type=float, default=1.0,
+                   help="multiply every tenant's arrival rate (same requests, so the run lasts 1/scale as long)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let outputs end at EOS, so lengths are the model's and the estimator has to learn them")
     p.add_argument("--output-json", default="results/scheduling_policies.json")
     args = p.parse_args()
-    tenants = [TenantSpec.parse(spec) for spec in args.tenant or TENANTS]
+    tenants = [dataclasses.replace(t, rate=t.rate * args.rate_scale)
+               for t in (TenantSpec.parse(spec) for spec in args.tenant or TENANTS)]
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
