@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.policy import Policy
-from tokenmill.kv.kv_cache_manager import KVCacheManager
+from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixHit
 from tokenmill.sequence import Sequence, SequenceStatus
 
 
@@ -112,9 +112,10 @@ class Scheduler:
             return 0
         seq = self.policy.next_to_admit(self.waiting)
         victims = [v for v in reversed(self.policy.preemption_order(self.running)) if self.policy.outranks(seq, v)]
+        hit = self.kv.lookup(seq)  # preempting adds no cached blocks, so one lookup serves every round
         while True:
-            first_chunk = self._first_chunk(seq)
-            if self._fits(seq, first_chunk):
+            first_chunk = self._first_chunk(seq, hit)
+            if self._fits(seq, hit, first_chunk):
                 return first_chunk
             if not victims:
                 return 0
@@ -123,16 +124,15 @@ class Scheduler:
             self.running.remove(victim)
             out.preempted.append(victim)
 
-    def _first_chunk(self, seq: Sequence) -> int:
-        """The tokens `seq` would compute if admitted now, leaving every running sequence one."""
-        return max(1, min(seq.num_tokens - self.kv.lookup(seq).num_tokens,
+    def _first_chunk(self, seq: Sequence, hit: PrefixHit) -> int:
+        """The tokens `seq` would compute if admitted now on `hit`, leaving every running sequence one."""
+        return max(1, min(seq.num_tokens - hit.num_tokens,
                           self.max_num_batched_tokens - len(self.running)))
 
-    def _fits(self, seq: Sequence, first_chunk: int) -> bool:
+    def _fits(self, seq: Sequence, hit: PrefixHit, first_chunk: int) -> bool:
         """A seat, and the blocks for `seq`'s first chunk after the running sequences' chunks this step."""
         if len(self.running) + 1 + len(self._forks.get(seq.seq_id, ())) > self.max_num_seqs:
             return False
-        hit = self.kv.lookup(seq)
         needed = self.kv.blocks_to_admit(seq, hit, hit.num_tokens + first_chunk)
         budget = self.max_num_batched_tokens - first_chunk
         for r in self.policy.preemption_order(self.running):  # as _serve_running will serve them
