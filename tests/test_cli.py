@@ -103,8 +103,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_chat_over_a_pipe_answers_paris(default_model_available):
-    # float32: on a CPU with native bf16 the default dtype is bfloat16, whose greedy answer here is not Paris
-    proc = run_cli("chat", "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "64MiB", "--dtype", "float32",
+    proc = run_cli("chat", "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "64MiB",
                    stdin="What is the capital of France?\n/exit\nWhat is the capital of Germany?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

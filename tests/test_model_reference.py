@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import resolve_dtype
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.scheduler import ScheduledChunk
 from tokenmill.sequence import Sequence
@@ -106,3 +107,11 @@ def test_half_precision_logits_close_to_fp32(tiny_models, dtype, torch_dtype):
         expected = hf_model(path)(torch.tensor([prompt])).logits[0]
     assert (logits - expected).abs().max().item() < 0.1
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_cuda(tiny_models):
+    # On CPU bf16 activations bought no speed and broke a near-tie of the default model's
+    # greedy answer (resolve_dtype's docstring), so "auto" means float32 there.
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert LLMEngine(str(tiny_models["llama"]), device="cpu", kv_cache_memory="2MiB").runner.kv_caches[0].data.dtype == torch.float32

@@ -15,8 +15,8 @@ from tokenmill import LLM, SamplingParams
 
 KEY = "test-key"
 MAX_MODEL_LEN = 1024
-# float32 weights and activations. The default (int4 weights, and bfloat16 on CPUs with native
-# bf16) rounds a row's matmul differently with the number of rows in the batch (so does
+# float32 weights and activations. The default (int4 weights, whose kernels take bf16 inputs)
+# rounds a row's matmul differently with the number of rows in the batch (so does
 # float32, but ~65,000x finer), and one of 64 concurrent greedy outputs then flips at a
 # near-tie (seen: top-2 logprobs 0.125 apart, bf16's step at that magnitude).
 ENGINE_FLAGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB", "--quantization", "none",
