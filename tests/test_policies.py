@@ -95,6 +95,22 @@ def test_sjf_admits_the_shortest_max_tokens_first_before_it_has_learned_anything
     assert admitted_order(ShortestJobFirstPolicy(MAX_MODEL_LEN), [long, short, middle]) == [short, middle, long]
 
 
+def test_sjf_counts_uncomputed_prompt_tokens_as_work():
+    # Same output, but a 400-token prompt to prefill: with the default weight the short prompt goes
+    # first although it arrived later; with weight 0 only outputs count, and arrival decides.
+    long_prompt, short_prompt = seq(0.0, prompt_len=400, max_tokens=40), seq(1.0, prompt_len=50, max_tokens=40)
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
+    assert policy.remaining_work(long_prompt) == 40 + 0.5 * 400
+    assert admitted_order(policy, [long_prompt, short_prompt]) == [short_prompt, long_prompt]
+    long_prompt, short_prompt = seq(0.0, prompt_len=400, max_tokens=40), seq(1.0, prompt_len=50, max_tokens=40)
+    assert admitted_order(ShortestJobFirstPolicy(MAX_MODEL_LEN, prompt_token_weight=0.0),
+                          [long_prompt, short_prompt]) == [long_prompt, short_prompt]
+    # Computed prompt tokens are no longer work: a running request's key only falls.
+    running = seq(2.0, prompt_len=400, max_tokens=40)
+    running.num_computed_tokens = 400
+    assert policy.remaining_work(running) == 40
+
+
 def test_fair_admits_the_tenant_with_the_fewest_tokens_per_weight():
     policy = FairSharePolicy({"a": 2.0})
     policy.served.update({"a": 10.0, "b": 8.0})  # a has computed 20 tokens at weight 2, b 8 at weight 1
@@ -217,8 +233,9 @@ def test_sjf_bounds_the_wait_of_a_long_request_under_a_stream_of_short_ones():
     long = seq(0.0, max_tokens=200)
     order = overload(ShortestJobFirstPolicy(MAX_MODEL_LEN, per_token), long, lambda t: seq(t, max_tokens=4))
     assert long in order
-    # Overtaken only by requests arriving less than 0.1 s x its 200 predicted tokens after it.
-    assert max(s.arrival_time for s in order[:order.index(long)]) < 0.0 + per_token * 200
+    # Overtaken only by requests arriving less than 0.1 s x its work after it: 200 predicted output
+    # tokens and 4 prompt tokens at weight 0.5.
+    assert max(s.arrival_time for s in order[:order.index(long)]) < 0.0 + per_token * (200 + 0.5 * 4)
 
 
 # ---- the output-length estimator ------------------------------------------------------------
@@ -331,6 +348,8 @@ def test_bad_policy_settings_are_refused_by_name():
         PolicyConfig("lifo")
     with pytest.raises(InvalidParameterError, match="aging_seconds"):
         PolicyConfig("aging", aging_seconds=0)
+    with pytest.raises(InvalidParameterError, match="sjf_prompt_token_weight"):
+        PolicyConfig("sjf", sjf_prompt_token_weight=-0.5)
     with pytest.raises(InvalidParameterError, match="tenant_weights"):
         PolicyConfig("fair", tenant_weights="alice=two")
     with pytest.raises(InvalidParameterError, match="tenant_weights"):

@@ -56,13 +56,16 @@ def engine_parent() -> argparse.ArgumentParser:
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", choices=POLICIES, default=None,
                    help="who runs first: fcfs (arrival), priority (the request's priority, lower first; preempts), "
-                        "aging (priority improving with waiting; preempts), sjf (shortest predicted output first), "
+                        "aging (priority improving with waiting; preempts), sjf (shortest predicted remaining work first), "
                         "fair (weighted fair share of tokens per tenant, the request's user) (default: fcfs)")
     g.add_argument("--priority-aging-seconds", type=float, default=None,
                    help="aging: seconds of waiting worth one priority level (default: 10)")
     g.add_argument("--sjf-seconds-per-token", type=float, default=None,
                    help="sjf: seconds of waiting worth one predicted output token, which bounds how long a long "
                         "request can be overtaken (default: 0.1)")
+    g.add_argument("--sjf-prompt-token-weight", type=float, default=None,
+                   help="sjf: work of one prompt token still to prefill, in output tokens (default: 0.5, "
+                        "measured on CPU; prefill is relatively cheaper on a GPU)")
     g.add_argument("--tenant-weights", default=None,
                    help='fair: tenant weights, e.g. "alice=2,bob=1"; tenants not named weigh 1')
     g = p.add_argument_group("speculative decoding")
@@ -85,7 +88,8 @@ def engine_parent() -> argparse.ArgumentParser:
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
                 "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
-                "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token", "tenant_weights",
+                "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
+                "sjf_prompt_token_weight", "tenant_weights",
                 "speculative_config",
                 "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
