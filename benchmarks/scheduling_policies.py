@@ -24,7 +24,8 @@ from tokenmill.bench.workload import TenantSpec
 from tokenmill.engine.policy import POLICIES
 
 # (interactive chat, document summaries, a bursty offline batch job); lower priority runs first.
-# About 2.5 minutes of arrivals at roughly 1.2x what the default model serves on 2 cores.
+# With --rate-scale 0.45 (the README's run) about 330 s of arrivals, which keep the default model on
+# 2 cores busy throughout; at the full rates the backlog grows without bound.
 TENANTS = ["name=chat,num=150,rate=1.0,input=64:256,output=16:48,priority=0",
            "name=summarize,num=30,rate=0.2,input=512:1024,output=32:64,priority=1",
            "name=batch,num=15,rate=0.1,burstiness=0.3,input=128:256,output=192:256,priority=2"]
