@@ -131,8 +131,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
     Not bfloat16 on CPUs with native bf16 either: measured on one with AVX512-BF16 (SmolLM2-135M),
     bf16 activations ran no faster with int4 or int8 weights (whose kernels take bf16 inputs
-    anyway) and 30% slower at batch 1 with float weights, and the extra rounding flipped the
-    greedy answer to "What is the capital of France?" at a near-tie of the first token.
+    anyway) and 25-30% slower at batch 1 with float weights, and their extra rounding broke a
+    first-token near-tie, so the greedy answer to "What is the capital of France?" lost "Paris".
     """
     if isinstance(dtype, torch.dtype):
         return dtype
