@@ -275,6 +275,16 @@ def test_the_estimator_separates_prompt_length_buckets_within_a_tenant():
     assert abs(estimator.predict(seq(0.0, prompt_len=800, max_tokens=512), 512) - 300) < 30
 
 
+def test_the_estimator_trusts_max_tokens_when_most_requests_run_to_it():
+    # 90% of requests use all 64 tokens, 10% stop at 5: any mean undershoots the 90%, max_tokens does not.
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
+    for i in range(200):
+        finish_with(policy, seq(float(i), max_tokens=64), 5 if i % 10 == 0 else 64)
+    stats = policy.estimator.stats
+    assert policy.predicted_remaining(seq(500.0, max_tokens=64)) == 64
+    assert stats.mae <= stats.baseline_mae + 1.0  # learned no worse than trusting max_tokens
+
+
 def test_sjf_degrades_to_fcfs_when_lengths_are_unpredictable():
     policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
     rng = random.Random(1)

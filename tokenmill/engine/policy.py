@@ -170,8 +170,9 @@ class LengthEstimator:
     thing known. Finished requests then teach two hierarchies (see _Hierarchy): one of output
     lengths in tokens (right when a tenant's answers have a typical length whatever limit it
     sets) and one of the fraction of max_tokens used (right when outputs scale with the limit,
-    e.g. clients that ignore EOS). The one with the smaller running error predicts. Predictions
-    never exceed max_tokens.
+    e.g. clients that ignore EOS). Of those two and max_tokens itself (right when most requests
+    run to their limit, where the means, pulled down by the few that stop early, undershoot),
+    the one with the smallest running error predicts. Predictions never exceed max_tokens.
     """
 
     def __init__(self, prior_weight: float = 4.0, min_observations: int = 8):
@@ -181,32 +182,31 @@ class LengthEstimator:
         self._overall = _Mean()
         self._abs_error = _Mean()
         self._sq_error = _Mean()
-        self._baseline_error = _Mean()
+        self._baseline_error = _Mean()  # of predicting max_tokens: also that candidate's running error
         self._constant_error = _Mean()
         self.stats = EstimatorStats()
 
-    def _both(self, seq: Sequence, limit: int) -> tuple[float, float]:
-        return (min(self._tokens.predict(seq, float(limit)), float(limit)),
-                limit * min(self._fraction.predict(seq, 1.0), 1.0))
+    def _candidates(self, seq: Sequence, limit: int) -> list[tuple[_Mean, float]]:
+        """(running error, prediction) of each way to predict; ties go to the first."""
+        return [(self._tokens.error, min(self._tokens.predict(seq, float(limit)), float(limit))),
+                (self._fraction.error, limit * min(self._fraction.predict(seq, 1.0), 1.0)),
+                (self._baseline_error, float(limit))]
 
     def predict(self, seq: Sequence, limit: int) -> float:
         """Expected output tokens of `seq`, at most `limit` (its max_tokens, or what the context leaves)."""
-        by_tokens, by_fraction = self._both(seq, limit)
-        return by_tokens if self._tokens.error.value < self._fraction.error.value else by_fraction
+        return min(self._candidates(seq, limit), key=lambda c: c[0].value)[1]
 
     def observe(self, seq: Sequence, predicted: float, limit: int) -> None:
         """A finished sequence's real output length; `predicted` is what `predict` said at its arrival."""
         actual = seq.num_output_tokens
-        by_tokens, by_fraction = self._both(seq, limit)
-        self._tokens.error.add(abs(by_tokens - actual))
-        self._fraction.error.add(abs(by_fraction - actual))
+        for error, prediction in self._candidates(seq, limit):
+            error.add(abs(prediction - actual))
         self._tokens.add(seq, actual)
         self._fraction.add(seq, actual / max(limit, 1))
         self._constant_error.add(abs((self._overall.value if self._overall.count else limit) - actual))
         self._overall.add(actual)
         self._abs_error.add(abs(predicted - actual))
         self._sq_error.add((predicted - actual) ** 2)
-        self._baseline_error.add(abs(limit - actual))
         s = self.stats
         s.observations += 1
         s.mae, s.rmse = self._abs_error.value, math.sqrt(self._sq_error.value)
