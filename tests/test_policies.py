@@ -111,6 +111,28 @@ def test_sjf_counts_uncomputed_prompt_tokens_as_work():
     assert policy.remaining_work(running) == 40
 
 
+def test_sjf_does_not_charge_a_preempted_sequence_its_prompt_again():
+    # Its computed blocks stay in the prefix cache, so after preemption its key is what it was.
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
+    sched = scheduler(policy, max_num_seqs=1, max_num_batched_tokens=512)
+    victim = seq(0.0, prompt_len=400, max_tokens=40)
+    sched.add(victim)
+    step(sched)
+    step(sched)
+    assert victim.num_output_tokens == 2 and policy.remaining_work(victim) == 38
+    sched._preempt(victim)
+    sched.running.remove(victim)
+    assert victim.num_computed_tokens == 0 and policy.remaining_work(victim) == 38
+    # Preempted halfway through its prompt, only the half never computed is still work.
+    half = seq(1.0, prompt_len=400, max_tokens=40)
+    sched = scheduler(policy, max_num_seqs=1, max_num_batched_tokens=200)
+    sched.add(half)
+    step(sched)
+    sched._preempt(half)
+    sched.running.remove(half)
+    assert policy.remaining_work(half) == 40 + 0.5 * 200
+
+
 def test_fair_admits_the_tenant_with_the_fewest_tokens_per_weight():
     policy = FairSharePolicy({"a": 2.0})
     policy.served.update({"a": 10.0, "b": 8.0})  # a has computed 20 tokens at weight 2, b 8 at weight 1
@@ -433,5 +455,6 @@ def test_the_server_takes_priority_and_tenants_and_exports_the_policy_state(tiny
         else:
             assert server.metric("tokenmill_length_estimator_observations") == 3
             assert server.metric("tokenmill_length_estimator_reliability") == 1.0  # fewer than 8 seen: trusted
+        assert server.metric("tokenmill_num_preemptions_total") == 0  # one request at a time: nobody preempted
         status, body = server.post("/v1/completions", json.dumps({"prompt": [5], "priority": "high"}).encode())
         assert status == 400 and body["error"]["param"] == "priority"

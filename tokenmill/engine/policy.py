@@ -16,7 +16,7 @@ short (the scheduler asks `outranks`). The scheduler tells the policy what happe
   then, whatever comes later. Preemptive, like priority.
 - sjf: shortest predicted remaining work first, where the work, in output-token units, is the
   output tokens the LengthEstimator expects minus those already generated, plus
-  `prompt_token_weight` per prompt token not yet computed (prefill is work too: on the CPU
+  `prompt_token_weight` per prompt token never computed (prefill is work too: on the CPU
   where this was measured a prompt token cost about half a batched output token, and sjf by
   output length alone ranked 1,000-token summaries with chat turns). The key is
   `arrival + reliability * seconds_per_token * remaining_work`: a request is overtaken only by
@@ -26,7 +26,7 @@ short (the scheduler asks `outranks`). The scheduler tells the policy what happe
   Preemptive by the same key, so a burst of long requests cannot hold every seat while short
   ones queue; a running request's key falls as it progresses, so it is preempted only by
   requests that arrive soon after it, and its computed blocks stay in the prefix cache for
-  the recompute.
+  the recompute (so its key does not count them as work again).
 - fair: weighted fair share of computed tokens across tenants (the `user` field), as the
   virtual token counter of Sheng et al. ("Fairness in Serving Large Language Models", 2024):
   the tenant with the fewest tokens served per unit of weight goes first, and a tenant that
@@ -231,6 +231,7 @@ class ShortestJobFirstPolicy(Policy):
         self.prompt_token_weight = prompt_token_weight
         self.estimator = estimator or LengthEstimator()
         self._predicted: dict[int, float] = {}  # seq_id -> the prediction made at arrival, for the error stats
+        self._computed: dict[int, int] = {}  # seq_id -> most tokens it ever had computed (preemption resets its count)
 
     def _limit(self, seq: Sequence) -> int:
         room = self.max_model_len - seq.num_prompt_tokens
@@ -240,8 +241,13 @@ class ShortestJobFirstPolicy(Policy):
         return max(1.0, self.estimator.predict(seq, self._limit(seq)) - seq.num_output_tokens)
 
     def remaining_work(self, seq: Sequence) -> float:
-        """Predicted output tokens still to generate, plus the weighted prompt tokens still to compute."""
-        prefill = max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
+        """Predicted output tokens still to generate, plus the weighted prompt tokens never computed yet.
+
+        A preempted sequence's computed blocks stay in the prefix cache, so recomputing them is
+        not counted: charging its prompt again would send it behind every newcomer it had already
+        beaten, and the long requests preempted that way made sjf's p99 worse than fcfs's."""
+        computed = max(seq.num_computed_tokens, self._computed.get(seq.seq_id, 0))
+        prefill = max(0, seq.num_prompt_tokens - computed)
         return self.predicted_remaining(seq) + self.prompt_token_weight * prefill
 
     def key(self, seq: Sequence) -> tuple:
@@ -251,7 +257,14 @@ class ShortestJobFirstPolicy(Policy):
     def on_add(self, seq: Sequence) -> None:
         self._predicted[seq.seq_id] = self.estimator.predict(seq, self._limit(seq))
 
+    def on_scheduled(self, chunks) -> None:
+        for chunk in chunks:
+            computed = chunk.start + chunk.num_known
+            if computed > self._computed.get(chunk.seq.seq_id, 0):
+                self._computed[chunk.seq.seq_id] = computed
+
     def on_finish(self, seq: Sequence) -> None:
+        self._computed.pop(seq.seq_id, None)
         predicted = self._predicted.pop(seq.seq_id, None)
         if predicted is not None and seq.finish_reason in ("stop", "length"):
             self.estimator.observe(seq, predicted, self._limit(seq))
