@@ -57,7 +57,9 @@ class ServerMetrics:
         r.register(_PrefixCacheCollector(async_engine.engine.prefix_cache_stats))
         Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over prompt tokens "
               "admitted, since start", registry=r).set_function(lambda: async_engine.engine.prefix_cache_stats.hit_rate)
-        policy = async_engine.engine.scheduler.policy
+        scheduler = async_engine.engine.scheduler
+        r.register(_PreemptionsCollector(scheduler))
+        policy = scheduler.policy
         estimator = getattr(policy, "estimator", None)
         if estimator is not None:
             self._bind_estimator(estimator.stats)
@@ -151,6 +153,18 @@ class _PrefixCacheCollector:
                                   "cache (a preempted sequence again when it resumes)", value=self.stats.queries_tokens)
         yield CounterMetricFamily("tokenmill_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache, "
                                   "not recomputed", value=self.stats.hit_tokens)
+
+
+class _PreemptionsCollector:
+    """tokenmill_num_preemptions_total: sequences sent back to waiting, read from the scheduler when scraped."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        yield CounterMetricFamily("tokenmill_num_preemptions", "Running sequences sent back to waiting (out of "
+                                  "KV blocks, or outranked under a preemptive policy), since start",
+                                  value=self.scheduler.num_preemptions)
 
 
 class _TenantTokensCollector:
