@@ -6,7 +6,9 @@ Starts `tokenmill serve --scheduling-policy P` once per policy (same engine flag
 the same multi-tenant workload with `tokenmill bench serve`'s client: three tenants with their
 own prompt and output lengths, rates and priorities, one of them bursty. It prints the median and
 p99 end-to-end latency per tenant and overall for every policy, the sjf length estimator's error
-(read from /metrics), and writes everything to JSON.
+and the preemptions (read from /metrics), and writes everything to JSON. With --repeats N the
+policies take turns N times (so drift on a noisy machine hits them alike) and every figure is
+the median over the N runs; the ratios to fcfs are per repeat, then their median.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import urllib.request
 from pathlib import Path
@@ -48,21 +51,52 @@ def run_policy(policy: str, flags: list[str], tenants: list[TenantSpec], ignore_
         result = run_serve_benchmark_sync(ServeBenchConfig(url, tenants=tenants, ignore_eos=ignore_eos),
                                           log=lambda msg: print(f"[{policy}] {msg}", file=sys.stderr, flush=True))
         estimator = scrape(url, "tokenmill_length_estimator_")
+        preemptions = scrape(url, "tokenmill_num_preemptions_total")["tokenmill_num_preemptions_total"]
     run = result["runs"][0]
     return {"summary": run["summary"], "tenants": run["tenants"], "requests": run["requests"],
+            "preemptions": preemptions,
             "estimator": {k.removeprefix("tokenmill_length_estimator_"): v for k, v in estimator.items()}}
 
 
-def table(results: dict[str, dict], tenants: list[str]) -> str:
+def e2e_seconds(run: dict, tenant: str) -> tuple[float, float] | None:
+    """(median, p99) end-to-end latency of one run, overall ("all") or for one tenant."""
+    e2e = (run["summary"] if tenant == "all" else run["tenants"][tenant])["e2e"]
+    return None if e2e["median_ms"] is None else (e2e["median_ms"] / 1000, e2e["p99_ms"] / 1000)
+
+
+def median_of(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(results: dict[str, list[dict]], tenants: list[str]) -> str:
     head = " | ".join(f"{t} median / p99" for t in [*tenants, "all"])
-    lines = [f"| policy | {head} | failed |", "|---|" + "---:|" * (len(tenants) + 2)]
-    for policy, r in results.items():
+    lines = [f"| policy | {head} | failed | preemptions |", "|---|" + "---:|" * (len(tenants) + 3)]
+    for policy, runs in results.items():
         cells = []
         for t in [*tenants, "all"]:
-            e2e = (r["summary"] if t == "all" else r["tenants"][t])["e2e"]
-            cells.append("-" if e2e["median_ms"] is None else f"{e2e['median_ms'] / 1000:.1f} / {e2e['p99_ms'] / 1000:.1f}")
-        lines.append(f"| {policy} | {' | '.join(cells)} | {r['summary']['failed']} |")
+            pairs = [e2e_seconds(r, t) for r in runs]
+            pairs = [x for x in pairs if x is not None]
+            cells.append(f"{median_of([m for m, _ in pairs]):.1f} / {median_of([p for _, p in pairs]):.1f}"
+                         if pairs else "-")
+        failed = sum(r["summary"]["failed"] for r in runs)
+        lines.append(f"| {policy} | {' | '.join(cells)} | {failed} | {median_of([r['preemptions'] for r in runs]):.0f} |")
     return "\n".join(lines)
+
+
+def ratios_to_fcfs(results: dict[str, list[dict]]) -> list[str]:
+    """Per policy: its overall median and p99 over fcfs's, repeat by repeat, and the median of each."""
+    lines = []
+    for policy, runs in results.items():
+        pairs = [(e2e_seconds(r, "all"), e2e_seconds(b, "all")) for r, b in zip(runs, results["fcfs"])]
+        pairs = [(r, b) for r, b in pairs if r and b]
+        if not pairs:
+            continue
+        median = [r[0] / b[0] for r, b in pairs]
+        p99 = [r[1] / b[1] for r, b in pairs]
+        lines.append(f"{policy}: overall median {statistics.median(median):.2f}x fcfs, p99 {statistics.median(p99):.2f}x "
+                     f"fcfs (per repeat: {', '.join(f'{m:.2f}/{q:.2f}' for m, q in zip(median, p99))})")
+    return lines
 
 
 def main() -> int:
@@ -77,39 +111,40 @@ def main() -> int:
                    help="multiply every tenant's arrival rate (same requests, so the run lasts 1/scale as long)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let outputs end at EOS, so lengths are the model's and the estimator has to learn them")
+    p.add_argument("--repeats", type=int, default=1, help="run every policy this many times, taking turns")
     p.add_argument("--output-json", default="results/scheduling_policies.json")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     tenants = [dataclasses.replace(t, rate=t.rate * args.rate_scale)
                for t in (TenantSpec.parse(spec) for spec in args.tenant or TENANTS)]
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {}
     runs = [(p, []) for p in args.policies if p != "sjf"]
     if "sjf" in args.policies:
         at = args.policies.index("sjf")
         runs[at:at] = [(f"sjf {v} s/token" if len(args.sjf_seconds_per_token) > 1 else "sjf",
                         ["--sjf-seconds-per-token", str(v)]) for v in args.sjf_seconds_per_token]
-    for label, flags in runs:
-        policy = label.split()[0]
-        results[label] = run_policy(policy, [*args.tokenmill_args.split(), *flags], tenants, args.ignore_eos,
-                                    out.with_name(f"scheduling_{label.replace(' ', '_').replace('/', '')}.log"))
-        out.write_text(json.dumps({"config": vars(args), "tenants": [vars(t) for t in tenants],
-                                   "results": results}, indent=2))
+    results: dict[str, list[dict]] = {label: [] for label, _ in runs}
+    for repeat in range(args.repeats):
+        for label, flags in runs:
+            log = out.with_name(f"scheduling_{label.replace(' ', '_').replace('/', '')}_{repeat}.log")
+            print(f"[{label}] repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
+            results[label].append(run_policy(label.split()[0], [*args.tokenmill_args.split(), *flags], tenants,
+                                             args.ignore_eos, log))
+            out.write_text(json.dumps({"config": vars(args), "tenants": [vars(t) for t in tenants],
+                                       "results": results}, indent=2))
     names = [t.name for t in tenants]
-    print("End-to-end latency in seconds, median / p99, per tenant:")
+    print(f"End-to-end latency in seconds, median / p99, per tenant"
+          f"{f' (medians over {args.repeats} runs)' if args.repeats > 1 else ''}:")
     print(table(results, names))
-    if "fcfs" in results and results["fcfs"]["summary"]["completed"]:
-        base = results["fcfs"]["summary"]["e2e"]
-        for policy, r in results.items():
-            e2e = r["summary"]["e2e"]
-            if e2e["median_ms"] is None:
-                continue
-            print(f"{policy}: overall median {e2e['median_ms'] / base['median_ms']:.2f}x fcfs, "
-                  f"p99 {e2e['p99_ms'] / base['p99_ms']:.2f}x fcfs")
-    for label, r in results.items():
-        if r["estimator"]:
-            print(f"{label} length estimator: " + ", ".join(f"{k} {r['estimator'].get(k, float('nan')):.2f}"
-                                                          for k in ESTIMATOR))
+    if "fcfs" in results:
+        print("\n".join(ratios_to_fcfs(results)))
+    for label, runs_of_label in results.items():
+        if runs_of_label[0]["estimator"]:
+            print(f"{label} length estimator: " + ", ".join(
+                f"{k} {median_of([r['estimator'].get(k, float('nan')) for r in runs_of_label]):.2f}"
+                for k in ESTIMATOR))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
