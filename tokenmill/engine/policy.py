@@ -243,9 +243,10 @@ class ShortestJobFirstPolicy(Policy):
     def remaining_work(self, seq: Sequence) -> float:
         """Predicted output tokens still to generate, plus the weighted prompt tokens never computed yet.
 
-        A preempted sequence's computed blocks stay in the prefix cache, so recomputing them is
-        not counted: charging its prompt again would send it behind every newcomer it had already
-        beaten, and the long requests preempted that way made sjf's p99 worse than fcfs's."""
+        A preempted sequence's computed blocks stay in the prefix cache (unless it is off or
+        they are evicted), so recomputing them is not counted: charging its prompt again would
+        send it behind every newcomer it had already beaten, and the long requests preempted
+        that way made sjf's p99 worse than fcfs's."""
         computed = max(seq.num_computed_tokens, self._computed.get(seq.seq_id, 0))
         prefill = max(0, seq.num_prompt_tokens - computed)
         return self.predicted_remaining(seq) + self.prompt_token_weight * prefill
