@@ -32,11 +32,6 @@ from tokenmill.engine.policy import POLICIES
 TENANTS = ["name=chat,num=150,rate=1.0,input=64:256,output=16:48,priority=0",
            "name=summarize,num=30,rate=0.2,input=512:1024,output=32:64,priority=1",
            "name=batch,num=15,rate=0.1,burstiness=0.3,input=128:256,output=192:256,priority=2"]
-# 8 seats, so who gets one matters; a 256-token step budget, so prefill (most of this workload's
-# compute: a prompt token costs about half a batched decode step's token on 2 cores) is served in
-# policy order over several steps instead of every waiting prompt at once in a multi-second step,
-# which no policy could reorder.
-ENGINE_FLAGS = "--max-num-seqs 8 --max-num-batched-tokens 256"
 ESTIMATOR = ("mae_tokens", "rmse_tokens", "baseline_mae_tokens", "reliability", "observations")
 
 
@@ -109,8 +104,7 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--tenant", action="append", default=None, metavar="SPEC",
                    help="replace the default tenants (same syntax as `tokenmill bench serve --tenant`)")
-    p.add_argument("--tokenmill-args", default=ENGINE_FLAGS, help=f"`tokenmill serve` flags for every policy "
-                   f"(default: {ENGINE_FLAGS!r})")
+    p.add_argument("--tokenmill-args", default="--max-num-seqs 8", help="`tokenmill serve` flags for every policy")
     p.add_argument("--sjf-seconds-per-token", type=float, nargs="+", default=[0.1],
                    help="run sjf once per value (how much waiting outweighs predicted length; default: 0.1)")
     p.add_argument("--rate-scale", type=float, default=1.0,
