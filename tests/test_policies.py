@@ -219,6 +219,56 @@ def test_equal_priorities_never_preempt_each_other():
     assert preempted == []
 
 
+def test_sjf_takes_the_seat_of_a_prefilling_sequence_but_never_of_a_decoding_one():
+    sched = scheduler(ShortestJobFirstPolicy(MAX_MODEL_LEN), max_num_seqs=1, max_num_batched_tokens=64)
+    prefilling = seq(0.0, prompt_len=400, max_tokens=40)  # its prompt takes seven 64-token steps
+    sched.add(prefilling)
+    step(sched)
+    short = seq(1.0, max_tokens=4)
+    sched.add(short)
+    plan = step(sched)
+    assert plan.preempted == [prefilling] and short in [c.seq for c in plan.chunks]
+    # Once it decodes, a long request keeps its seat although the newcomer ranks ahead of it.
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
+    sched = scheduler(policy, max_num_seqs=1, max_num_batched_tokens=512)
+    decoding = seq(10.0, max_tokens=200)
+    sched.add(decoding)
+    step(sched)
+    short = seq(11.0, max_tokens=4)
+    assert decoding.num_output_tokens == 1 and policy.key(short) < policy.key(decoding)
+    sched.add(short)
+    finished: list[Sequence] = []
+    preempted: list[Sequence] = []
+    while sched.has_unfinished():
+        preempted += step(sched, finished).preempted
+    assert preempted == [] and finished == [decoding, short]
+
+
+def test_sjf_holds_a_long_prefill_back_while_a_decoding_sequence_ranked_ahead_runs():
+    # Seats and budget for everyone: only the policy keeps the long prompt waiting.
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN, long_prefill_tokens=256)
+    sched = scheduler(policy, num_blocks=1024, max_num_seqs=8, max_num_batched_tokens=2048)
+    ahead = seq(0.0, max_tokens=10)
+    sched.add(ahead)
+    step(sched)
+    long_prompt, short_prompt = seq(1.0, prompt_len=300, max_tokens=10), seq(1.0, prompt_len=200, max_tokens=10)
+    sched.add(long_prompt)
+    sched.add(short_prompt)
+    assert policy.key(ahead) < policy.key(short_prompt) < policy.key(long_prompt)
+    finished: list[Sequence] = []
+    started_at = None
+    for n in range(100):
+        if long_prompt in [c.seq for c in step(sched, finished).chunks] and started_at is None:
+            started_at = n
+            assert finished == [ahead, short_prompt]  # both ranked ahead; it waited for both to finish
+        if not sched.has_unfinished():
+            break
+    assert started_at is not None and short_prompt in finished and long_prompt in finished
+    # A short prompt is never held back, nor a long one that ranks ahead of every decoding sequence.
+    assert policy.may_start(seq(2.0, prompt_len=255, max_tokens=10), [ahead])
+    assert policy.may_start(seq(-100.0, prompt_len=300, max_tokens=10), [ahead])
+
+
 # ---- starvation bounds ----------------------------------------------------------------------
 
 
@@ -258,6 +308,29 @@ def test_sjf_bounds_the_wait_of_a_long_request_under_a_stream_of_short_ones():
     # Overtaken only by requests arriving less than 0.1 s x its work after it: 200 predicted output
     # tokens and 4 prompt tokens at weight 0.5.
     assert max(s.arrival_time for s in order[:order.index(long)]) < 0.0 + per_token * (200 + 0.5 * 4)
+
+
+def test_sjf_bounds_how_long_a_long_prefill_is_held_back():
+    # One step per second and a short request (8 output tokens) every second, more than 4 seats
+    # serve, so decoding ones ranked ahead of the long prompt run all the time. It waits until
+    # those that arrived before its key's time have finished; later ones rank behind it.
+    policy = ShortestJobFirstPolicy(MAX_MODEL_LEN)
+    sched = scheduler(policy, num_blocks=1024, max_num_seqs=4, max_num_batched_tokens=1024)
+    long_prompt = seq(5.0, prompt_len=600, max_tokens=4)
+    key_time = policy.key(long_prompt)[0]  # 5 s + 0.1 s x (4 + 0.5 x 600): about 35 s
+    finished_at: dict[int, int] = {}
+    for t in range(300):
+        sched.add(seq(float(t), max_tokens=8))
+        if t == 5:
+            sched.add(long_prompt)
+        finished: list[Sequence] = []
+        plan = step(sched, finished)
+        finished_at.update((s.seq_id, t) for s in finished)
+        if long_prompt in [c.seq for c in plan.chunks]:
+            break
+    before = [s for s in sched.waiting + sched.running if s.arrival_time < key_time and s is not long_prompt]
+    assert t > 5 + 8 and not before  # held back, and started only after all of them finished,
+    assert t == max(finished_at.values()) + 1  # in the step after the last one did
 
 
 # ---- the output-length estimator ------------------------------------------------------------
@@ -317,6 +390,10 @@ def test_sjf_degrades_to_fcfs_when_lengths_are_unpredictable():
     # max_tokens 16 or 512 no longer outweigh two seconds of arrival order
     seqs = [seq(2000.0 + 2 * i, max_tokens=rng.choice([16, 512]), tenant=rng.choice("abc")) for i in range(20)]
     assert policy.preemption_order(list(reversed(seqs))) == seqs
+    # and no long prefill is held back behind decoding sequences
+    decoding = seq(1999.0, max_tokens=16)
+    decoding.token_ids.append(0)
+    assert policy.may_start(seq(2000.0, prompt_len=4000, max_tokens=16), [decoding])
 
 
 # ---- fair share -----------------------------------------------------------------------------
@@ -380,6 +457,8 @@ def test_bad_policy_settings_are_refused_by_name():
         PolicyConfig("lifo")
     with pytest.raises(InvalidParameterError, match="aging_seconds"):
         PolicyConfig("aging", aging_seconds=0)
+    with pytest.raises(InvalidParameterError, match="sjf_long_prefill_tokens"):
+        PolicyConfig("sjf", sjf_long_prefill_tokens=0)
     with pytest.raises(InvalidParameterError, match="sjf_prompt_token_weight"):
         PolicyConfig("sjf", sjf_prompt_token_weight=-0.5)
     with pytest.raises(InvalidParameterError, match="tenant_weights"):

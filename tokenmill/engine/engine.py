@@ -77,6 +77,7 @@ class LLMEngine:
                  scheduling_policy: str = "fcfs", priority_aging_seconds: float = PolicyConfig.aging_seconds,
                  sjf_seconds_per_token: float = PolicyConfig.sjf_seconds_per_token,
                  sjf_prompt_token_weight: float = PolicyConfig.sjf_prompt_token_weight,
+                 sjf_long_prefill_tokens: int = PolicyConfig.sjf_long_prefill_tokens,
                  tenant_weights: dict[str, float] | str | None = None, enable_prefix_caching: bool = True,
                  quantization: str | None = "auto", quantization_group_size: int = 32, kv_cache_dtype: str = "auto",
                  energy_meter: str = EnergyConfig.energy_meter,
@@ -87,7 +88,7 @@ class LLMEngine:
                                    parse_memory(kv_cache_memory), kv_cache_fraction, enable_prefix_caching)
         _check_engine_args(self.config)
         policy_config = PolicyConfig(scheduling_policy, priority_aging_seconds, sjf_seconds_per_token,
-                                     sjf_prompt_token_weight, tenant_weights or {})
+                                     sjf_prompt_token_weight, sjf_long_prefill_tokens, tenant_weights or {})
         spec_config = SpeculativeConfig.of(speculative_config)
         ckpt = load_checkpoint(model)
         self.model_name = ckpt.name

@@ -3,8 +3,9 @@
 A policy gives every sequence a sort key: the smallest key is admitted first and served first,
 the largest is preempted first when KV blocks run out. A preemptive policy also lets the best
 waiting sequence take the place of running ones whose keys it beats, when seats or blocks are
-short (the scheduler asks `outranks`). The scheduler tells the policy what happens to sequences
-(`on_add`, `on_scheduled`, `on_finish`), so policies that learn or count can do so.
+short (the scheduler asks `outranks`). A policy may also hold a waiting sequence back while
+seats and budget are free (`may_start`). The scheduler tells the policy what happens to
+sequences (`on_add`, `on_scheduled`, `on_finish`), so policies that learn or count can do so.
 
 - fcfs: arrival order.
 - priority: the request's `priority` (lower first), then arrival; preemptive.
@@ -23,10 +24,18 @@ short (the scheduler asks `outranks`). The scheduler tells the policy what happe
   requests arriving less than `seconds_per_token * (its remaining work)` seconds after it (no
   starvation), and as the estimator's reliability falls to 0 (it predicts no better than a
   constant) the key falls back to arrival order, i.e. FCFS.
-  Preemptive by the same key, so a burst of long requests cannot hold every seat while short
-  ones queue; a running request's key falls as it progresses, so it is preempted only by
-  requests that arrive soon after it, and its computed blocks stay in the prefix cache for
-  the recompute (so its key does not count them as work again).
+  A long prefill (at least `long_prefill_tokens` prompt tokens still to compute) does not
+  start while a decoding sequence the key ranks ahead of it is running: computed in the same
+  step, it would stall that sequence for seconds (on the CPU where this was measured a
+  1,000-token prefill cost as much as about 70 decode steps of a batch of 8), which is SRPT's rule
+  that lower-ranked work does not slow higher-ranked work, applied to the compute each step
+  shares. It waits at most until every sequence that arrived before its key's time has
+  finished (later arrivals rank behind it). Only sequences still prefilling can be
+  preempted by a better-ranked waiting one (it takes their seat and blocks, and their
+  computed blocks stay in the prefix cache, so their key does not count them as work again);
+  a decoding sequence is never preempted by sjf: its wait would land on the longest
+  requests, the tail. Below reliability 0.5 no prefill is held back (the ranking is too rough
+  to wait for).
 - fair: weighted fair share of computed tokens across tenants (the `user` field), as the
   virtual token counter of Sheng et al. ("Fairness in Serving Large Language Models", 2024):
   the tenant with the fewest tokens served per unit of weight goes first, and a tenant that
@@ -60,6 +69,10 @@ class Policy:
 
     def outranks(self, seq: Sequence, other: Sequence) -> bool:
         return self.key(seq) < self.key(other)
+
+    def may_start(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """May waiting `seq` be admitted this step, seats, budget and blocks permitting?"""
+        return True
 
     # ---- what happens to sequences (no-ops unless a policy learns or counts) ------------------
     def on_add(self, seq: Sequence) -> None:
@@ -222,13 +235,15 @@ class ShortestJobFirstPolicy(Policy):
     """Shortest predicted remaining work first, aged by arrival (see the module docstring)."""
 
     name = "sjf"
-    preemptive = True  # a short request may take the seat of a long one that arrived not much earlier
+    preemptive = True  # a short request may take the seat of a prefilling one that arrived not much earlier
+    hold_back_min_reliability = 0.5  # below it the ranking is too rough to keep a prefill waiting for
 
     def __init__(self, max_model_len: int, seconds_per_token: float = 0.1, prompt_token_weight: float = 0.5,
-                 estimator: LengthEstimator | None = None):
+                 long_prefill_tokens: int = 512, estimator: LengthEstimator | None = None):
         self.max_model_len = max_model_len
         self.seconds_per_token = seconds_per_token
         self.prompt_token_weight = prompt_token_weight
+        self.long_prefill_tokens = long_prefill_tokens
         self.estimator = estimator or LengthEstimator()
         self._predicted: dict[int, float] = {}  # seq_id -> the prediction made at arrival, for the error stats
         self._computed: dict[int, int] = {}  # seq_id -> most tokens it ever had computed (preemption resets its count)
@@ -247,13 +262,27 @@ class ShortestJobFirstPolicy(Policy):
         they are evicted), so recomputing them is not counted: charging its prompt again would
         send it behind every newcomer it had already beaten, and the long requests preempted
         that way made sjf's p99 worse than fcfs's."""
+        return self.predicted_remaining(seq) + self.prompt_token_weight * self._prefill_left(seq)
+
+    def _prefill_left(self, seq: Sequence) -> int:
         computed = max(seq.num_computed_tokens, self._computed.get(seq.seq_id, 0))
-        prefill = max(0, seq.num_prompt_tokens - computed)
-        return self.predicted_remaining(seq) + self.prompt_token_weight * prefill
+        return max(0, seq.num_prompt_tokens - computed)
 
     def key(self, seq: Sequence) -> tuple:
         delay = self.estimator.stats.reliability * self.seconds_per_token * self.remaining_work(seq)
         return (seq.arrival_time + delay, seq.seq_id)
+
+    def outranks(self, seq: Sequence, other: Sequence) -> bool:
+        """Only a sequence still prefilling gives up its seat (see the module docstring)."""
+        return other.num_output_tokens == 0 and super().outranks(seq, other)
+
+    def may_start(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """A long prefill waits while a decoding sequence ranked ahead of it runs (see the module docstring)."""
+        if (self._prefill_left(seq) < self.long_prefill_tokens
+                or self.estimator.stats.reliability < self.hold_back_min_reliability):
+            return True
+        key = self.key(seq)
+        return not any(r.num_output_tokens > 0 and self.key(r) < key for r in running)
 
     def on_add(self, seq: Sequence) -> None:
         self._predicted[seq.seq_id] = self.estimator.predict(seq, self._limit(seq))
@@ -323,6 +352,7 @@ class PolicyConfig:
     aging_seconds: float = 10.0  # aging: seconds of waiting worth one priority level
     sjf_seconds_per_token: float = 0.1  # sjf: seconds of waiting worth one predicted token of work
     sjf_prompt_token_weight: float = 0.5  # sjf: work of one uncomputed prompt token, in output tokens
+    sjf_long_prefill_tokens: int = 512  # sjf: prefills this long wait for decoding sequences ranked ahead
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair: unnamed tenants weigh 1
 
     def __post_init__(self):
@@ -331,6 +361,8 @@ class PolicyConfig:
         for name in ("aging_seconds", "sjf_seconds_per_token"):
             if not getattr(self, name) > 0:
                 raise InvalidParameterError(name, f"must be positive, got {getattr(self, name)}")
+        if not self.sjf_long_prefill_tokens >= 1:
+            raise InvalidParameterError("sjf_long_prefill_tokens", f"must be at least 1, got {self.sjf_long_prefill_tokens}")
         if not self.sjf_prompt_token_weight >= 0:
             raise InvalidParameterError("sjf_prompt_token_weight", f"must be >= 0, got {self.sjf_prompt_token_weight}")
         self.tenant_weights = parse_tenant_weights(self.tenant_weights)
@@ -347,7 +379,8 @@ def make_policy(config: PolicyConfig, max_model_len: int) -> Policy:
     if config.name == "aging":
         return AgingPolicy(config.aging_seconds)
     if config.name == "sjf":
-        return ShortestJobFirstPolicy(max_model_len, config.sjf_seconds_per_token, config.sjf_prompt_token_weight)
+        return ShortestJobFirstPolicy(max_model_len, config.sjf_seconds_per_token, config.sjf_prompt_token_weight,
+                                      config.sjf_long_prefill_tokens)
     if config.name == "fair":
         return FairSharePolicy(config.tenant_weights)
     raise AssertionError(config.name)  # PolicyConfig admits only the names above

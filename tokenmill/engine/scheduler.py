@@ -7,9 +7,9 @@ seats (max_num_seqs) and KV blocks last; an admitted sequence starts after its l
 cached prefix (kv/kv_cache_manager.py owns the blocks). When a running sequence needs a
 block and none is free, the policy's last running sequence is preempted: its blocks are
 freed and it goes back to waiting, to be recomputed from its tokens later (so no output is
-lost or changed). Under a preemptive policy (priority, aging), the best waiting sequence
+lost or changed). Under a preemptive policy (priority, aging, sjf), the best waiting sequence
 first takes the seat and blocks of running ones it outranks, worst first, so it starts in
-this very step. The other n - 1 sequences of an n > 1 request wait for the first one's
+this very step. Only waiting sequences the policy lets start now (`may_start`) are admitted. The other n - 1 sequences of an n > 1 request wait for the first one's
 prompt: they join the step that computes its last token, share its blocks and sample from
 its logits, so the prompt is computed once.
 """
@@ -108,9 +108,10 @@ class Scheduler:
     def _make_room_for_the_best_waiting(self, out: SchedulerOutput) -> int:
         """Preempt running sequences the best waiting one outranks, worst first, until it fits;
         return the tokens of its first chunk, which the running ones must leave in the budget."""
-        if not self.waiting:
+        startable = self._startable()
+        if not startable:
             return 0
-        seq = self.policy.next_to_admit(self.waiting)
+        seq = self.policy.next_to_admit(startable)
         victims = [v for v in reversed(self.policy.preemption_order(self.running)) if self.policy.outranks(seq, v)]
         hit = self.kv.lookup(seq)  # preempting adds no cached blocks, so one lookup serves every round
         while True:
@@ -167,16 +168,22 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting sequences, each starting after its cached prefix, while budget, seats and blocks last."""
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.policy.next_to_admit(self.waiting)
+        startable = self._startable()
+        while startable and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.policy.next_to_admit(startable)
             hit = self.kv.lookup(seq)
             num = min(seq.num_tokens - hit.num_tokens, budget)
             if not self.kv.allocate(seq, hit, hit.num_tokens + num):
                 break
+            startable.remove(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running += self._add_chunk(out, seq, num, self.max_num_seqs - len(self.running) - 1)
             budget -= num
+
+    def _startable(self) -> list[Sequence]:
+        """The waiting sequences the policy lets start this step."""
+        return [s for s in self.waiting if self.policy.may_start(s, self.running)]
 
     def _fit_draft(self, seq: Sequence, budget: int) -> list[int]:
         """The draft tokens proposed for a decoding `seq` that fit in the budget and the free blocks

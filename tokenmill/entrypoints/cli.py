@@ -66,6 +66,9 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--sjf-prompt-token-weight", type=float, default=None,
                    help="sjf: work of one prompt token still to prefill, in output tokens (default: 0.5, "
                         "measured on CPU; prefill is relatively cheaper on a GPU)")
+    g.add_argument("--sjf-long-prefill-tokens", type=int, default=None,
+                   help="sjf: a prompt with this many tokens still to prefill waits while a decoding request ranked "
+                        "ahead of it runs, instead of stalling it (default: 512)")
     g.add_argument("--tenant-weights", default=None,
                    help='fair: tenant weights, e.g. "alice=2,bob=1"; tenants not named weigh 1')
     g = p.add_argument_group("speculative decoding")
@@ -89,7 +92,7 @@ def engine_parent() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
                 "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
                 "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
-                "sjf_prompt_token_weight", "tenant_weights",
+                "sjf_prompt_token_weight", "sjf_long_prefill_tokens", "tenant_weights",
                 "speculative_config",
                 "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
 
