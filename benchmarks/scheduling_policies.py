@@ -2,6 +2,13 @@
 
     python benchmarks/scheduling_policies.py                      # fcfs priority aging sjf fair, default model
 
+"Saturating" is measured, not guessed: a machine twice as slow turns a fixed arrival rate from
+a busy server into a backlog that grows without bound, where every reordering policy's tail
+loses to fcfs's. So the benchmark first measures the server's capacity for this workload (a
+fifth of each tenant's requests sent at once to an fcfs server: requests completed per
+second) and scales every tenant's rate so that together they arrive at --load x that capacity
+(--rate-scale fixes the scale instead).
+
 Starts `tokenmill serve --scheduling-policy P` once per policy (same engine flags) and sends each
 the same multi-tenant workload with `tokenmill bench serve`'s client: three tenants with their
 own prompt and output lengths, rates and priorities, one of them bursty. It prints the median and
@@ -27,12 +34,12 @@ from tokenmill.bench.workload import TenantSpec
 from tokenmill.engine.policy import POLICIES
 
 # (interactive chat, document summaries, a bursty offline batch job); lower priority runs first.
-# With --rate-scale 0.45 (the README's run) about 330 s of arrivals, which keep the default model on
-# 2 cores busy throughout; at the full rates the backlog grows without bound.
+# The rates are relative: --load or --rate-scale scales them all.
 TENANTS = ["name=chat,num=150,rate=1.0,input=64:256,output=16:48,priority=0",
            "name=summarize,num=30,rate=0.2,input=512:1024,output=32:64,priority=1",
            "name=batch,num=15,rate=0.1,burstiness=0.3,input=128:256,output=192:256,priority=2"]
 ESTIMATOR = ("mae_tokens", "rmse_tokens", "baseline_mae_tokens", "reliability", "observations")
+PROBE_FRACTION = 5  # the capacity probe sends every tenant's num / 5 requests, all at once
 
 
 def scrape(url: str, prefix: str) -> dict[str, float]:
@@ -56,6 +63,16 @@ def run_policy(policy: str, flags: list[str], tenants: list[TenantSpec], ignore_
     return {"summary": run["summary"], "tenants": run["tenants"], "requests": run["requests"],
             "preemptions": preemptions,
             "estimator": {k.removeprefix("tokenmill_length_estimator_"): v for k, v in estimator.items()}}
+
+
+def measure_capacity(flags: list[str], tenants: list[TenantSpec], ignore_eos: bool, log_path: Path) -> float:
+    """Requests per second an fcfs server completes of this workload's mix, given all at once."""
+    probe = [dataclasses.replace(t, num_prompts=max(1, t.num_prompts // PROBE_FRACTION), rate=float("inf"))
+             for t in tenants]
+    summary = run_policy("fcfs", flags, probe, ignore_eos, log_path)["summary"]
+    if summary["failed"]:
+        raise SystemExit(f"capacity probe: {summary['failed']} requests failed; see {log_path}")
+    return summary["request_throughput"]
 
 
 def e2e_seconds(run: dict, tenant: str) -> tuple[float, float] | None:
@@ -107,8 +124,10 @@ def main() -> int:
     p.add_argument("--tokenmill-args", default="--max-num-seqs 8", help="`tokenmill serve` flags for every policy")
     p.add_argument("--sjf-seconds-per-token", type=float, nargs="+", default=[0.1],
                    help="run sjf once per value (how much waiting outweighs predicted length; default: 0.1)")
-    p.add_argument("--rate-scale", type=float, default=1.0,
-                   help="multiply every tenant's arrival rate (same requests, so the run lasts 1/scale as long)")
+    p.add_argument("--load", type=float, default=0.9,
+                   help="total arrival rate as a fraction of the measured capacity (default: 0.9)")
+    p.add_argument("--rate-scale", type=float, default=None,
+                   help="multiply every tenant's arrival rate by this instead of measuring the capacity")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let outputs end at EOS, so lengths are the model's and the estimator has to learn them")
     p.add_argument("--repeats", type=int, default=1, help="run every policy this many times, taking turns")
@@ -116,10 +135,20 @@ def main() -> int:
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    tenants = [dataclasses.replace(t, rate=t.rate * args.rate_scale)
-               for t in (TenantSpec.parse(spec) for spec in args.tenant or TENANTS)]
+    if not args.load > 0 or (args.rate_scale is not None and not args.rate_scale > 0):
+        p.error("--load and --rate-scale must be positive")
+    tenants = [TenantSpec.parse(spec) for spec in args.tenant or TENANTS]
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    capacity = None
+    scale = args.rate_scale
+    if scale is None:
+        print("measuring the capacity (fcfs, a fifth of the requests at once)", file=sys.stderr, flush=True)
+        capacity = measure_capacity(args.tokenmill_args.split(), tenants, args.ignore_eos,
+                                    out.with_name("scheduling_capacity.log"))
+        scale = args.load * capacity / sum(t.rate for t in tenants)
+        print(f"capacity {capacity:.3f} requests/s; rates x {scale:.3f} for load {args.load}", file=sys.stderr)
+    tenants = [dataclasses.replace(t, rate=t.rate * scale) for t in tenants]
     runs = [(p, []) for p in args.policies if p != "sjf"]
     if "sjf" in args.policies:
         at = args.policies.index("sjf")
@@ -132,9 +161,11 @@ def main() -> int:
             print(f"[{label}] repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
             results[label].append(run_policy(label.split()[0], [*args.tokenmill_args.split(), *flags], tenants,
                                              args.ignore_eos, log))
-            out.write_text(json.dumps({"config": vars(args), "tenants": [vars(t) for t in tenants],
-                                       "results": results}, indent=2))
+            out.write_text(json.dumps({"config": vars(args), "capacity_requests_per_s": capacity, "rate_scale": scale,
+                                       "tenants": [vars(t) for t in tenants], "results": results}, indent=2))
     names = [t.name for t in tenants]
+    if capacity is not None:
+        print(f"Load {args.load} x the measured capacity of {capacity:.3f} requests/s (tenant rates x {scale:.3f}).")
     print(f"End-to-end latency in seconds, median / p99, per tenant"
           f"{f' (medians over {args.repeats} runs)' if args.repeats > 1 else ''}:")
     print(table(results, names))
