@@ -265,8 +265,8 @@ def test_sjf_holds_a_long_prefill_back_while_a_decoding_sequence_ranked_ahead_ru
             break
     assert started_at is not None and short_prompt in finished and long_prompt in finished
     # A short prompt is never held back, nor a long one that ranks ahead of every decoding sequence.
-    assert policy.may_start(seq(2.0, prompt_len=255, max_tokens=10), [ahead])
-    assert policy.may_start(seq(-100.0, prompt_len=300, max_tokens=10), [ahead])
+    short, early = seq(2.0, prompt_len=255, max_tokens=10), seq(-100.0, prompt_len=300, max_tokens=10)
+    assert policy.startable([short, early], [ahead]) == [short, early]
 
 
 # ---- starvation bounds ----------------------------------------------------------------------
@@ -393,7 +393,8 @@ def test_sjf_degrades_to_fcfs_when_lengths_are_unpredictable():
     # and no long prefill is held back behind decoding sequences
     decoding = seq(1999.0, max_tokens=16)
     decoding.token_ids.append(0)
-    assert policy.may_start(seq(2000.0, prompt_len=4000, max_tokens=16), [decoding])
+    long_prompt = seq(2000.0, prompt_len=4000, max_tokens=16)
+    assert policy.startable([long_prompt], [decoding]) == [long_prompt]
 
 
 # ---- fair share -----------------------------------------------------------------------------

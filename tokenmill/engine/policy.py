@@ -4,7 +4,7 @@ A policy gives every sequence a sort key: the smallest key is admitted first and
 the largest is preempted first when KV blocks run out. A preemptive policy also lets the best
 waiting sequence take the place of running ones whose keys it beats, when seats or blocks are
 short (the scheduler asks `outranks`). A policy may also hold a waiting sequence back while
-seats and budget are free (`may_start`). The scheduler tells the policy what happens to
+seats and budget are free (`startable`). The scheduler tells the policy what happens to
 sequences (`on_add`, `on_scheduled`, `on_finish`), so policies that learn or count can do so.
 
 - fcfs: arrival order.
@@ -70,9 +70,9 @@ class Policy:
     def outranks(self, seq: Sequence, other: Sequence) -> bool:
         return self.key(seq) < self.key(other)
 
-    def may_start(self, seq: Sequence, running: list[Sequence]) -> bool:
-        """May waiting `seq` be admitted this step, seats, budget and blocks permitting?"""
-        return True
+    def startable(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
+        """The waiting sequences that may be admitted this step, seats, budget and blocks permitting."""
+        return list(waiting)
 
     # ---- what happens to sequences (no-ops unless a policy learns or counts) ------------------
     def on_add(self, seq: Sequence) -> None:
@@ -276,13 +276,13 @@ class ShortestJobFirstPolicy(Policy):
         """Only a sequence still prefilling gives up its seat (see the module docstring)."""
         return other.num_output_tokens == 0 and super().outranks(seq, other)
 
-    def may_start(self, seq: Sequence, running: list[Sequence]) -> bool:
-        """A long prefill waits while a decoding sequence ranked ahead of it runs (see the module docstring)."""
-        if (self._prefill_left(seq) < self.long_prefill_tokens
-                or self.estimator.stats.reliability < self.hold_back_min_reliability):
-            return True
-        key = self.key(seq)
-        return not any(r.num_output_tokens > 0 and self.key(r) < key for r in running)
+    def startable(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
+        """All but the long prefills ranked behind a decoding sequence (see the module docstring)."""
+        decoding = [self.key(r) for r in running if r.num_output_tokens > 0]
+        if not decoding or self.estimator.stats.reliability < self.hold_back_min_reliability:
+            return list(waiting)
+        best = min(decoding)  # one key per running sequence, not one per (waiting, running) pair
+        return [s for s in waiting if self._prefill_left(s) < self.long_prefill_tokens or self.key(s) < best]
 
     def on_add(self, seq: Sequence) -> None:
         self._predicted[seq.seq_id] = self.estimator.predict(seq, self._limit(seq))

@@ -7,11 +7,12 @@ seats (max_num_seqs) and KV blocks last; an admitted sequence starts after its l
 cached prefix (kv/kv_cache_manager.py owns the blocks). When a running sequence needs a
 block and none is free, the policy's last running sequence is preempted: its blocks are
 freed and it goes back to waiting, to be recomputed from its tokens later (so no output is
-lost or changed). Under a preemptive policy (priority, aging, sjf), the best waiting sequence
-first takes the seat and blocks of running ones it outranks, worst first, so it starts in
-this very step. Only waiting sequences the policy lets start now (`may_start`) are admitted. The other n - 1 sequences of an n > 1 request wait for the first one's
-prompt: they join the step that computes its last token, share its blocks and sample from
-its logits, so the prompt is computed once.
+lost or changed). Only the waiting sequences the policy lets start now (`startable`) are
+admitted. Under a preemptive policy (priority, aging, sjf), the best of them first takes the
+seat and blocks of running ones it outranks, worst first, so it starts in this very step.
+The other n - 1 sequences of an n > 1 request wait for the first one's prompt: they join
+the step that computes its last token, share its blocks and sample from its logits, so the
+prompt is computed once.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class Scheduler:
 
     def _startable(self) -> list[Sequence]:
         """The waiting sequences the policy lets start this step."""
-        return [s for s in self.waiting if self.policy.may_start(s, self.running)]
+        return self.policy.startable(self.waiting, self.running)
 
     def _fit_draft(self, seq: Sequence, budget: int) -> list[int]:
         """The draft tokens proposed for a decoding `seq` that fit in the budget and the free blocks
