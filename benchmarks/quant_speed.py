@@ -1,21 +1,26 @@
 """Batch-1 speed of float32, int8 and int4 weights, against llama.cpp on the same GGUF file.
 
 SmolLM2-135M-Instruct (the embedded Q4_1 GGUF) in tokenmill as float32 (dequantized), int8
-(requantized per channel) and int4 (its Q4_1 blocks loaded packed), and in llama.cpp through
-llama-cpp-python with n_threads = --threads, on the same prompt token ids: prefill tokens/s
-(one prompt of --prompt-tokens, timed to its first token) and batch-1 decode tokens/s
-(--new-tokens greedy tokens, timed from the first to the last), medians of --repeats runs.
+(requantized) and int4 (its Q4_1 blocks loaded packed), and in llama.cpp with --threads
+threads: prefill tokens/s (one prompt of --prompt-tokens, timed to its first token) and
+batch-1 decode tokens/s (--new-tokens greedy tokens, timed from the first to the last),
+medians of --repeats runs, and each decode's fraction of the bandwidth roofline (the bytes a
+token reads, weights and KV, over `tokenmill calibrate`'s bandwidth). llama.cpp runs as
+llama-bench built from source (--llama-bench PATH, from ../shared/tools/build-llamacpp.sh;
+pp and tg tests with -r --repeats), or through llama-cpp-python where that is installed.
 Prints a table with ratios to llama.cpp and writes results/quant_speed.json. --profile also
-breaks one tokenmill decode step down (forward, logits, sampling; kernels vs Python overhead).
+breaks one tokenmill decode step down (forward, logits, sampling, engine).
 
-    python benchmarks/quant_speed.py [--threads 2] [--prompt-tokens 256] [--new-tokens 128] [--repeats 3] [--profile]
+    python benchmarks/quant_speed.py --llama-bench "$(bash ../shared/tools/build-llamacpp.sh)/llama-bench"
     python benchmarks/quant_speed.py --smoke      # a short run: 32-token prompt, 16 new tokens, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -27,12 +32,16 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.bench.throughput import measure_tokenmill_decode, write_json
 from tokenmill.loader import load_checkpoint
 from tokenmill.loader.checkpoint import default_model_path
+from tokenmill.metering import calibrate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"
 CONFIGS = {"float32": {"quantization": "none"}, "int8": {"quantization": "int8"}, "int4": {"quantization": "auto"}}
-LINEAR_OPS = {"aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm"}
-ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_"}
+LINEAR_OPS = {"aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm",
+              "tokenmill::q4_mm", "tokenmill::q8_mm"}
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_",
+                 "tokenmill::row_attention"}
+FUSED_OPS = {"tokenmill::decode_layers"}  # every decoder layer of a decode step in one call
 
 
 def tokenmill_prefill(llm: LLM, prompt: list[int], repeats: int) -> float:
@@ -70,6 +79,23 @@ def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int
         decode.append((len(times) - 1) / (times[-1] - times[0]))
     return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
             "version": llama_cpp.__version__}
+
+
+def llama_bench_speed(binary: str, path: Path, prompt_tokens: int, new_tokens: int, repeats: int,
+                      threads: int) -> dict:
+    """llama.cpp's own benchmark on the same file: pp (prefill) and tg (decode) tokens/s, mean of -r runs."""
+    out = subprocess.run([binary, "-m", str(path), "-t", str(threads), "-p", str(prompt_tokens), "-n", str(new_tokens),
+                          "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"prefill_tokens_per_s": pp["avg_ts"], "decode_tokens_per_s": tg["avg_ts"],
+            "version": f"llama-bench {tg.get('build_commit', '?')}", "model_bytes": tg.get("model_size")}
+
+
+def roofline_fraction(tokens_per_s: float, bytes_per_token: float, bandwidth: float) -> float:
+    """Decode speed over what reading each token's bytes once at the machine's bandwidth allows."""
+    return tokens_per_s * bytes_per_token / bandwidth
 
 
 def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
@@ -110,15 +136,17 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
         engine.abort_request("profile")
     kinds: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            kind = "linear" if event.key in LINEAR_OPS else "attention" if event.key in ATTENTION_OPS else "other_ops"
+        if event.key.startswith(("aten::", "tokenmill::")):
+            kind = ("linear" if event.key in LINEAR_OPS else "attention" if event.key in ATTENTION_OPS
+                    else "fused_layers" if event.key in FUSED_OPS else "other_ops")
             kinds[kind] += event.self_cpu_time_total / 1e3 / steps
     ms = {name: 1e3 * s / steps for name, s in wall.items()}
     kernels = sum(kinds.values())
     layers = runner.cfg.num_layers
     return {"step_ms": 1e3 * step_s, "forward_ms": ms["forward"], "logits_ms": ms["logits"],
             "sampling_ms": ms["sampling"], "engine_ms": 1e3 * step_s - sum(ms.values()),
-            "linear_kernels_ms": kinds["linear"], "attention_ms": kinds["attention"], "other_ops_ms": kinds["other_ops"],
+            "fused_layers_ms": kinds["fused_layers"], "linear_kernels_ms": kinds["linear"],
+            "attention_ms": kinds["attention"], "other_ops_ms": kinds["other_ops"],
             "python_and_dispatch_ms": 1e3 * step_s - kernels,
             "python_and_dispatch_per_layer_us": (1e6 * step_s - 1e3 * kernels) / layers}
 
@@ -131,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="a short run: 32-token prompt, 16 new tokens, 1 repeat")
     p.add_argument("--profile", action="store_true", help="break one decode step of each configuration down")
+    p.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (else llama-cpp-python, if installed)")
     p.add_argument("--output", default=str(ROOT / "results" / "quant_speed.json"))
     args = p.parse_args(argv)
     if args.smoke:
@@ -139,20 +168,33 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = load_checkpoint(None)
     prompt = ckpt.tokenizer.encode(TEXT.read_text())[:args.prompt_tokens]
+    bandwidth = calibrate.load_or_measure(torch.device("cpu"))["bandwidth_bytes_per_s"]
     result = {"model": ckpt.name, "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "torch": torch.__version__, "tokenmill": {}}
+              "repeats": args.repeats, "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "tokenmill": {}}
     for name, kwargs in CONFIGS.items():
         llm = LLM(ckpt, dtype="float32", kv_cache_memory="256MiB", seed=0, **kwargs)
         row = {"weights": llm.engine.memory_report.weights, "weight_bytes": llm.engine.memory_report.weight_bytes,
                "prefill_tokens_per_s": tokenmill_prefill(llm, prompt, args.repeats),
                "decode_tokens_per_s": measure_tokenmill_decode(llm, prompt, args.new_tokens, args.repeats)
                .decode_tokens_per_s}
+        read = llm.engine.runner.model_bytes()  # a decode token reads the layers, the head and its KV
+        row["bytes_per_token"] = read.layers + read.head + read.kv_per_token * (len(prompt) + args.new_tokens / 2)
+        row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["bytes_per_token"], bandwidth)
         if args.profile:
             row["profile"] = profile_decode(llm, prompt)
         result["tokenmill"][name] = row
         print(f"[speed] {name}: {row['decode_tokens_per_s']:.1f} decode tok/s", file=sys.stderr)
         del llm
-    result["llama_cpp"] = llama_cpp_speed(default_model_path(), prompt, args.new_tokens, args.repeats, args.threads)
+    if args.llama_bench:
+        ref = llama_bench_speed(args.llama_bench, default_model_path(), len(prompt), args.new_tokens, args.repeats,
+                                args.threads)
+    else:
+        ref = llama_cpp_speed(default_model_path(), prompt, args.new_tokens, args.repeats, args.threads)
+    if ref:
+        ref["roofline_fraction"] = roofline_fraction(ref["decode_tokens_per_s"],
+                                                     ref.get("model_bytes") or default_model_path().stat().st_size,
+                                                     bandwidth)
+    result["llama_cpp"] = ref
     print(format_table(result))
     print(f"wrote {write_json(result, args.output)}", file=sys.stderr)
     return 0
@@ -162,14 +204,17 @@ def format_table(result: dict) -> str:
     ref = result["llama_cpp"]
     lines = [f"{result['model']}, {result['threads']} threads, prompt {result['prompt_tokens']} tokens, "
              f"{result['new_tokens']} new tokens, median of {result['repeats']}",
-             "| engine | weights | prefill tok/s | decode tok/s | decode / llama.cpp |", "|---|---|---|---|---|"]
+             f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (tokenmill calibrate)",
+             "| engine | weights | prefill tok/s | prefill / llama.cpp | decode tok/s | decode / llama.cpp "
+             "| roofline fraction |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in result["tokenmill"].items():
-        ratio = f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}" if ref else "-"
+        pre = f"{row['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.2f}x" if ref else "-"
+        dec = f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
         lines.append(f"| tokenmill | {name} ({row['weight_bytes'] / 2**20:.0f} MiB) | {row['prefill_tokens_per_s']:.0f} "
-                     f"| {row['decode_tokens_per_s']:.1f} | {ratio} |")
+                     f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {row['roofline_fraction']:.2f} |")
     if ref:
-        lines.append(f"| llama.cpp {ref['version']} | Q4_1 file | {ref['prefill_tokens_per_s']:.0f} "
-                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00 |")
+        lines.append(f"| llama.cpp ({ref['version']}) | Q4_1 file | {ref['prefill_tokens_per_s']:.0f} | 1.00x "
+                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {ref['roofline_fraction']:.2f} |")
     for name, row in result["tokenmill"].items():
         if "profile" in row:
             lines.append(f"{name} decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in row["profile"].items()))

@@ -17,12 +17,14 @@ from tokenmill.config import WeightQuant
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.entrypoints import cli
 from tokenmill.errors import InvalidParameterError
+from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.executor.layers.linear import Int4Linear, Int8Linear, Linear, make_linear
 from tokenmill.executor.layers.quant import COMPUTE_DTYPE, quantize_int4
 from tokenmill.loader.gguf import int4_groups, load_gguf
 
 from test_gguf import tiny_model, write_gguf
+from test_kernels import assert_close_to
 from test_model_reference import run_chunks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,30 +55,52 @@ def load_in_shards(layer, w: torch.Tensor, bias: torch.Tensor | None = None, cut
 # ---- linear layers --------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernels", "pytorch"])
+def form(request, monkeypatch):
+    """Each layer test runs on tokenmill's packed kernels (where built) and on PyTorch's kernels."""
+    import tokenmill.executor.layers.linear as linear
+
+    if request.param == "kernels" and lowbit() is None:
+        pytest.skip("tokenmill's kernels could not be built here")
+    if request.param == "pytorch":
+        monkeypatch.setattr(linear, "kernels_fit", lambda in_features: False)
+    return request.param
+
+
 @pytest.mark.parametrize("batch", BATCHES)
-def test_int8_linear_matches_dequantized_matmul(batch):
+def test_int8_linear_matches_dequantized_matmul(batch, form):
     torch.manual_seed(0)
     w, b, x = torch.randn(160, 256), torch.randn(160), torch.randn(batch, 256)
     layer = load_in_shards(Int8Linear(256, 160, bias=True), w, b)
-    assert layer.weight.dtype == torch.int8 and layer.scale.dtype == COMPUTE_DTYPE and layer.scale.shape == (160,)
-    reference = bf16(x) @ (layer.weight.double() * layer.scale.double()[:, None]).t()
-    assert_kernel_close(layer(x) - b, reference)
-    # The codes are w's own per-row int8 grid: never more than half a step away.
-    assert ((layer.weight.float() * layer.scale.float()[:, None] - w).abs()
-            <= 0.51 * layer.scale.float()[:, None] + 1e-2 * w.abs()).all()
+    if form == "kernels":  # Q8_0-like blocks of 32 with float16 scales
+        assert layer.kernel_weight.bits == 8 and layer.kernel_weight.scales.dtype == torch.float16
+        dequantized = layer.kernel_weight.dequantize()
+        assert_close_to(layer(x) - b, x, dequantized)
+        step = layer.kernel_weight.scales.float().permute(0, 2, 1).reshape(160, 8).repeat_interleave(32, dim=1)
+    else:
+        assert layer.weight.dtype == torch.int8 and layer.scale.dtype == COMPUTE_DTYPE and layer.scale.shape == (160,)
+        reference = bf16(x) @ (layer.weight.double() * layer.scale.double()[:, None]).t()
+        assert_kernel_close(layer(x) - b, reference)
+        dequantized, step = layer.weight.float() * layer.scale.float()[:, None], layer.scale.float()[:, None]
+    # The codes are w's own int8 grid: never more than half a step away.
+    assert ((dequantized - w).abs() <= 0.51 * step + 1e-2 * w.abs()).all()
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("batch", BATCHES)
-def test_int4_linear_matches_dequantized_matmul(group, batch):
+def test_int4_linear_matches_dequantized_matmul(group, batch, form):
     torch.manual_seed(group)
     w, x = torch.randn(160, 256), torch.randn(batch, 256)
     layer = load_in_shards(Int4Linear(256, 160, group=group), w)
-    assert layer.scale_zero.shape == (256 // group, 160, 2) and layer.scale_zero.dtype == COMPUTE_DTYPE
     groups = quantize_int4(w, group)
-    codes = groups.q.view(160, -1, group).double() - 8
-    dequantized = (codes * bf16(groups.scale)[..., None] + bf16(groups.zero)[..., None]).view(160, 256)
-    assert_kernel_close(layer(x), bf16(x) @ dequantized.t())
+    if form == "kernels":  # groups of 32; a larger group repeats its scale and zero
+        torch.testing.assert_close(layer.kernel_weight.dequantize(), groups.dequantize(), rtol=0, atol=1e-6)
+        assert_close_to(layer(x), x, layer.kernel_weight.dequantize())
+    else:
+        assert layer.scale_zero.shape == (256 // group, 160, 2) and layer.scale_zero.dtype == COMPUTE_DTYPE
+        codes = groups.q.view(160, -1, group).double() - 8
+        dequantized = (codes * bf16(groups.scale)[..., None] + bf16(groups.zero)[..., None]).view(160, 256)
+        assert_kernel_close(layer(x), bf16(x) @ dequantized.t())
     assert (groups.dequantize() - w).abs().max() <= 0.51 * groups.scale.max()
 
 
@@ -95,7 +119,7 @@ def test_make_linear_picks_the_form_the_kernels_take():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
-def test_gguf_q4_blocks_map_exactly_onto_int4_groups(qtype):
+def test_gguf_q4_blocks_map_exactly_onto_int4_groups(qtype, form):
     w = np.random.default_rng(0).normal(0, 0.5, (96, 128)).astype(np.float32)
     raw = quantize(w, qtype)
     groups = int4_groups(raw, qtype)
@@ -104,17 +128,25 @@ def test_gguf_q4_blocks_map_exactly_onto_int4_groups(qtype):
     layer = Int4Linear(128, 96, group=32)
     layer.load("weight", groups)
     x = torch.randn(5, 128)
+    if form == "kernels":  # the file's own float16 d and m
+        assert torch.equal(layer.kernel_weight.dequantize(), torch.from_numpy(dequantize(raw, qtype)))
+        assert_close_to(layer(x), x, layer.kernel_weight.dequantize())
+        return
     codes = groups.q.view(96, -1, 32).double() - 8
     expected = (codes * bf16(groups.scale)[..., None] + bf16(groups.zero)[..., None]).view(96, 128)
     assert_kernel_close(layer(x), bf16(x) @ expected.t())
 
 
-def test_gguf_q8_0_requantized_per_channel():
-    """Q8_0's per-32 scales have no int8-kernel form: dequantized, then one scale per output row."""
+def test_gguf_q8_0_blocks(form):
+    """With tokenmill's kernels a Q8_0 tensor keeps its own blocks; PyTorch's int8 kernel has no per-32
+    scales, so there it is dequantized and requantized with one scale per output row."""
     w = np.random.default_rng(1).normal(0, 0.5, (64, 128)).astype(np.float32)
     q8 = torch.from_numpy(dequantize(quantize(w, Q.Q8_0), Q.Q8_0))
     layer = Int8Linear(128, 64)
     layer.load("weight", q8)
+    if form == "kernels":
+        assert torch.equal(layer.kernel_weight.dequantize(), q8)
+        return
     step = layer.scale.float()[:, None]
     assert ((layer.weight.float() * step - q8).abs() <= 0.51 * step + 1e-2 * q8.abs()).all()
 
@@ -125,9 +157,11 @@ def tiny_q4_gguf(tmp_path_factory):
     return write_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", "llama", config, state, Q.Q4_1, permute=True)
 
 
-def test_tiny_q4_1_gguf_packed_is_exact(tiny_q4_gguf, monkeypatch):
+def test_tiny_q4_1_gguf_packed_is_exact(tiny_q4_gguf, monkeypatch, form):
     """Every projection of a llama.cpp-permuted Q4_1 file loads packed, with the very weights of the
-    dequantized file: computed in float32 (the kernels' slow path), the logits are the same."""
+    dequantized file: computed in float32 (PyTorch's slow path) the logits are the same, and with
+    tokenmill's kernels (two int8 terms per activation block) within 5e-3 of logits up to 6.7 (measured
+    0.0032; one int8 term, llama.cpp's Q8 activations, is 0.49 off on this random model)."""
     import tokenmill.executor.layers.quant as quant
     import tokenmill.executor.models.llama as llama
 
@@ -140,7 +174,7 @@ def test_tiny_q4_1_gguf_packed_is_exact(tiny_q4_gguf, monkeypatch):
     assert isinstance(packed.runner.model.layers[0].self_attn.qkv_proj, Int4Linear)
     prompt = list(range(3, 40))
     logits = [run_logits(engine, prompt) for engine in (packed, dense)]
-    assert (logits[0] - logits[1]).abs().max() <= 1e-4
+    assert (logits[0] - logits[1]).abs().max() <= (5e-3 if form == "kernels" else 1e-4)
 
 
 def run_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:

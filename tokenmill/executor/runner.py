@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import ModelConfig, WeightQuant
+from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.metering.roofline import ModelBytes
@@ -37,6 +38,9 @@ class ModelRunner:
         self.block_size = block_size
         self.model = _build_model(cfg, weights, dtype, device, max_model_len, quant)
         self.kv_cache_dtype = kv_cache_dtype or dtype
+        # Decodes attend row by row in tokenmill's C++ kernels where they run (float32 model and cache on CPU).
+        self.row_attention = (device.type == "cpu" and dtype == torch.float32 and self.kv_cache_dtype == torch.float32
+                              and lowbit() is not None)
         self.kv_caches = [KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
                                   self.kv_cache_dtype, device, null_slots=block_size)
                           for _ in range(cfg.num_layers)]
@@ -111,6 +115,7 @@ class ModelRunner:
         meta = build_metadata(
             [table for _, _, table in spans], [start for _, start, _ in spans], [len(t) for t, _, _ in spans],
             self.block_size, self.cfg.num_heads // self.cfg.num_kv_heads, self.cfg.sliding_window, self.device,
+            row_attention=self.row_attention,
         )
         self.num_computed_tokens += len(ids)
         return self.model(torch.tensor(ids, dtype=torch.long, device=self.device),

@@ -12,6 +12,11 @@ prefill chunk gets its own call with a causal mask shifted by the tokens already
 are folded into the query-length axis, so grouped-query attention needs no K/V copies.
 With an 8-bit cache a first prefill chunk also reads its K/V back from the cache, so every
 token attends to the same quantized K/V whichever step computes it.
+
+Where tokenmill's CPU kernels run (float32 model and cache), decodes and short spans are instead
+attended row by row by `row_attention`, straight from the cache blocks (no gather, no padding):
+each query row sees its own context only, so its result does not depend on its neighbours, and a
+step of nothing else can run every layer in one fused call (`RowBatch.whole`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.kv_cache import KVCache
 
 
@@ -44,10 +50,23 @@ class PrefillChunk:
 
 
 @dataclass
+class RowBatch:
+    """Query rows attended one by one from the cache (decodes, and each row of a short span)."""
+
+    rows: torch.Tensor  # [R] rows of the flat batch
+    tables: torch.Tensor  # [R, blocks] int64: each row's block table, padded with the null block
+    lens: torch.Tensor  # [R] int64: each row's context length, itself included
+    whole: bool  # the rows are the whole batch, in order
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    row_batch: RowBatch | None = None  # set instead of `decodes` where row attention runs
+    block_size: int = 16
+    sliding_window: int | None = None
 
 
 # A decode group's shortest context is at least this fraction of its longest.
@@ -64,8 +83,10 @@ def build_metadata(
     group: int,
     sliding_window: int | None,
     device: torch.device,
+    row_attention: bool = False,
 ) -> AttentionMetadata:
-    """Index tensors for one step: sequence i computes positions starts[i] .. starts[i]+lengths[i]-1."""
+    """Index tensors for one step: sequence i computes positions starts[i] .. starts[i]+lengths[i]-1.
+    With `row_attention`, decodes and short spans become a RowBatch instead of padded groups."""
     slot_mapping: list[int] = []
     decode_rows: list[int] = []  # first row of each decode or short span
     decode_tables: list[list[int]] = []
@@ -86,6 +107,10 @@ def build_metadata(
             mask = _causal_mask(start, end, sliding_window).repeat_interleave(group, dim=0).to(device)
             prefills.append(PrefillChunk(row, row + length, slots, mask))
         row += length
+    slot_t = torch.tensor(slot_mapping, dtype=torch.long, device=device)
+    if row_attention:
+        batch = _row_batch(decode_rows, decode_tables, decode_lens, decode_queries, row, device) if decode_rows else None
+        return AttentionMetadata(slot_t, [], prefills, batch, block_size, sliding_window)
     decodes = []
     order = sorted(range(len(decode_rows)), key=lambda i: -decode_lens[i])
     while order:
@@ -98,7 +123,22 @@ def build_metadata(
                                      block_size, group, sliding_window, device))
     if len(decodes) == 1 and not prefills and decodes[0].valid is None and decodes[0].rows.shape[1] == 1:
         decodes[0].rows = None  # the group is the whole batch of decodes, in order
-    return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), decodes, prefills)
+    return AttentionMetadata(slot_t, decodes, prefills, None, block_size, sliding_window)
+
+
+def _row_batch(first_rows, tables, lens, queries, total_rows, device) -> RowBatch:
+    rows, row_lens, row_tables = [], [], []
+    for first, table, end, n in zip(first_rows, tables, lens, queries):
+        for j in range(n):
+            rows.append(first + j)
+            row_lens.append(end - n + j + 1)
+            row_tables.append(table)
+    width = max(len(t) for t in row_tables)
+    padded = torch.zeros(len(rows), width, dtype=torch.long)  # 0 = the null block
+    for i, t in enumerate(row_tables):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return RowBatch(torch.tensor(rows, device=device), padded.to(device), torch.tensor(row_lens, device=device),
+                    whole=rows == list(range(total_rows)))
 
 
 def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -154,9 +194,14 @@ def paged_attention(
     tokens, heads, head_dim = q.shape
     kv_heads = kv.shape[2]
     group = heads // kv_heads
+    rb = meta.row_batch
+    if rb is not None and rb.whole:
+        return _row_attention(q, cache, rb, meta, scale)
     if len(meta.decodes) == 1 and meta.decodes[0].rows is None:  # all decodes, one group: nothing to scatter
         return _decode_attention(q, cache, meta.decodes[0], kv_heads, group, scale).reshape(tokens, heads * head_dim)
     out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
+    if rb is not None:
+        out[rb.rows] = _row_attention(q[rb.rows], cache, rb, meta, scale)
     for d in meta.decodes:
         o = _decode_attention(q[d.rows], cache, d, kv_heads, group, scale)  # [B, Q, heads * hd]
         if d.valid is None:
@@ -176,6 +221,10 @@ def paged_attention(
                                            attn_mask=p.mask, scale=scale)  # [1, kvh, Q*G, hd]
         out[p.start:p.end] = o.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, heads * head_dim)
     return out
+
+
+def _row_attention(q, cache: KVCache, rb: RowBatch, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return lowbit().row_attention(q, cache.data, rb.tables, rb.lens, meta.block_size, meta.sliding_window or 0, scale)
 
 
 def _decode_attention(q, cache, d: DecodeGroup, kv_heads: int, group: int, scale: float) -> torch.Tensor:

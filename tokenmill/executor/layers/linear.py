@@ -5,6 +5,11 @@ single-row products of batch-1 decode about 1.3-2x faster in this layout than in
 [out, in], and as fast for large batches. `Int8Linear` and `Int4Linear` keep [out, in] codes
 in the layouts of PyTorch's weight-only kernels (quant.py).
 
+On CPU, where tokenmill's own kernels are built (executor/kernels), both quantized layers hold
+their weights packed for those kernels instead: integer dot products with int8 activations,
+faster than PyTorch's kernels at every batch size and the same bits for a row whatever the
+batch, so one form serves prefill and decode alike.
+
 All three load the same way: `load("weight", [out, in] tensor, offset)` fills output rows
 offset.., so fused projections (QKV, gate/up) load shard by shard. Quantized layers quantize
 each shard as it arrives (scales never span rows) and build their kernel tensors once every
@@ -17,9 +22,10 @@ import torch
 from torch import nn
 
 from tokenmill.config import WeightQuant
+from tokenmill.executor.kernels.packed import PackedWeight, kernels_fit, pack_q4, pack_q8
 from tokenmill.executor.layers.quant import (
     Int4Groups, dense, int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale, pack_int4, quantize_int4,
-    quantize_int8,
+    quantize_int8, quantize_q8_blocks,
 )
 
 
@@ -77,6 +83,7 @@ class _QuantizedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__(in_features, out_features, bias)
         self._rows_loaded = 0
+        self.kernel_weight: PackedWeight | None = None  # set by _pack where tokenmill's kernels run it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x)
@@ -90,7 +97,8 @@ class _QuantizedLinear(LinearBase):
 
 
 class Int8Linear(_QuantizedLinear):
-    """int8 codes [out, in] with one scale per output channel."""
+    """int8 codes [out, in]: with tokenmill's kernels, one float16 scale per block of 32 inputs (as
+    GGUF's Q8_0, whose blocks it keeps exactly); with PyTorch's, one scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias)
@@ -99,17 +107,24 @@ class Int8Linear(_QuantizedLinear):
         self._staged_scale: torch.Tensor | None = None
 
     def _stage(self, weight, offset):
-        q, scale = quantize_int8(dense(weight))
+        blocks = _use_kernels(self)
+        q, scale = quantize_q8_blocks(dense(weight)) if blocks else quantize_int8(dense(weight))
         if self._staged_scale is None:
-            self._staged_scale = torch.empty(self.out_features)
+            self._staged_scale = torch.empty(self.out_features, *scale.shape[1:], dtype=scale.dtype)
         self.weight[offset:offset + q.shape[0]] = q
         self._staged_scale[offset:offset + q.shape[0]] = scale
 
     def _pack(self):
-        self.scale = int8_scale(self._staged_scale, self.weight.device)
+        if _use_kernels(self):
+            self.kernel_weight = pack_q8(self.weight, self._staged_scale)
+            self.weight, self.scale = self.kernel_weight.codes, self.kernel_weight.scales
+        else:
+            self.scale = int8_scale(self._staged_scale, self.weight.device)
         self._staged_scale = None
 
     def _matmul(self, x):
+        if self.kernel_weight is not None:
+            return self.kernel_weight.matmul(x).to(x.dtype)
         return int8_mm(x, self.weight, self.scale)
 
 
@@ -142,9 +157,23 @@ class Int4Linear(_QuantizedLinear):
 
     def _pack(self):
         device = self.packed.device
-        self.packed = pack_int4(self._staged.q, device)
-        self.scale_zero = int4_scale_zero(self._staged, device)
+        if _use_kernels(self):
+            repeat = self.group // 32  # the kernels' groups are 32: a larger group repeats its scale
+            d, zero = (t.repeat_interleave(repeat, dim=1) for t in (self._staged.scale, self._staged.zero))
+            self.kernel_weight = pack_q4(self._staged.q, d, zero - 8 * d)
+            self.packed, self.scale_zero = self.kernel_weight.codes, self.kernel_weight.scales
+        else:
+            self.packed = pack_int4(self._staged.q, device)
+            self.scale_zero = int4_scale_zero(self._staged, device)
         self._staged = None
 
     def _matmul(self, x):
+        if self.kernel_weight is not None:
+            return self.kernel_weight.matmul(x).to(x.dtype)
         return int4_mm(x, self.packed, self.group, self.scale_zero)
+
+
+def _use_kernels(layer: LinearBase) -> bool:
+    """tokenmill's packed kernels run the layer: on CPU, where they are built, for whole groups of 32."""
+    device = next(layer.buffers()).device
+    return device.type == "cpu" and kernels_fit(layer.in_features)

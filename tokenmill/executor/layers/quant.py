@@ -59,6 +59,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).to(torch.int8), scale
 
 
+def quantize_q8_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in blocks of `block` inputs with float16 scales, as llama.cpp's Q8_0: codes [rows, in]
+    and scales [rows, in // block]. A Q8_0 tensor's dequantized values come back as its own blocks."""
+    rows, cols = w.shape
+    g = w.float().view(rows, cols // block, block)
+    d = g.abs().amax(dim=-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(g * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(rows, cols), d.half()
+
+
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Groups:
     """Asymmetric int4 groups of `group` along the input axis, spanning each group's min..max."""
     rows, cols = w.shape

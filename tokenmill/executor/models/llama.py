@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig, WeightQuant
+from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.executor.layers.linear import LinearBase, make_linear
@@ -38,8 +39,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := cpu_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         # Spelled out: F.rms_norm adds two dtype round trips per call, a cost at batch 1.
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def cpu_ops(x: torch.Tensor):
+    """tokenmill's C++ operators where they run this tensor (float32 on CPU, kernels built), else None.
+    Every row-wise operation then takes them, so a token gets the same bits in every kind of step."""
+    return lowbit() if x.dtype == torch.float32 and x.device.type == "cpu" else None
 
 
 class Attention(nn.Module):
@@ -63,7 +72,10 @@ class Attention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk.copy_(torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1))
-        qk.copy_(self.rotary.apply(qk, cos_sin))
+        if (ops := cpu_ops(qk)) is not None:
+            ops.rope_(qk, cos_sin[0].view(tokens, -1), cos_sin[1].view(tokens, -1))
+        else:
+            qk.copy_(self.rotary.apply(qk, cos_sin))
         q = qk[:, : self.num_heads]
         kv = qkv[:, self.q_size:].view(tokens, 2, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, kv, cache, meta, self.scale)
@@ -77,7 +89,10 @@ class MLP(nn.Module):
         self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (ops := cpu_ops(gate_up)) is not None:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -112,12 +127,27 @@ class LlamaForCausalLM(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """Hidden states [tokens, hidden] after the final norm."""
+        """Hidden states [tokens, hidden] before the final norm."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
+        rb = meta.row_batch
+        if rb is not None and rb.whole and (params := self._fused_params(kv_caches)) is not None:
+            c = self.cfg
+            return lowbit().decode_layers(
+                x, params, cos_sin[0].view(x.shape[0], -1), cos_sin[1].view(x.shape[0], -1), meta.slot_mapping,
+                rb.tables, rb.lens, meta.block_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+                c.rms_norm_eps, meta.sliding_window or 0, c.head_dim ** -0.5)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, meta, cache)
         return x
+
+    def _fused_params(self, kv_caches) -> list[torch.Tensor] | None:
+        """What decode_layers takes, 12 tensors a layer, or None where the fused step cannot run this model
+        (float weights, q/k norms, an 8-bit or non-float32 cache): then each layer runs op by op."""
+        key = id(kv_caches)
+        if getattr(self, "_fused_key", None) != key:
+            self._fused_key, self._fused = key, _fused_layer_params(self.layers, kv_caches)
+        return self._fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
@@ -181,3 +211,19 @@ class LlamaForCausalLM(nn.Module):
         if target == "qkv_proj":
             return [0, c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim][shard]
         return shard * c.intermediate_size
+
+
+def _fused_layer_params(layers, kv_caches) -> list[torch.Tensor] | None:
+    params: list[torch.Tensor] = []
+    for layer, cache in zip(layers, kv_caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if (attn.q_norm is not None or cache.data.dtype != torch.float32
+                or any(getattr(m, "kernel_weight", None) is None for m in linears)):
+            return None
+        qkv, o, gate_up, down = (m.kernel_weight for m in linears)
+        bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else torch.empty(0)
+        params += [layer.input_layernorm.weight, qkv.codes, qkv.scales, bias, o.codes, o.scales,
+                   layer.post_attention_layernorm.weight, gate_up.codes, gate_up.scales, down.codes, down.scales,
+                   cache.data]
+    return params

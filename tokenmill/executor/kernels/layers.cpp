@@ -1,0 +1,339 @@
+// The decoder layer's small operations in C++, and a decode step that runs every layer in one call.
+//
+// Each operation works row by row: a row's result depends on that row's data alone, never on
+// how many rows share the call or which thread computes it. The fused loop (decode_layers) calls
+// exactly these functions, so a token computed one operator at a time from Python (a step that
+// mixes prefill and decodes) and one computed in the fused loop (a step of decodes) get the same
+// bits. Lane-wise loops below keep one accumulator per lane and combine lanes in a fixed order:
+// the compiler may vectorize them at any width and no sum is reordered.
+//
+// Attention reads each query row's context straight from the paged cache through its block
+// table: no gather, no padding. Query rows of decodes and of short spans (a speculative
+// verification) are alike: row r attends to positions [lens[r] - window, lens[r]).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lowbit.h"
+
+namespace {
+
+constexpr int L = 16;  // lanes of the lane-wise loops
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define TM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TM_CLONES
+#endif
+
+// sum of squares, then x * rsqrt(mean + eps) * w
+TM_CLONES void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y);
+
+void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * n, w, n, eps, y + r * n);
+  });
+}
+
+// Hugging Face's half-split rotation of `heads` vectors of one token: x * cos + rotate_half(x) * sin.
+TM_CLONES void rope_row(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// exp(x), lane by lane (vectorizable; within 2 ulp): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// y = silu(gate) * up for one row of [gate | up].
+TM_CLONES void silu_mul_row(const float* gu, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gu[i];
+    y[i] = g / (1.f + fast_exp(-g)) * gu[n + i];
+  }
+}
+
+// 16 float lanes as one GCC vector: each target clone compiles it to its own registers (one zmm,
+// two ymm, four xmm) with the same lane arithmetic, and folds it in registers, in a fixed order.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+
+inline float fold(v16 a) {
+  const v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// Sum of a[i] * b[i] (b = a: sum of squares) over n, 16 lanes at a time; a tail is added lane 0 first.
+inline float dot(const float* a, const float* b, int64_t n) {
+  v16 acc = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc += load16(a + i) * load16(b + i);
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return fold(acc) + tail;
+}
+
+inline float sum(const float* a, int64_t n) {
+  v16 acc = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc += load16(a + i);
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i];
+  return fold(acc) + tail;
+}
+
+inline void exp_shift(float* s, int64_t n, float m) {
+  for (int64_t i = 0; i < n; ++i) s[i] = fast_exp(s[i] - m);
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+TM_CLONES void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const float inv = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv * w[j];
+}
+
+struct Cache {
+  const float* data;   // [slots, 2, kv_heads, hd]
+  int64_t kv_heads, hd, block_size;
+  const float* k(int64_t slot, int64_t h) const { return data + (slot * 2 * kv_heads + h) * hd; }
+  const float* v(int64_t slot, int64_t h) const { return data + ((slot * 2 + 1) * kv_heads + h) * hd; }
+};
+
+// One query row, one KV head: its `group` query heads attend to positions [first, len), read
+// block by block through the table.
+TM_CLONES void attend(const float* q, const Cache& c, const int64_t* table, int64_t first, int64_t len, int64_t h,
+                      int64_t group, float scale, float* out, std::vector<float>& scores) {
+  const int64_t n = len - first, hd = c.hd, bs = c.block_size;
+  scores.resize(group * n);
+  for (int64_t p = first; p < len;) {  // scores, one block's run of positions at a time
+    const int64_t base = table[p / bs] * bs, stop = std::min(len, (p / bs + 1) * bs);
+    for (; p < stop; ++p) {
+      const float* k = c.k(base + p % bs, h);
+      for (int64_t g = 0; g < group; ++g) scores[g * n + p - first] = dot(q + g * hd, k, hd) * scale;
+    }
+  }
+  float inv[64];  // 1 / softmax denominator per query head (group <= 64)
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * n;
+    float m = s[0];
+    for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
+    exp_shift(s, n, m);
+    inv[g] = 1.f / sum(s, n);
+    std::fill(out + g * hd, out + (g + 1) * hd, 0.f);
+  }
+  for (int64_t p = first; p < len;) {  // each V row read once, for every query head
+    const int64_t base = table[p / bs] * bs, stop = std::min(len, (p / bs + 1) * bs);
+    for (; p < stop; ++p) {
+      const float* v = c.v(base + p % bs, h);
+      for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + p - first], v, out + g * hd, hd);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] *= inv[g];
+}
+
+// q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
+void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
+                    int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
+  const int64_t group = heads / c.kv_heads, hd = c.hd;
+  TORCH_CHECK(group <= 64, "at most 64 query heads per KV head");
+  int64_t work = 0;
+  for (int64_t r = 0; r < rows; ++r) work += lens[r];
+  const int64_t grain = work * c.kv_heads < 4096 ? rows * c.kv_heads : 1;  // small steps: one thread
+  at::parallel_for(0, rows * c.kv_heads, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / c.kv_heads, h = i % c.kv_heads;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
+      attend(q + (r * heads + h * group) * hd, c, tables + r * table_width, first, lens[r], h, group, scale,
+             out + (r * heads + h * group) * hd, scores);
+    }
+  });
+}
+
+void write_kv(float* cache, int64_t kv_heads, int64_t hd, const float* k, const float* v, int64_t slot) {
+  std::memcpy(cache + slot * 2 * kv_heads * hd, k, kv_heads * hd * sizeof(float));
+  std::memcpy(cache + (slot * 2 + 1) * kv_heads * hd, v, kv_heads * hd * sizeof(float));
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// ---- the operators, one call each from Python ----
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_float(w, "weight");
+  const at::Tensor xc = x.contiguous();
+  check_float(xc, "x");
+  const int64_t n = w.numel();
+  TORCH_CHECK(xc.size(-1) == n, "rms_norm: width mismatch");
+  at::Tensor y = at::empty_like(xc);
+  rms_norm_rows(xc.const_data_ptr<float>(), w.const_data_ptr<float>(), xc.numel() / n, n, static_cast<float>(eps),
+                y.data_ptr<float>());
+  return y;
+}
+
+// Rotates x [T, heads, hd] (rows may be strided, heads and head_dim dense) in place by cos, sin [T, hd].
+void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1 &&
+                  x.stride(1) == x.size(2), "rope_: x must be float32 [T, heads, head_dim] with dense heads");
+  check_float(cos, "cos");
+  check_float(sin, "sin");
+  const int64_t T = x.size(0), heads = x.size(1), hd = x.size(2), stride = x.stride(0);
+  TORCH_CHECK(cos.numel() == T * hd && sin.numel() == T * hd, "rope: cos/sin must be [T, head_dim]");
+  float* p = x.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      rope_row(p + t * stride, heads, hd, cos.const_data_ptr<float>() + t * hd, sin.const_data_ptr<float>() + t * hd);
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+  const at::Tensor g = gu.contiguous();
+  check_float(g, "gate_up");
+  const int64_t n = g.size(-1) / 2, rows = g.numel() / (2 * n);
+  at::Tensor y = at::empty({rows, n}, g.options());
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul_row(g.const_data_ptr<float>() + r * 2 * n, n, y.data_ptr<float>() + r * n);
+  });
+  return y;
+}
+
+Cache cache_of(const at::Tensor& cache, int64_t block_size) {
+  check_float(cache, "cache");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2, "cache must be [slots, 2, kv_heads, head_dim]");
+  return Cache{cache.const_data_ptr<float>(), cache.size(2), cache.size(3), block_size};
+}
+
+void check_rows(const at::Tensor& tables, const at::Tensor& lens, int64_t rows) {
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && tables.is_contiguous() &&
+                  lens.is_contiguous() && tables.dim() == 2 && tables.size(0) == rows && lens.numel() == rows,
+              "tables [R, blocks] and lens [R] must be contiguous int64");
+}
+
+// q [R, heads, hd]; tables [R, blocks]; lens [R]: each row's context length, itself included.
+at::Tensor row_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables, const at::Tensor& lens,
+                         int64_t block_size, int64_t window, double scale) {
+  const at::Tensor qc = q.contiguous();
+  check_float(qc, "q");
+  const Cache c = cache_of(cache, block_size);
+  const int64_t rows = qc.size(0), heads = qc.size(1);
+  check_rows(tables, lens, rows);
+  at::Tensor out = at::empty({rows, heads * c.hd}, qc.options());
+  attention_rows(qc.const_data_ptr<float>(), rows, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
+                 lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), out.data_ptr<float>());
+  return out;
+}
+
+bool is_q4(const at::Tensor& w, int64_t K) { return w.size(1) == K / 32 * 128; }
+
+at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& bias, int64_t N) {
+  at::Tensor y = tokenmill::lowbit_mm(x, w, s, N, is_q4(w, x.size(1)));
+  if (bias.numel()) y.add_(bias);
+  return y;
+}
+
+// Every decoder layer for R query rows (decodes and short spans) whose K/V go to `slots`; x [R, H]
+// is the embedded input, returned as the last layer's output. Per layer, `params` holds 12 tensors:
+// input norm, qkv codes, scales, bias (empty if none), o codes, scales, post norm, gate_up codes,
+// scales, down codes, scales, and the layer's float32 cache.
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList params, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+                         int64_t window, double scale) {
+  constexpr size_t PER_LAYER = 12;
+  TORCH_CHECK(params.size() % PER_LAYER == 0, "decode_layers: 12 tensors per layer");
+  at::Tensor x = x_in.contiguous().clone();
+  check_float(x, "x");
+  const int64_t R = x.size(0), H = x.size(1), qs = heads * head_dim, kvs = kv_heads * head_dim;
+  check_rows(tables, lens, R);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == R, "slots [R] int64");
+  const float feps = static_cast<float>(eps);
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  at::Tensor h = at::empty_like(x), attn = at::empty({R, qs}, x.options());
+  for (size_t l = 0; l < params.size(); l += PER_LAYER) {
+    const at::Tensor* p = params.data() + l;
+    at::Tensor cache = p[11];
+    const Cache c = cache_of(cache, block_size);
+    rms_norm_rows(x.const_data_ptr<float>(), p[0].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
+    at::Tensor qkv = packed_mm(h, p[1], p[2], p[3], qs + 2 * kvs);
+    float* qkvp = qkv.data_ptr<float>();
+    float* cp = cache.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = qkvp + r * (qs + 2 * kvs);
+      rope_row(row, heads + kv_heads, head_dim, cos.const_data_ptr<float>() + r * head_dim,
+               sin.const_data_ptr<float>() + r * head_dim);
+      write_kv(cp, kv_heads, head_dim, row + qs, row + qs + kvs, slot[r]);
+    }
+    // q rows are strided inside qkv: copy them out as [R, heads, hd]
+    at::Tensor q = qkv.narrow(1, 0, qs).contiguous();
+    attention_rows(q.const_data_ptr<float>(), R, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
+                   lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), attn.data_ptr<float>());
+    x.add_(packed_mm(attn, p[4], p[5], at::Tensor(), H));
+    rms_norm_rows(x.const_data_ptr<float>(), p[6].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
+    const at::Tensor gu = packed_mm(h, p[7], p[8], at::Tensor(), 2 * intermediate);
+    at::Tensor act = at::empty({R, intermediate}, x.options());
+    for (int64_t r = 0; r < R; ++r)
+      silu_mul_row(gu.const_data_ptr<float>() + r * 2 * intermediate, intermediate, act.data_ptr<float>() + r * intermediate);
+    x.add_(packed_mm(act, p[9], p[10], at::Tensor(), H));
+  }
+  return x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("row_attention(Tensor q, Tensor cache, Tensor tables, Tensor lens, int block_size, int window, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] params, Tensor cos, Tensor sin, Tensor slots, Tensor tables, Tensor lens, "
+        "int block_size, int heads, int kv_heads, int head_dim, int intermediate, float eps, int window, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope_", rope_);
+  m.impl("silu_mul", silu_mul);
+  m.impl("row_attention", row_attention);
+  m.impl("decode_layers", decode_layers);
+}

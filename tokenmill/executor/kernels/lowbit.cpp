@@ -1,0 +1,373 @@
+// Low-bit weight x int8 activation matmuls for CPUs: y[M, N] = x[M, K] @ W[N, K]'.
+//
+// Weights are read packed, once per step, and multiplied in integer dot products, as llama.cpp
+// does: activations are quantized per row in blocks of 32 (int8 codes, a float scale), each
+// block's integer dot product is scaled by weight scale x activation scale and summed in float.
+//   q4: 4-bit codes in groups of 32, w = d * q + m (GGUF Q4_1 / Q4_0 / Q4_K sub-blocks);
+//   q8: signed 8-bit codes in groups of 32, w = d * q (GGUF Q8_0; per-channel int8 repeats d).
+// Output rows are interleaved in groups of 8 (rows padded to a multiple of 8), so that one
+// 256-bit register holds 4 codes of each of 8 rows and one integer dot instruction against 4
+// broadcast activations advances 8 rows at once, with no horizontal sums:
+//   q4 bytes [N / 8, K / 32, 4 steps s, 8 rows, 4]: element 4s + j in the low nibble and
+//      element 16 + 4s + j in the high one; scales [N / 8, K / 32, 2, 8] (d of the 8 rows, then m);
+//   q8 bytes [N / 8, K / 32, 8 steps s, 8 rows, 4]: element 4s + j as code + 128;
+//      scales [N / 8, K / 32, 8]. Scales are float16 or float32.
+// One routine per output value, whatever M, N or the thread split: a row's result is the same
+// bits in a batch of 1 or 64 (batch invariance). The AVX512-VNNI, AVX2 and portable paths
+// compute the same integer partial sums per 4 adjacent products and the same float operations
+// in the same order, so they agree bit for bit. The path is picked at run time from the CPU's
+// features (set_isa overrides it, to test a CPU without them).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "lowbit.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TM_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // values per block
+
+enum class Isa { scalar, avx2, avx512vnni };
+
+Isa detect_isa() {
+#ifdef TM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx512vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx2;
+#endif
+  return Isa::scalar;
+}
+
+const Isa best_isa = detect_isa();
+Isa current_isa = best_isa;
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512vnni: return "avx512vnni";
+    case Isa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
+
+// ---- activations: per row, per block of 32, codes q = round(x * 127 / amax), scale amax / 127 ----
+
+// T terms per block: x ~ d1 q1 + d2 q2, q2 quantizing what q1 leaves (T = 2 gives about 15-bit
+// activations for one more integer dot per block; T = 1 is llama.cpp's Q8 activations).
+struct Activations {
+  int T = 2;
+  std::vector<int8_t> q;     // [M, T, K]
+  std::vector<float> d;      // [M, T, K / 32]
+  std::vector<int32_t> sum;  // [M, T, K / 32]: sum(q)
+  std::vector<float> s;      // [M, K / 32]: sum over terms of d * sum(q), for the weights' m term
+};
+
+int activation_terms = 2;
+
+void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a) {
+  const int64_t nb = K / QK;
+  const int T = a.T = activation_terms;
+  a.q.resize(M * T * K);
+  a.d.resize(M * T * nb);
+  a.sum.resize(M * T * nb);
+  a.s.resize(M * nb);
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    float r[QK];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        std::memcpy(r, x + m * K + b * QK, sizeof(r));
+        float s = 0.f;
+        for (int t = 0; t < T; ++t) {
+          int8_t* qb = a.q.data() + (m * T + t) * K + b * QK;
+          float amax = 0.f;
+          for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(r[i]));
+          const float inv = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
+          int32_t sum = 0;
+          for (int i = 0; i < QK; ++i) {
+            const int32_t v = static_cast<int32_t>(std::nearbyint(r[i] * inv));
+            qb[i] = static_cast<int8_t>(v);
+            sum += v;
+            r[i] -= d * static_cast<float>(v);
+          }
+          a.d[(m * T + t) * nb + b] = d;
+          a.sum[(m * T + t) * nb + b] = sum;
+          s = std::fma(d, static_cast<float>(sum), s);
+        }
+        a.s[m * nb + b] = s;
+      }
+    }
+  });
+}
+
+// ---- portable path: the same integer block dot products and float operations as the vector paths ----
+
+template <bool Q4, typename S>
+void group_scalar(const uint8_t* wg, const S* sg, int64_t nb, const Activations& a, int64_t K, int64_t m,
+                  float* y, int64_t nvalid) {
+  for (int64_t r = 0; r < nvalid; ++r) {
+    float acc = 0.f, macc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = to_f32(sg[b * (Q4 ? 16 : 8) + r]);
+      for (int t = 0; t < a.T; ++t) {
+        const int8_t* x = a.q.data() + (m * a.T + t) * K + b * QK;
+        int32_t dot = 0;
+        if (Q4) {
+          const uint8_t* wb = wg + b * 128;
+          for (int s = 0; s < 4; ++s)
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t v = wb[s * 32 + r * 4 + j];
+              dot += (v & 0x0F) * x[4 * s + j] + (v >> 4) * x[16 + 4 * s + j];
+            }
+        } else {
+          const uint8_t* wb = wg + b * 256;
+          for (int s = 0; s < 8; ++s)
+            for (int j = 0; j < 4; ++j) dot += (static_cast<int32_t>(wb[s * 32 + r * 4 + j]) - 128) * x[4 * s + j];
+        }
+        acc = std::fma(static_cast<float>(dot), d * a.d[(m * a.T + t) * nb + b], acc);
+      }
+      if (Q4) macc = std::fma(to_f32(sg[b * 16 + 8 + r]), a.s[m * nb + b], macc);
+    }
+    y[r] = Q4 ? acc + macc : acc;
+  }
+}
+
+#ifdef TM_X86
+#define TM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TM_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+TM_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TM_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TM_TARGET_AVX2 inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// acc + per-lane sums of 4 adjacent products u[i] * s[i]: u unsigned codes, s signed activations.
+TM_TARGET_AVX2 inline __m256i q4dot_avx2(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+TM_TARGET_VNNI inline __m256i q4dot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+// q8 codes are stored offset by 128 (unsigned). AVX2: |w| x sign(x, w) keeps maddubs from saturating.
+TM_TARGET_AVX2 inline __m256i q8dot_avx2(__m256i acc, __m256i u, __m256i s) {
+  const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return q4dot_avx2(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(s, w));
+}
+TM_TARGET_AVX2 inline __m256i q8fix_avx2(__m256i acc, int32_t) { return acc; }
+// VNNI: (w + 128) . x, then minus 128 * sum(x) once per block.
+TM_TARGET_VNNI inline __m256i q8dot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+TM_TARGET_VNNI inline __m256i q8fix_vnni(__m256i acc, int32_t xsum) {
+  return _mm256_sub_epi32(acc, _mm256_set1_epi32(128 * xsum));
+}
+
+// 8 output rows (one interleaved group) x MR activation rows; each (row, activation row) pair has
+// its own accumulators and sees the one-pair arithmetic, so MR changes no bit of the result.
+#define TM_DEFINE_GROUP(NAME, TARGET, Q4DOT, Q8DOT, Q8FIX)                                                     \
+  template <bool Q4, typename S, int MR, int T>                                                                \
+  TARGET void NAME(const uint8_t* wg, const S* sg, int64_t nb, const Activations& a, int64_t K, int64_t m0,   \
+                   float* y, int64_t ldy, int64_t nvalid) {                                                    \
+    const __m256i low = _mm256_set1_epi8(0x0F);                                                                \
+    __m256 acc[MR], macc[MR];                                                                                  \
+    for (int r = 0; r < MR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();                                       \
+    for (int64_t b = 0; b < nb; ++b) {                                                                         \
+      __m256i dot[MR][T];                                                                                      \
+      const int8_t* x[MR][T];                                                                                  \
+      for (int r = 0; r < MR; ++r)                                                                             \
+        for (int t = 0; t < T; ++t) {                                                                          \
+          dot[r][t] = _mm256_setzero_si256();                                                                  \
+          x[r][t] = a.q.data() + ((m0 + r) * T + t) * K + b * QK;                                              \
+        }                                                                                                      \
+      if (Q4) {                                                                                                \
+        const uint8_t* wb = wg + b * 128;                                                                      \
+        for (int s = 0; s < 4; ++s) {                                                                          \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 32));                \
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);   \
+          for (int r = 0; r < MR; ++r)                                                                         \
+            for (int t = 0; t < T; ++t) {                                                                      \
+              dot[r][t] = Q4DOT(dot[r][t], lo, bcast4(x[r][t] + 4 * s));                                       \
+              dot[r][t] = Q4DOT(dot[r][t], hi, bcast4(x[r][t] + 16 + 4 * s));                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+      } else {                                                                                                 \
+        const uint8_t* wb = wg + b * 256;                                                                      \
+        for (int s = 0; s < 8; ++s) {                                                                          \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 32));                \
+          for (int r = 0; r < MR; ++r)                                                                         \
+            for (int t = 0; t < T; ++t) dot[r][t] = Q8DOT(dot[r][t], v, bcast4(x[r][t] + 4 * s));              \
+        }                                                                                                      \
+        for (int r = 0; r < MR; ++r)                                                                           \
+          for (int t = 0; t < T; ++t) dot[r][t] = Q8FIX(dot[r][t], a.sum[((m0 + r) * T + t) * nb + b]);        \
+      }                                                                                                        \
+      const S* sb = sg + b * (Q4 ? 16 : 8);                                                                    \
+      const __m256 d = load8(sb);                                                                              \
+      for (int r = 0; r < MR; ++r)                                                                             \
+        for (int t = 0; t < T; ++t) {                                                                          \
+          const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d[((m0 + r) * T + t) * nb + b]));             \
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][t]), scale, acc[r]);                              \
+        }                                                                                                      \
+      if (Q4) {                                                                                                \
+        const __m256 mins = load8(sb + 8);                                                                     \
+        for (int r = 0; r < MR; ++r)                                                                           \
+          macc[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a.s[(m0 + r) * nb + b]), macc[r]);                   \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int r = 0; r < MR; ++r) {                                                                             \
+      const __m256 out = Q4 ? _mm256_add_ps(acc[r], macc[r]) : acc[r];                                         \
+      float* yr = y + (m0 + r) * ldy;                                                                          \
+      if (nvalid == 8) {                                                                                       \
+        _mm256_storeu_ps(yr, out);                                                                             \
+      } else {                                                                                                 \
+        alignas(32) float tmp[8];                                                                              \
+        _mm256_store_ps(tmp, out);                                                                             \
+        std::memcpy(yr, tmp, nvalid * sizeof(float));                                                          \
+      }                                                                                                        \
+    }                                                                                                          \
+  }
+
+TM_DEFINE_GROUP(group_avx2, TM_TARGET_AVX2, q4dot_avx2, q8dot_avx2, q8fix_avx2)
+TM_DEFINE_GROUP(group_vnni, TM_TARGET_VNNI, q4dot_vnni, q8dot_vnni, q8fix_vnni)
+#endif
+
+// One group of 8 output rows against every activation row, MR rows at a time where the path has
+// the registers for it.
+template <bool Q4, typename S, int T>
+void group_rows(Isa isa, const uint8_t* wg, const S* sg, int64_t nb, const Activations& a, int64_t K, int64_t M,
+                float* y, int64_t ldy, int64_t nvalid) {
+  int64_t m = 0;
+  switch (isa) {
+#ifdef TM_X86
+    case Isa::avx512vnni:
+      for (; m + 4 <= M; m += 4) group_vnni<Q4, S, 4, T>(wg, sg, nb, a, K, m, y, ldy, nvalid);
+      for (; m < M; ++m) group_vnni<Q4, S, 1, T>(wg, sg, nb, a, K, m, y, ldy, nvalid);
+      return;
+    case Isa::avx2:
+      for (; m + 2 <= M; m += 2) group_avx2<Q4, S, 2, T>(wg, sg, nb, a, K, m, y, ldy, nvalid);
+      for (; m < M; ++m) group_avx2<Q4, S, 1, T>(wg, sg, nb, a, K, m, y, ldy, nvalid);
+      return;
+#endif
+    default:
+      for (; m < M; ++m) group_scalar<Q4, S>(wg, sg, nb, a, K, m, y + m * ldy, nvalid);
+  }
+}
+
+template <bool Q4, typename S>
+void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc, int64_t N, float* y) {
+  const int64_t nb = K / QK, groups = (N + 7) / 8;
+  const int64_t wbytes = nb * (Q4 ? 128 : 256), sstride = nb * (Q4 ? 16 : 8);
+  Activations a;
+  quantize_rows(x, M, K, a);
+  const Isa isa = current_isa;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t nvalid = std::min<int64_t>(8, N - g * 8);
+      if (a.T == 2) group_rows<Q4, S, 2>(isa, w + g * wbytes, sc + g * sstride, nb, a, K, M, y + g * 8, N, nvalid);
+      else group_rows<Q4, S, 1>(isa, w + g * wbytes, sc + g * sstride, nb, a, K, M, y + g * 8, N, nvalid);
+    }
+  });
+}
+
+}  // namespace
+
+namespace tokenmill {
+
+at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), "lowbit kernels run on CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be float32");
+  TORCH_CHECK(w.scalar_type() == at::kByte, "packed weights must be uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, "scales must be float32 or float16");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x [M, K] and packed weights [N / 8, bytes] expected");
+  const int64_t M = x.size(0), K = x.size(1), groups = (N + 7) / 8, nb = K / QK;
+  TORCH_CHECK(K % QK == 0, "the input width must be a multiple of 32, got ", K);
+  TORCH_CHECK(w.size(0) == groups && w.size(1) == nb * (q4 ? 128 : 256), "packed weights do not match x and N");
+  TORCH_CHECK(scales.numel() == groups * nb * (q4 ? 16 : 8), "scales do not match the weights");
+  TORCH_CHECK(w.is_contiguous() && scales.is_contiguous(), "packed weights and scales must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const auto* wp = w.const_data_ptr<uint8_t>();
+  if (scales.scalar_type() == at::kHalf) {
+    const auto* sp = scales.const_data_ptr<c10::Half>();
+    q4 ? matmul<true>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>())
+       : matmul<false>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>());
+  } else {
+    const auto* sp = scales.const_data_ptr<float>();
+    q4 ? matmul<true>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>())
+       : matmul<false>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>());
+  }
+  return y;
+}
+
+}  // namespace tokenmill
+
+namespace {
+
+using tokenmill::lowbit_mm;
+
+at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t n) {
+  return lowbit_mm(x, w, dm, n, true);
+}
+at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, int64_t n) {
+  return lowbit_mm(x, w, d, n, false);
+}
+
+// The path in use; "best" restores the CPU's best. Returns the name of the path now in use.
+std::string set_isa(const std::string& name) {
+  Isa want = best_isa;
+  if (name == "scalar") want = Isa::scalar;
+  else if (name == "avx2") want = Isa::avx2;
+  else if (name == "avx512vnni") want = Isa::avx512vnni;
+  else TORCH_CHECK(name == "best", "unknown kernel path ", name);
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa), "this CPU cannot run the ", name, " path");
+  current_isa = want;
+  return isa_name(current_isa);
+}
+
+std::string isa() { return isa_name(current_isa); }
+
+int64_t set_activation_terms(int64_t terms) {
+  TORCH_CHECK(terms == 1 || terms == 2, "activation terms must be 1 or 2");
+  activation_terms = static_cast<int>(terms);
+  return terms;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("q4_mm(Tensor x, Tensor w, Tensor dm, int n) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor w, Tensor d, int n) -> Tensor");
+  m.def("set_isa(str name) -> str");
+  m.def("isa() -> str");
+  m.def("set_activation_terms(int terms) -> int");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("q4_mm", q4_mm);
+  m.impl("q8_mm", q8_mm);
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CatchAll, m) {
+  m.impl("set_isa", set_isa);
+  m.impl("isa", isa);
+  m.impl("set_activation_terms", set_activation_terms);
+}
