@@ -15,15 +15,15 @@ def mixed_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def check_batch_invariance(path: str, vocab: int, max_tokens: int):
+def check_batch_invariance(path: str, vocab: int, max_tokens: int, quantization: str = "auto"):
     prompts = mixed_prompts(24, vocab)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    alone_llm = LLM(path, dtype="float32", kv_cache_memory="16MiB", max_model_len=512)
+    alone_llm = LLM(path, dtype="float32", kv_cache_memory="16MiB", max_model_len=512, quantization=quantization)
     alone = [alone_llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
     # 40-token budget forces chunked prefill; 48 blocks of 16 tokens cannot hold 24 sequences.
     llm = LLM(path, dtype="float32", max_num_batched_tokens=40, max_num_seqs=24, block_size=16,
-              kv_cache_memory=48 * 16 * llm_kv_bytes(alone_llm), max_model_len=512)
+              kv_cache_memory=48 * 16 * llm_kv_bytes(alone_llm), max_model_len=512, quantization=quantization)
     together = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to be small enough to force preemption"
     for i, (expected, out) in enumerate(zip(alone, together)):
@@ -40,6 +40,13 @@ def test_batch_invariance_tiny_llama(tiny_models):
 
 def test_batch_invariance_stories(stories_path):
     check_batch_invariance(str(stories_path), 512, 40)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_batch_invariance_quantized(tiny_models, stories_path, quantization):
+    """Quantized weights (tokenmill's kernels where built): a row's result does not depend on its batch."""
+    check_batch_invariance(str(tiny_models["llama"]), 256, 24, quantization)
+    check_batch_invariance(str(stories_path), 512, 40, quantization)
 
 
 def test_requests_join_while_others_run(tiny_models):

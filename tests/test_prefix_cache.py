@@ -188,11 +188,13 @@ def kv_bytes(llm: LLM) -> int:
     return llm.engine.model_config.kv_bytes_per_token(torch.float32)
 
 
-def test_shared_system_prompt_greedy_same_with_and_without_cache(tiny_models):
+@pytest.mark.parametrize("quantization", ["auto", "int4"])
+def test_shared_system_prompt_greedy_same_with_and_without_cache(tiny_models, quantization):
     rng = random.Random(0)
     system = [rng.randrange(3, 256) for _ in range(300)]
     prompts = [system + [rng.randrange(3, 256) for _ in range(rng.randint(5, 40))] for _ in range(32)]
-    on, off = tiny_llm(tiny_models), tiny_llm(tiny_models, caching=False)
+    on = tiny_llm(tiny_models, quantization=quantization)
+    off = tiny_llm(tiny_models, caching=False, quantization=quantization)
     outs = on.generate(prompts, GREEDY, use_tqdm=False)
     assert token_ids(outs) == token_ids(off.generate(prompts, GREEDY, use_tqdm=False))
     # The first step admits what its 2048-token budget holds, all misses; later ones reuse the

@@ -75,6 +75,21 @@ def test_greedy_output_is_unchanged_on_a_real_model(stories_path):
         assert llm.engine.speculator.stats.accepted_tokens > 0
 
 
+def test_greedy_output_is_unchanged_on_the_default_form(default_model_available):
+    """The default model as a user gets it (int4, tokenmill's kernels): greedy n-gram speculation on a
+    copy task, 96 tokens, equals speculation off token for token, alone and in a batch of four."""
+    text = ("The river rose in the spring and the farmers moved their sheep to the high fields, where the grass "
+            "was thin but dry, and waited for the water to fall.")
+    prompts = [f"Repeat this text exactly, three times:\n{text}", "Count from one to forty in words:",
+               "Write the alphabet twice:", "List the days of the week, then the months of the year:"]
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    plain = outputs(LLM(kv_cache_memory="64MiB"), prompts, params)
+    llm = LLM(kv_cache_memory="64MiB", speculative_config={"method": "ngram", "adaptive": False})
+    assert outputs(llm, prompts, params) == plain
+    assert outputs(llm, prompts[:1], params) == plain[:1]
+    assert llm.engine.speculator.stats.accepted_tokens > 0
+
+
 def test_penalties_min_tokens_stops_and_logprobs_hold_under_speculation(tiny_models):
     path = str(tiny_models["llama"])
     params = [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, logprobs=2),

@@ -97,6 +97,15 @@ class ModelRunner:
         return ModelBytes(_held_bytes(self.model.layers), _held_bytes(self.model.lm_head),
                           self.cfg.kv_bytes_per_token(self.kv_cache_dtype))
 
+    def kernels_in_use(self) -> str:
+        """Which kernels run the quantized linear layers, for the start-up log."""
+        layers = [m for m in self.model.modules() if hasattr(m, "kernel_weight")]
+        if not layers:
+            return "float matmuls"
+        if all(m.kernel_weight is not None for m in layers):
+            return f"tokenmill's packed kernels ({lowbit().isa()}, int8 activations in two terms)"
+        return "PyTorch's weight-only kernels"
+
     def weight_bytes(self) -> int:
         """Bytes of the model's weights as held: parameters and buffers (packed codes, scales)."""
         return _held_bytes(self.model)

@@ -136,54 +136,56 @@ struct Cache {
   const float* v(int64_t slot, int64_t h) const { return data + ((slot * 2 + 1) * kv_heads + h) * hd; }
 };
 
-// One query row, one KV head: its `group` query heads attend to positions [first, len), read
-// block by block through the table.
-TM_CLONES void attend(const float* q, const Cache& c, const int64_t* table, int64_t first, int64_t len, int64_t h,
-                      int64_t group, float scale, float* out, std::vector<float>& scores) {
-  const int64_t n = len - first, hd = c.hd, bs = c.block_size;
-  scores.resize(group * n);
-  for (int64_t p = first; p < len;) {  // scores, one block's run of positions at a time
-    const int64_t base = table[p / bs] * bs, stop = std::min(len, (p / bs + 1) * bs);
-    for (; p < stop; ++p) {
-      const float* k = c.k(base + p % bs, h);
-      for (int64_t g = 0; g < group; ++g) scores[g * n + p - first] = dot(q + g * hd, k, hd) * scale;
-    }
+// A position's K (or V) is kv_heads x head_dim floats at a stride of 2 x kv_heads x head_dim:
+// too far apart for the hardware prefetcher, so each pass fetches PREFETCH positions ahead.
+constexpr int64_t PREFETCH = 8;
+
+inline void prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+// One query row: each of its heads attends to the `n` positions whose cache slots are `slots`.
+// All KV heads in one pass over the positions, so each position's K (then V) is read once, whole.
+TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t heads, float scale,
+                      float* out, std::vector<float>& scores) {
+  const int64_t hd = c.hd, group = heads / c.kv_heads, width = c.kv_heads * hd;
+  scores.resize(heads * n);  // [heads, n]
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + PREFETCH < n) prefetch(c.k(slots[i + PREFETCH], 0), width);
+    const float* k = c.k(slots[i], 0);
+    for (int64_t h = 0; h < heads; ++h) scores[h * n + i] = dot(q + h * hd, k + (h / group) * hd, hd) * scale;
   }
-  float inv[64];  // 1 / softmax denominator per query head (group <= 64)
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data() + g * n;
+  float inv[1024];  // 1 / softmax denominator per head
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores.data() + h * n;
     float m = s[0];
     for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
     exp_shift(s, n, m);
-    inv[g] = 1.f / sum(s, n);
-    std::fill(out + g * hd, out + (g + 1) * hd, 0.f);
+    inv[h] = 1.f / sum(s, n);
   }
-  for (int64_t p = first; p < len;) {  // each V row read once, for every query head
-    const int64_t base = table[p / bs] * bs, stop = std::min(len, (p / bs + 1) * bs);
-    for (; p < stop; ++p) {
-      const float* v = c.v(base + p % bs, h);
-      for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + p - first], v, out + g * hd, hd);
-    }
+  std::fill(out, out + heads * hd, 0.f);
+  for (int64_t i = 0; i < n; ++i) {  // each position's V read once, for every head
+    if (i + PREFETCH < n) prefetch(c.v(slots[i + PREFETCH], 0), width);
+    const float* v = c.v(slots[i], 0);
+    for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + i], v + (h / group) * hd, out + h * hd, hd);
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] *= inv[g];
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= inv[h];
 }
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
-  const int64_t group = heads / c.kv_heads, hd = c.hd;
-  TORCH_CHECK(group <= 64, "at most 64 query heads per KV head");
-  int64_t work = 0;
-  for (int64_t r = 0; r < rows; ++r) work += lens[r];
-  const int64_t grain = work * c.kv_heads < 4096 ? rows * c.kv_heads : 1;  // small steps: one thread
-  at::parallel_for(0, rows * c.kv_heads, grain, [&](int64_t i0, int64_t i1) {
+  TORCH_CHECK(heads <= 1024 && heads % c.kv_heads == 0, "heads must be a multiple of kv_heads, at most 1024");
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / c.kv_heads, h = i % c.kv_heads;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
-      attend(q + (r * heads + h * group) * hd, c, tables + r * table_width, first, lens[r], h, group, scale,
-             out + (r * heads + h * group) * hd, scores);
+    std::vector<int64_t> slots;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
+      const int64_t* table = tables + r * table_width;
+      slots.resize(n);
+      for (int64_t p = first; p < lens[r]; ++p) slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
+      attend(q + r * heads * c.hd, c, slots.data(), n, heads, scale, out + r * heads * c.hd, scores);
     }
   });
 }
