@@ -274,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from tokenmill.errors import InvalidParameterError
         raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
+    serve(lambda: make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
           args.log_level)
     return 0
 

@@ -153,13 +153,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,
           served_model_names: list[str] | None, log_level: str = "info") -> None:
-    """Run the server until interrupted (blocks)."""
+    """Run the server until interrupted (blocks). `engine`: an LLMEngine, or a function that builds one
+    in the engine thread (faster steps, see AsyncLLMEngine)."""
     import uvicorn
 
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_queue=max_queue, observer=metrics.observe)
     metrics.bind_engine(async_engine)
-    names = served_model_names or [engine.model_name]
+    names = served_model_names or [async_engine.engine.model_name]
     app = build_app(async_engine, metrics, names, api_key)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
     try:

@@ -144,15 +144,17 @@ inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
-// One query row: each of its heads attends to the `n` positions whose cache slots are `slots`.
-// All KV heads in one pass over the positions, so each position's K (then V) is read once, whole.
-TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t heads, float scale,
-                      float* out, std::vector<float>& scores) {
-  const int64_t hd = c.hd, group = heads / c.kv_heads, width = c.kv_heads * hd;
+// One query row, KV heads [h0, h1): each of their query heads attends to the `n` positions whose
+// cache slots are `slots`, in one pass over the positions (a position's K, then V, read once).
+TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t h0, int64_t h1,
+                      int64_t group, float scale, float* out, std::vector<float>& scores) {
+  const int64_t hd = c.hd, heads = (h1 - h0) * group, width = (h1 - h0) * hd;
+  q += h0 * group * hd;
+  out += h0 * group * hd;
   scores.resize(heads * n);  // [heads, n]
   for (int64_t i = 0; i < n; ++i) {
-    if (i + PREFETCH < n) prefetch(c.k(slots[i + PREFETCH], 0), width);
-    const float* k = c.k(slots[i], 0);
+    if (i + PREFETCH < n) prefetch(c.k(slots[i + PREFETCH], h0), width);
+    const float* k = c.k(slots[i], h0);
     for (int64_t h = 0; h < heads; ++h) scores[h * n + i] = dot(q + h * hd, k + (h / group) * hd, hd) * scale;
   }
   float inv[1024];  // 1 / softmax denominator per head
@@ -164,9 +166,9 @@ TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int6
     inv[h] = 1.f / sum(s, n);
   }
   std::fill(out, out + heads * hd, 0.f);
-  for (int64_t i = 0; i < n; ++i) {  // each position's V read once, for every head
-    if (i + PREFETCH < n) prefetch(c.v(slots[i + PREFETCH], 0), width);
-    const float* v = c.v(slots[i], 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + PREFETCH < n) prefetch(c.v(slots[i + PREFETCH], h0), width);
+    const float* v = c.v(slots[i], h0);
     for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + i], v + (h / group) * hd, out + h * hd, hd);
   }
   for (int64_t h = 0; h < heads; ++h)
@@ -174,18 +176,31 @@ TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int6
 }
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
+// Work items are (row, KV head) pairs where there are fewer rows than threads and enough
+// positions to pay for a second thread, else whole rows; an item's result is the same either way.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
   TORCH_CHECK(heads <= 1024 && heads % c.kv_heads == 0, "heads must be a multiple of kv_heads, at most 1024");
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t group = heads / c.kv_heads;
+  int64_t work = 0;
+  for (int64_t r = 0; r < rows; ++r) work += lens[r];
+  const bool split = rows < at::get_num_threads() && work >= 128;
+  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? 1 : c.kv_heads;
+  at::parallel_for(0, rows * per_row, work >= 128 ? 1 : rows * per_row, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t slots_row = -1;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / per_row, h0 = (i % per_row) * heads_per_item;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
-      const int64_t* table = tables + r * table_width;
-      slots.resize(n);
-      for (int64_t p = first; p < lens[r]; ++p) slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
-      attend(q + r * heads * c.hd, c, slots.data(), n, heads, scale, out + r * heads * c.hd, scores);
+      if (slots_row != r) {  // this row's positions as cache slots
+        const int64_t* table = tables + r * table_width;
+        slots.resize(n);
+        for (int64_t p = first; p < lens[r]; ++p) slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
+        slots_row = r;
+      }
+      attend(q + r * heads * c.hd, c, slots.data(), n, h0, h0 + heads_per_item, group, scale, out + r * heads * c.hd,
+             scores);
     }
   });
 }
