@@ -9,7 +9,8 @@ token reads, weights and KV, over `tokenmill calibrate`'s bandwidth). llama.cpp 
 llama-bench built from source (--llama-bench PATH, from ../shared/tools/build-llamacpp.sh;
 pp and tg tests with -r --repeats), or through llama-cpp-python where that is installed.
 Prints a table with ratios to llama.cpp and writes results/quant_speed.json. --profile also
-breaks one tokenmill decode step down (forward, logits, sampling, engine).
+breaks one tokenmill decode step down (the model's layers, output head, sampling, and the
+engine's own time: everything but the layers and the head).
 
     python benchmarks/quant_speed.py --llama-bench "$(bash ../shared/tools/build-llamacpp.sh)/llama-bench"
     python benchmarks/quant_speed.py --smoke      # a short run: 32-token prompt, 16 new tokens, 1 repeat
@@ -119,6 +120,7 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
 
     sampler = runner.sampler
     runner._forward = timed("forward", runner._forward)
+    runner.model.forward = timed("model", runner.model.forward)
     runner.model.compute_logits = timed("logits", runner.model.compute_logits)
     runner.sampler = timed("sampling", sampler)
     try:
@@ -127,7 +129,7 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
             engine.step()
         step_s = (time.perf_counter() - start) / steps
     finally:
-        del runner._forward, runner.model.compute_logits  # back to the methods
+        del runner._forward, runner.model.forward, runner.model.compute_logits  # back to the methods
         runner.sampler = sampler
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -144,8 +146,10 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
     ms = {name: 1e3 * s / steps for name, s in wall.items()}
     kernels = sum(kinds.values())
     layers = runner.cfg.num_layers
-    return {"step_ms": 1e3 * step_s, "forward_ms": ms["forward"], "logits_ms": ms["logits"],
-            "sampling_ms": ms["sampling"], "engine_ms": 1e3 * step_s - sum(ms.values()),
+    return {"step_ms": 1e3 * step_s, "forward_ms": ms["forward"], "model_ms": ms["model"], "logits_ms": ms["logits"],
+            "sampling_ms": ms["sampling"], "engine_ms": 1e3 * step_s - ms["forward"] - ms["logits"] - ms["sampling"],
+            # all but the model's layers and output head: scheduling, step metadata, sampling, detokenizing
+            "engine_own_ms": 1e3 * step_s - ms["model"] - ms["logits"],
             "fused_layers_ms": kinds["fused_layers"], "linear_kernels_ms": kinds["linear"],
             "attention_ms": kinds["attention"], "other_ops_ms": kinds["other_ops"],
             "python_and_dispatch_ms": 1e3 * step_s - kernels,
