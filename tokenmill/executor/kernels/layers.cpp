@@ -33,15 +33,6 @@ constexpr int L = 16;  // lanes of the lane-wise loops
 #define TM_CLONES
 #endif
 
-// sum of squares, then x * rsqrt(mean + eps) * w
-TM_CLONES void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y);
-
-void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * n, w, n, eps, y + r * n);
-  });
-}
-
 // Hugging Face's half-split rotation of `heads` vectors of one token: x * cos + rotate_half(x) * sin.
 TM_CLONES void rope_row(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
   const int64_t half = hd / 2;
@@ -124,9 +115,16 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// sum of squares, then x * rsqrt(mean + eps) * w
 TM_CLONES void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
   const float inv = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv * w[j];
+}
+
+void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * n, w, n, eps, y + r * n);
+  });
 }
 
 struct Cache {
