@@ -281,9 +281,15 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& cache, const at:
 
 bool is_q4(const at::Tensor& w, int64_t K) { return w.size(1) == K / 32 * 128; }
 
+// y += b, element by element (the same IEEE sums as PyTorch's add, without a dispatch per call).
+TM_CLONES void add_into(float* y, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += b[i];
+}
+
 at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& bias, int64_t N) {
   at::Tensor y = tokenmill::lowbit_mm(x, w, s, N, is_q4(w, x.size(1)));
-  if (bias.numel()) y.add_(bias);
+  if (bias.numel())
+    for (int64_t r = 0; r < y.size(0); ++r) add_into(y.data_ptr<float>() + r * N, bias.const_data_ptr<float>(), N);
   return y;
 }
 
@@ -323,13 +329,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList params, const at
     at::Tensor q = qkv.narrow(1, 0, qs).contiguous();
     attention_rows(q.const_data_ptr<float>(), R, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
                    lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), attn.data_ptr<float>());
-    x.add_(packed_mm(attn, p[4], p[5], at::Tensor(), H));
+    add_into(x.data_ptr<float>(), packed_mm(attn, p[4], p[5], at::Tensor(), H).const_data_ptr<float>(), R * H);
     rms_norm_rows(x.const_data_ptr<float>(), p[6].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
     const at::Tensor gu = packed_mm(h, p[7], p[8], at::Tensor(), 2 * intermediate);
     at::Tensor act = at::empty({R, intermediate}, x.options());
     for (int64_t r = 0; r < R; ++r)
       silu_mul_row(gu.const_data_ptr<float>() + r * 2 * intermediate, intermediate, act.data_ptr<float>() + r * intermediate);
-    x.add_(packed_mm(act, p[9], p[10], at::Tensor(), H));
+    add_into(x.data_ptr<float>(), packed_mm(act, p[9], p[10], at::Tensor(), H).const_data_ptr<float>(), R * H);
   }
   return x;
 }

@@ -83,37 +83,108 @@ struct Activations {
 
 int activation_terms = 2;
 
-void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a) {
+// Round to nearest, ties to even, as nearbyint in the default rounding mode and the vector paths'
+// round instruction do, for |v| < 2^22 (activation codes are within 127.5): no libm call.
+inline float round_even(float v) {
+  constexpr float magic = 12582912.f;  // 1.5 * 2^23: the sum keeps no fraction bits
+  return (v + magic) - magic;
+}
+
+// One row's blocks, portable: per block and term, amax, codes, their sum, and the residual left
+// for the next term. The vector paths below do the same float operations in the same order.
+void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+  const int64_t nb = K / QK;
+  float r[QK];
+  for (int64_t b = 0; b < nb; ++b) {
+    std::memcpy(r, x + b * QK, sizeof(r));
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) {
+      float amax = 0.f;
+      for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(r[i]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+      int8_t* qb = q + t * K + b * QK;
+      int32_t total = 0;
+      for (int i = 0; i < QK; ++i) {
+        const float v = round_even(r[i] * inv);
+        qb[i] = static_cast<int8_t>(v);
+        total += static_cast<int32_t>(v);
+        r[i] -= scale * v;
+      }
+      d[t * nb + b] = scale;
+      sum[t * nb + b] = total;
+      acc = std::fma(scale, static_cast<float>(total), acc);
+    }
+    s[b] = acc;
+  }
+}
+
+#ifdef TM_X86
+#define TM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+TM_TARGET_AVX2 inline float hmax8(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+  return _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0xB1))));
+}
+
+TM_TARGET_AVX2 inline int32_t hsum8(__m256i v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+
+// AVX2 (also run by the AVX512-VNNI path): a block as four 8-float registers.
+TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+  const int64_t nb = K / QK;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) {
+      const __m256 m01 = _mm256_max_ps(_mm256_and_ps(r[0], absmask), _mm256_and_ps(r[1], absmask));
+      const __m256 m23 = _mm256_max_ps(_mm256_and_ps(r[2], absmask), _mm256_and_ps(r[3], absmask));
+      const float amax = hmax8(_mm256_max_ps(m01, m23));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+      __m256 v[4];
+      __m256i iv[4];
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_round_ps(_mm256_mul_ps(r[i], _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        iv[i] = _mm256_cvtps_epi32(v[i]);
+        r[i] = _mm256_sub_ps(r[i], _mm256_mul_ps(_mm256_set1_ps(scale), v[i]));
+      }
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + t * K + b * QK), _mm256_permutevar8x32_epi32(bytes, order));
+      const int32_t total = hsum8(_mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3])));
+      d[t * nb + b] = scale;
+      sum[t * nb + b] = total;
+      acc = std::fma(scale, static_cast<float>(total), acc);
+    }
+    s[b] = acc;
+  }
+}
+#endif
+
+void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa) {
   const int64_t nb = K / QK;
   const int T = a.T = activation_terms;
   a.q.resize(M * T * K);
   a.d.resize(M * T * nb);
   a.sum.resize(M * T * nb);
   a.s.resize(M * nb);
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    float r[QK];
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t b = 0; b < nb; ++b) {
-        std::memcpy(r, x + m * K + b * QK, sizeof(r));
-        float s = 0.f;
-        for (int t = 0; t < T; ++t) {
-          int8_t* qb = a.q.data() + (m * T + t) * K + b * QK;
-          float amax = 0.f;
-          for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(r[i]));
-          const float inv = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
-          int32_t sum = 0;
-          for (int i = 0; i < QK; ++i) {
-            const int32_t v = static_cast<int32_t>(std::nearbyint(r[i] * inv));
-            qb[i] = static_cast<int8_t>(v);
-            sum += v;
-            r[i] -= d * static_cast<float>(v);
-          }
-          a.d[(m * T + t) * nb + b] = d;
-          a.sum[(m * T + t) * nb + b] = sum;
-          s = std::fma(d, static_cast<float>(sum), s);
-        }
-        a.s[m * nb + b] = s;
+      int8_t* q = a.q.data() + m * T * K;
+      float* d = a.d.data() + m * T * nb;
+      int32_t* sum = a.sum.data() + m * T * nb;
+#ifdef TM_X86
+      if (isa != Isa::scalar) {
+        quantize_row_avx2(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
+        continue;
       }
+#endif
+      quantize_row_scalar(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
     }
   });
 }
@@ -151,7 +222,6 @@ void group_scalar(const uint8_t* wg, const S* sg, int64_t nb, const Activations&
 }
 
 #ifdef TM_X86
-#define TM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TM_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 TM_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -275,9 +345,12 @@ template <bool Q4, typename S>
 void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc, int64_t N, float* y) {
   const int64_t nb = K / QK, groups = (N + 7) / 8;
   const int64_t wbytes = nb * (Q4 ? 128 : 256), sstride = nb * (Q4 ? 16 : 8);
-  Activations a;
-  quantize_rows(x, M, K, a);
   const Isa isa = current_isa;
+  // Reused: a decode step makes over a hundred of these calls. Bound to a local reference, which the
+  // workers' lambda captures (naming the thread_local there would give each worker its own, empty).
+  static thread_local Activations buffers;
+  Activations& a = buffers;
+  quantize_rows(x, M, K, a, isa);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t nvalid = std::min<int64_t>(8, N - g * 8);
