@@ -1,7 +1,8 @@
-"""Batch-1 speed of float32, int8 and int4 weights, against llama.cpp on the same GGUF file.
+"""Batch-1 speed of float32, int8 and the file's own low-bit weights, against llama.cpp on the same GGUF file.
 
-SmolLM2-135M-Instruct (the embedded Q4_1 GGUF) in tokenmill as float32 (dequantized), int8
-(requantized) and int4 (its Q4_1 blocks loaded packed), and in llama.cpp with --threads
+A GGUF (--model, default the embedded SmolLM2-135M-Instruct Q4_1) in tokenmill as float32
+(dequantized), int8 (requantized) and as stored ("auto": the Q4_1 blocks loaded packed as int4;
+a Q4_K_M file's Q4_K as int4 and its Q5_0 / Q8_0 / Q6_K as int8), and in llama.cpp with --threads
 threads: prefill tokens/s (one prompt of --prompt-tokens, timed to its first token) and
 batch-1 decode tokens/s (--new-tokens greedy tokens, timed from the first to the last),
 medians of --repeats runs, and each decode's fraction of the bandwidth roofline (the bytes a
@@ -14,6 +15,7 @@ engine's own time: everything but the layers and the head).
 
     python benchmarks/quant_speed.py --llama-bench "$(bash ../shared/tools/build-llamacpp.sh)/llama-bench"
     python benchmarks/quant_speed.py --smoke      # a short run: 32-token prompt, 16 new tokens, 1 repeat
+    python benchmarks/quant_speed.py --model SmolLM2-135M-Instruct-Q4_K_M.gguf --configs auto --llama-bench ...
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tokenmill.metering import calibrate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"
-CONFIGS = {"float32": {"quantization": "none"}, "int8": {"quantization": "int8"}, "int4": {"quantization": "auto"}}
+CONFIGS = {"float32": {"quantization": "none"}, "int8": {"quantization": "int8"}, "auto": {"quantization": "auto"}}
 LINEAR_OPS = {"aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm",
               "tokenmill::q4_mm", "tokenmill::q8_mm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_",
@@ -158,6 +160,8 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"which of {', '.join(CONFIGS)} to run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -171,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_tokens, args.new_tokens, args.repeats = 32, 16, 1
     torch.set_num_threads(args.threads)
 
-    ckpt = load_checkpoint(None)
+    path = args.model or default_model_path()
+    ckpt = load_checkpoint(path)
     prompt = ckpt.tokenizer.encode(TEXT.read_text())[:args.prompt_tokens]
     bandwidth = calibrate.load_or_measure(torch.device("cpu"))["bandwidth_bytes_per_s"]
     result = {"model": ckpt.name, "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
               "repeats": args.repeats, "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "tokenmill": {}}
-    for name, kwargs in CONFIGS.items():
-        llm = LLM(ckpt, dtype="float32", kv_cache_memory="256MiB", seed=0, **kwargs)
+    for name in args.configs.split(","):
+        llm = LLM(ckpt, dtype="float32", kv_cache_memory="256MiB", seed=0, **CONFIGS[name])
         row = {"weights": llm.engine.memory_report.weights, "weight_bytes": llm.engine.memory_report.weight_bytes,
                "prefill_tokens_per_s": tokenmill_prefill(llm, prompt, args.repeats),
                "decode_tokens_per_s": measure_tokenmill_decode(llm, prompt, args.new_tokens, args.repeats)
@@ -191,14 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[speed] {name}: {row['decode_tokens_per_s']:.1f} decode tok/s", file=sys.stderr)
         del llm
     if args.llama_bench:
-        ref = llama_bench_speed(args.llama_bench, default_model_path(), len(prompt), args.new_tokens, args.repeats,
-                                args.threads)
+        ref = llama_bench_speed(args.llama_bench, path, len(prompt), args.new_tokens, args.repeats, args.threads)
     else:
-        ref = llama_cpp_speed(default_model_path(), prompt, args.new_tokens, args.repeats, args.threads)
+        ref = llama_cpp_speed(path, prompt, args.new_tokens, args.repeats, args.threads)
     if ref:
+        ref["file"] = path.name
         ref["roofline_fraction"] = roofline_fraction(ref["decode_tokens_per_s"],
-                                                     ref.get("model_bytes") or default_model_path().stat().st_size,
-                                                     bandwidth)
+                                                     ref.get("model_bytes") or path.stat().st_size, bandwidth)
     result["llama_cpp"] = ref
     print(format_table(result))
     print(f"wrote {write_json(result, args.output)}", file=sys.stderr)
@@ -218,7 +222,7 @@ def format_table(result: dict) -> str:
         lines.append(f"| tokenmill | {name} ({row['weight_bytes'] / 2**20:.0f} MiB) | {row['prefill_tokens_per_s']:.0f} "
                      f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {row['roofline_fraction']:.2f} |")
     if ref:
-        lines.append(f"| llama.cpp ({ref['version']}) | Q4_1 file | {ref['prefill_tokens_per_s']:.0f} | 1.00x "
+        lines.append(f"| llama.cpp ({ref['version']}) | {ref['file']} | {ref['prefill_tokens_per_s']:.0f} | 1.00x "
                      f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {ref['roofline_fraction']:.2f} |")
     for name, row in result["tokenmill"].items():
         if "profile" in row:

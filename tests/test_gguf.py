@@ -76,8 +76,9 @@ def tiny_model(arch: str, vocab: int, tie: bool = False, **extra):
 
 
 def write_gguf(path, arch: str, config, state: dict, qtype=Q.F32, permute: bool = False,
-               tokenizer: bool = False, extra=None):
-    """Write `state` as llama.cpp would: 2-D tensors in `qtype`, 1-D in F32, q/k permuted for llama."""
+               tokenizer: bool = False, extra=None, types: dict | None = None):
+    """Write `state` as llama.cpp would: 2-D tensors in `qtype` (or `types[hf_name]`; k-quants, which
+    gguf.quants cannot make, as random blocks instead of the weight), 1-D in F32, q/k permuted for llama."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -108,10 +109,13 @@ def write_gguf(path, arch: str, config, state: dict, qtype=Q.F32, permute: bool 
         array = weight.numpy()
         if permute and (".attn_q." in name or ".attn_k." in name):
             array = llama_cpp_permute(array, HEADS if ".attn_q." in name else KV_HEADS)
+        kind = (types or {}).get(hf_name, qtype)
         if array.ndim == 1:
             writer.add_tensor(name, array)
+        elif kind in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            writer.add_tensor(name, random_blocks(*array.shape, kind, seed=len(name)), raw_dtype=kind)
         else:
-            writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -162,13 +166,34 @@ def test_llama_round_trip(tmp_path, qtype):
         assert (got - original).abs().max() <= TOLERANCE[qtype] * original.abs().max(), name
 
 
+# Byte offsets of the float16 scales in each block type's layout (llama.cpp's ggml-common.h).
+_HALF_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+                 Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+# The largest code x sub-block scale of each type: float16 scales of 1/this keep weights within about 1.
+_LARGEST = {Q.Q4_0: 8, Q.Q4_1: 15, Q.Q5_0: 16, Q.Q5_1: 31, Q.Q8_0: 128, Q.Q2_K: 45, Q.Q3_K: 128, Q.Q4_K: 945,
+            Q.Q5_K: 1953, Q.Q6_K: 4064}
+
+
+def random_blocks(rows: int, cols: int, qtype, seed: int = 0) -> np.ndarray:
+    """Raw blocks [rows, bytes] of any type: every byte random (so every bit of the packed codes and
+    sub-block scales is exercised), then each float16 scale set so that weights stay within about 1.
+    gguf.quants cannot make k-quants, so this is how tests get them."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+    for offset in _HALF_OFFSETS[qtype]:
+        halves = (2.0 ** rng.uniform(-4, 0, raw.shape[:2]) / _LARGEST[qtype]).astype(np.float16)
+        raw[..., offset:offset + 2] = halves[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
 def test_k_quants_dequantize(tmp_path, qtype):
-    """gguf.quants cannot make k-quants, so write random blocks and check shape and values come back."""
+    """Random k-quant blocks in a file: shape and values come back as the gguf package dequantizes them."""
     config, state = tiny_model("llama", vocab=64, hidden_size=256, num_attention_heads=2, num_key_value_heads=1)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = np.random.default_rng(0).integers(0, 256, (FFN, 256 // block_size * type_size), dtype=np.uint8)
-    raw &= 0x3B  # keeps every fp16 scale in the blocks finite (exponent bits never all ones)
+    raw = random_blocks(FFN, 256, qtype)
     extra = lambda w: w.add_tensor("blk.1.ffn_up.weight", raw, raw_dtype=qtype)  # noqa: E731
     del state["model.layers.1.mlp.up_proj.weight"]
     loaded = dict(load_gguf(write_gguf(tmp_path / "k.gguf", "llama", config, state, extra=extra)).weights())

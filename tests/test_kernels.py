@@ -21,7 +21,9 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.kernels.packed import pack_q4, pack_q8
 from tokenmill.executor.layers.quant import quantize_q8_blocks
-from tokenmill.loader.gguf import int4_groups
+from tokenmill.loader.gguf import int4_groups, int8_blocks
+
+from test_gguf import random_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 OPS = lowbit()
@@ -117,7 +119,8 @@ def test_per_channel_int8_scales_are_repeated_per_block():
 def test_a_row_gets_the_same_bits_whatever_the_batch(bits):
     """Batch invariance: each row alone, and among 63 others, and at any position."""
     q, d, m = random_q4(40, 576)
-    packed = pack_q4(q, d, m) if bits == 4 else pack_q8(*quantize_q8_blocks(weight_q4(q, d, m)))
+    blocks = quantize_q8_blocks(weight_q4(q, d, m))
+    packed = pack_q4(q, d, m) if bits == 4 else pack_q8(blocks.q, blocks.d)
     x = torch.randn(64, 576)
     together = packed.matmul(x)
     alone = torch.cat([packed.matmul(x[i:i + 1]) for i in range(64)])
@@ -155,16 +158,25 @@ def test_bad_shapes_are_refused():
 # ---- GGUF blocks, exactly ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_gguf_q4_blocks_pack_exactly(qtype):
-    """The packed weight dequantizes to the gguf package's own dequantization, bit for bit."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((40, 128)).astype(np.float32)
-    raw = quantize(w, qtype)
-    groups = int4_groups(raw, qtype)
-    packed = pack_q4(groups.q, groups.scale, groups.zero - 8 * groups.scale)
-    assert packed.scales.dtype == torch.float16
-    assert torch.equal(packed.dequantize(), torch.from_numpy(dequantize(raw, qtype)))
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+def test_gguf_blocks_pack_exactly(qtype):
+    """Each block type the packed layers hold as stored: the loader's form and the packed weight
+    dequantize to the gguf package's own dequantization, bit for bit, and the kernel multiplies by it.
+    Q4_K's scales (d x 6-bit scale) need float32; the others keep the file's float16."""
+    raw = random_blocks(40, 512, qtype)
+    expected = torch.from_numpy(dequantize(raw, qtype))
+    if qtype in (Q.Q5_0, Q.Q8_0):
+        blocks = int8_blocks(raw, qtype)
+        assert torch.equal(blocks.dequantize(), expected)
+        packed = pack_q8(blocks.q, blocks.d)
+    else:
+        groups = int4_groups(raw, qtype)
+        assert groups.group == 32 and torch.equal(groups.dequantize(), expected)
+        packed = pack_q4(groups.q, groups.d, groups.m)
+    assert packed.scales.dtype == (torch.float32 if qtype == Q.Q4_K else torch.float16)
+    assert torch.equal(packed.dequantize(), expected)
+    x = torch.randn(3, 512)
+    assert_close_to(packed.matmul(x), x, expected)
 
 
 def test_gguf_q8_0_blocks_come_back_exactly():
@@ -172,7 +184,8 @@ def test_gguf_q8_0_blocks_come_back_exactly():
     rng = np.random.default_rng(1)
     raw = quantize(rng.standard_normal((24, 256)).astype(np.float32), Q.Q8_0)
     w = torch.from_numpy(dequantize(raw, Q.Q8_0))
-    packed = pack_q8(*quantize_q8_blocks(w))
+    blocks = quantize_q8_blocks(w)
+    packed = pack_q8(blocks.q, blocks.d)
     assert packed.scales.dtype == torch.float16
     assert torch.equal(packed.dequantize(), w)
 

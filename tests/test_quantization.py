@@ -99,9 +99,9 @@ def test_int4_linear_matches_dequantized_matmul(group, batch, form):
     else:
         assert layer.scale_zero.shape == (256 // group, 160, 2) and layer.scale_zero.dtype == COMPUTE_DTYPE
         codes = groups.q.view(160, -1, group).double() - 8
-        dequantized = (codes * bf16(groups.scale)[..., None] + bf16(groups.zero)[..., None]).view(160, 256)
+        dequantized = (codes * bf16(groups.d)[..., None] + bf16(groups.m + 8 * groups.d)[..., None]).view(160, 256)
         assert_kernel_close(layer(x), bf16(x) @ dequantized.t())
-    assert (groups.dequantize() - w).abs().max() <= 0.51 * groups.scale.max()
+    assert (groups.dequantize() - w).abs().max() <= 0.51 * groups.d.max()
 
 
 def test_make_linear_picks_the_form_the_kernels_take():
@@ -133,7 +133,7 @@ def test_gguf_q4_blocks_map_exactly_onto_int4_groups(qtype, form):
         assert_close_to(layer(x), x, layer.kernel_weight.dequantize())
         return
     codes = groups.q.view(96, -1, 32).double() - 8
-    expected = (codes * bf16(groups.scale)[..., None] + bf16(groups.zero)[..., None]).view(96, 128)
+    expected = (codes * bf16(groups.d)[..., None] + bf16(groups.m + 8 * groups.d)[..., None]).view(96, 128)
     assert_kernel_close(layer(x), bf16(x) @ expected.t())
 
 
@@ -167,7 +167,7 @@ def test_tiny_q4_1_gguf_packed_is_exact(tiny_q4_gguf, monkeypatch, form):
 
     monkeypatch.setattr(llama, "LM_HEAD_QUANT", None)  # keep the output projection float: compare the Q4_1 layers
     monkeypatch.setattr(quant, "COMPUTE_DTYPE", torch.float32)
-    assert load_gguf(tiny_q4_gguf).native_quantization == "int4"
+    assert set(load_gguf(tiny_q4_gguf).native_forms.values()) == {"int4"}
     packed = LLMEngine(str(tiny_q4_gguf), dtype="float32", kv_cache_memory="2MiB")  # auto: int4
     dense = LLMEngine(str(tiny_q4_gguf), dtype="float32", kv_cache_memory="2MiB", quantization="none")
     assert packed.memory_report.weights == "int4 g32" and dense.memory_report.weights == "float32"
@@ -175,6 +175,76 @@ def test_tiny_q4_1_gguf_packed_is_exact(tiny_q4_gguf, monkeypatch, form):
     prompt = list(range(3, 40))
     logits = [run_logits(engine, prompt) for engine in (packed, dense)]
     assert (logits[0] - logits[1]).abs().max() <= (5e-3 if form == "kernels" else 1e-4)
+
+
+# Q4_K_M-like files. llama.cpp's Q4_K_M mixes Q4_K with Q6_K, and falls back to Q5_0 / Q8_0 for rows that
+# are not whole 256-blocks (SmolLM2's 576-wide ones). EXACT_TYPES: every projection's form holds its
+# tensors exactly; REQUANTIZED adds what int8 blocks hold only to within half a step: Q6_K, and a Q4_K
+# shard fused with a Q6_K one (as Q4_K_M's attn_q / attn_v of large models).
+EXACT_TYPES = {
+    "model.layers.0.self_attn.q_proj.weight": Q.Q4_K, "model.layers.0.self_attn.k_proj.weight": Q.Q4_K,
+    "model.layers.0.self_attn.v_proj.weight": Q.Q4_K, "model.layers.0.self_attn.o_proj.weight": Q.Q5_0,
+    "model.layers.0.mlp.gate_proj.weight": Q.Q4_K, "model.layers.0.mlp.up_proj.weight": Q.Q4_K,
+    "model.layers.0.mlp.down_proj.weight": Q.Q8_0,
+    "model.layers.1.self_attn.q_proj.weight": Q.Q5_0, "model.layers.1.self_attn.k_proj.weight": Q.Q5_0,
+    "model.layers.1.self_attn.v_proj.weight": Q.Q8_0, "model.layers.1.self_attn.o_proj.weight": Q.Q4_K,
+    "model.layers.1.mlp.gate_proj.weight": Q.Q5_0, "model.layers.1.mlp.up_proj.weight": Q.Q5_0,
+    "model.layers.1.mlp.down_proj.weight": Q.Q4_K,
+    "model.embed_tokens.weight": Q.Q8_0, "lm_head.weight": Q.Q8_0,
+}
+REQUANTIZED = {"model.layers.0.mlp.up_proj.weight": Q.Q6_K, "model.layers.1.mlp.down_proj.weight": Q.Q6_K}
+
+
+def mixed_gguf(path: Path, types: dict) -> Path:
+    config, state = tiny_model("llama", vocab=128, hidden_size=256, intermediate_size=256)
+    return write_gguf(path, "llama", config, state, permute=True, types=types)
+
+
+def projections(llm: LLM) -> list:
+    return [m for layer in llm.engine.runner.model.layers for m in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+
+def test_mixed_gguf_runs_each_projection_in_its_own_form(tmp_path):
+    """By default each projection keeps its file's form, exactly: int4 where every shard is Q4_K,
+    int8 blocks where they are Q5_0 / Q8_0. The greedy tokens are the dequantized float model's and
+    the logits differ only by the kernels' activation rounding (measured: KL 1e-5)."""
+    path = mixed_gguf(tmp_path / "exact.gguf", EXACT_TYPES)
+    ckpt = load_gguf(path)
+    assert ckpt.native_forms["model.layers.0.mlp.gate_proj.weight"] == "int4"
+    assert ckpt.native_forms["model.layers.1.mlp.up_proj.weight"] == "int8"
+    native, dense = (LLM(str(path), kv_cache_memory="2MiB", quantization=q) for q in ("auto", "none"))
+    assert native.engine.memory_report.weights == "int4 + int8 as the file stores them"
+    assert [type(m).__name__ for m in projections(native)] == [
+        "Int4Linear", "Int8Linear", "Int4Linear", "Int8Linear", "Int8Linear", "Int4Linear", "Int8Linear", "Int4Linear"]
+    for got, expected in zip(projections(native), projections(dense)):
+        if got.kernel_weight is not None:
+            assert torch.equal(got.kernel_weight.dequantize(), expected.weight.t())
+    prompt = list(range(5, 40))
+    got, expected = (run_logits(llm.engine, prompt).log_softmax(-1) for llm in (native, dense))
+    assert (expected.exp() * (expected - got)).sum(-1).max() <= 1e-4
+    params = SamplingParams(max_tokens=16, temperature=0)
+    outputs = [llm.generate([prompt], params)[0].outputs[0].token_ids for llm in (native, dense)]
+    assert outputs[0] == outputs[1]
+
+
+def test_q6_k_and_mixed_shards_requantize_to_8_bit_blocks(tmp_path):
+    """A fused projection with a Q6_K shard, and a Q6_K one, run as int8 blocks of 32 within half a step
+    of the file's values (benchmarks/quant_quality.py measures what that costs on a real Q4_K_M)."""
+    path = mixed_gguf(tmp_path / "q6_k.gguf", EXACT_TYPES | REQUANTIZED)
+    native, dense = (LLM(str(path), kv_cache_memory="2MiB", quantization=q) for q in ("auto", "none"))
+    requantized = [2, 7]  # layer 0's gate/up (Q4_K + Q6_K) and layer 1's down (Q6_K)
+    forms = [type(m).__name__ for m in projections(native)]
+    assert [forms[i] for i in requantized] == ["Int8Linear", "Int8Linear"]
+    for i in requantized:
+        packed, expected = projections(native)[i].kernel_weight, projections(dense)[i].weight.t()
+        if packed is None:
+            continue
+        step = packed.scales.float().view(-1, packed.in_features // 32, 8).permute(0, 2, 1).reshape(-1, packed.in_features // 32)
+        step = step[: packed.out_features].repeat_interleave(32, dim=1)
+        # Half a step, plus the float16 rounding of the scale (as llama.cpp's Q8_0): 127 x 2^-11 of a step,
+        # or 127 x half float16's smallest step where the scale is subnormal.
+        assert ((packed.dequantize() - expected).abs() <= (0.5 + 127 * 2 ** -11) * step + 127 * 2 ** -25).all()
 
 
 def run_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
@@ -203,7 +273,7 @@ def test_default_model_runs_packed_int4(smollm_checkpoint, monkeypatch):
     import tokenmill.executor.models.llama as llama
 
     monkeypatch.setattr(llama, "LM_HEAD_QUANT", None)  # the tied output projection is Q8_0, not under test here
-    assert smollm_checkpoint.native_quantization == "int4"
+    assert set(smollm_checkpoint.native_forms.values()) == {"int4"}
     packed = LLM(smollm_checkpoint, dtype="float32", kv_cache_memory="64MiB")
     dense = LLM(smollm_checkpoint, dtype="float32", kv_cache_memory="64MiB", quantization="none")
     assert packed.engine.memory_report.weights == "int4 g32"
@@ -238,6 +308,7 @@ def assert_greedy_equal_up_to_a_tie(got, expected, margin: float = 0.1) -> bool:
 
 # Bounds from the measurement in benchmarks/quant_quality.py (mean KL in nats, top-1 agreement), with margin.
 QUALITY_BOUNDS = {
+    "auto (the file's own forms)": (0.008, 0.92),
     "int8": (0.015, 0.90),
     "int4 g32": (0.008, 0.92),
     "int4 g128": (0.6, 0.55),
@@ -258,6 +329,7 @@ def test_quality_against_float32(smollm_checkpoint):
         assert rows[name]["kl_mean"] <= kl_max, (name, rows[name])
         assert rows[name]["top1_agreement"] >= top1_min, (name, rows[name])
     reference = rows["float32 (reference)"]
+    assert rows["auto (the file's own forms)"]["kl_mean"] == rows["int4 g32"]["kl_mean"]  # Q4_1: int4 g32 exactly
     assert rows["int4 g32"]["weight_bytes"] < rows["int8"]["weight_bytes"] < reference["weight_bytes"] / 2
     # 64 one-byte codes and a 4-byte scale per head vector instead of 64 float32 values.
     assert rows["KV int8"]["kv_bytes_per_token"] == reference["kv_bytes_per_token"] * (64 + 4) // 256

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,21 +86,30 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How the linear layers hold their weights: "int8" (per output channel) or "int4" (in groups)."""
+    """How the linear layers hold their weights: "int8" or "int4" (in groups), or "native": each as the
+    checkpoint stores it (`forms`: checkpoint weight name -> "int4" / "int8", for a GGUF of mixed types)."""
 
     method: str
     group_size: int = 32
+    forms: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def method_for(self, names: Iterable[str]) -> str:
+        """The form of a projection made of these checkpoint weights. Under "native" it is their own:
+        int8 when any fused shard is int8 (8-bit blocks hold a 4-bit shard closely, the reverse loses
+        bits), else int4."""
+        if self.method != "native":
+            return self.method
+        return "int4" if all(self.forms.get(name) == "int4" for name in names) else "int8"
 
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels accept
 
 
-def resolve_quantization(name: str | None, native: str | None, group_size: int) -> WeightQuant | None:
-    """The weight form to run: "auto" keeps the checkpoint's own low-bit form (`native`), else float.
-
-    `native` is "int4" for a GGUF whose linear weights are all Q4_0/Q4_1 (they load into int4 groups of
-    32 unchanged) and "int8" when they are all Q8_0; None for float checkpoints.
+def resolve_quantization(name: str | None, native: Mapping[str, str], group_size: int) -> WeightQuant | None:
+    """The weight form to run: "auto" keeps the checkpoint's own low-bit forms (`native`: projection
+    weight name -> "int4" or "int8", every projection of a quantized GGUF; empty for float checkpoints).
+    A checkpoint of one form runs as that form; one of mixed types (Q4_K_M) runs each projection in its own.
     """
     from tokenmill.errors import InvalidParameterError
 
@@ -110,8 +120,9 @@ def resolve_quantization(name: str | None, native: str | None, group_size: int) 
         raise InvalidParameterError("quantization_group_size",
                                     f"{group_size} is not one of {', '.join(map(str, INT4_GROUP_SIZES))}")
     if name == "auto":
-        name = native or "none"
-    return None if name == "none" else WeightQuant(name, group_size)
+        forms = set(native.values())
+        name = "none" if not forms else forms.pop() if len(forms) == 1 else "native"
+    return None if name == "none" else WeightQuant(name, group_size, native if name == "native" else {})
 
 
 def parse_memory(value: int | float | str | None) -> int | None:

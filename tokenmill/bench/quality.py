@@ -29,6 +29,7 @@ from tokenmill.sequence import Sequence
 # name -> LLMEngine keyword arguments; the reference is float32 weights and KV cache.
 REFERENCE = {"dtype": "float32", "quantization": "none"}
 CONFIGS = {
+    "auto (the file's own forms)": {"quantization": "auto"},
     "int8": {"quantization": "int8"},
     "int4 g32": {"quantization": "int4", "quantization_group_size": 32},
     "int4 g128": {"quantization": "int4", "quantization_group_size": 128},

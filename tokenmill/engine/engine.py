@@ -97,7 +97,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(ckpt.hf_config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
-        self.quant = resolve_quantization(quantization, ckpt.native_quantization, quantization_group_size)
+        self.quant = resolve_quantization(quantization, ckpt.native_forms, quantization_group_size)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.eos_token_ids = _eos_ids(ckpt)
         self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
@@ -111,8 +111,8 @@ class LLMEngine:
         self.block_pool = BlockPool(num_blocks)
         self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, make_policy(policy_config, self.max_model_len), max_num_seqs, max_num_batched_tokens)
-        packed = self.quant is not None and self.quant.method == "int4"  # Q4_0/Q4_1 load as int4 groups
-        self.runner = ModelRunner(self.model_config, ckpt.weights(packed=packed), self.dtype, self.device,
+        # Quantized layers take a GGUF's low-bit blocks as they are (converting only where their form differs).
+        self.runner = ModelRunner(self.model_config, ckpt.weights(packed=self.quant is not None), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
         self.accountant.sizes = self.runner.model_bytes()
         self.speculator = None
@@ -392,6 +392,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _weights_name(quant: WeightQuant | None, dtype: torch.dtype) -> str:
     if quant is None:
         return _dtype_name(dtype)
+    if quant.method == "native":
+        return "int4 + int8 as the file stores them"
     return quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")
 
 

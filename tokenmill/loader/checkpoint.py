@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,7 +33,7 @@ class Checkpoint:
     chat_template: str | None
     weights: Callable[..., Iterator[tuple[str, torch.Tensor]]]  # (HF name, tensor), lazily; `packed`: see gguf.py
     generation_config: dict
-    native_quantization: str | None = None  # the low-bit form the weights already have ("int4", "int8")
+    native_forms: dict[str, str] = field(default_factory=dict)  # projection weight -> its low-bit form (gguf.py)
 
 
 def default_model_path() -> Path:
@@ -87,7 +87,7 @@ def _load_gguf(path: Path, name: str) -> Checkpoint:
 
     ckpt = load_gguf(path)
     return Checkpoint(name, ckpt.hf_config, ckpt.tokenizer, ckpt.chat_template, ckpt.weights, {},
-                      ckpt.native_quantization)
+                      ckpt.native_forms)
 
 
 def _load_hf_folder(folder: Path, name: str) -> Checkpoint:

@@ -4,8 +4,12 @@ A GGUF file carries the model's shape as metadata, the tokenizer and chat templa
 llama.cpp's names, often block-quantized. `load_gguf` turns the metadata into a transformers config
 (so `ModelConfig.from_hf` and the RoPE code work unchanged) and the tokenizer into a fast tokenizer;
 `GGUFCheckpoint.weights` then dequantizes one tensor at a time, under Hugging Face's names and layout,
-so a quantized file never has to be expanded to float32 all at once. With `packed=True`, Q4_0 and
-Q4_1 tensors come as int4 groups instead (codes, scales and zeros, mapped exactly), for int4 layers.
+so a quantized file never has to be expanded to float32 all at once. With `packed=True`, tensors
+whose blocks the low-bit layers hold exactly come as they are instead: Q4_0, Q4_1 and Q4_K as
+int4 groups of 32 (w = d q + m), Q8_0 and Q5_0 as int8 blocks of 32 (w = d q). `native_forms`
+says which form each projection runs in by default: int4 for those 4-bit types, int8 for every
+other quantized type (Q5_1, Q6_K, Q5_K, Q3_K, Q2_K are requantized to 8-bit blocks: closer to the
+file's values than 4 bits, see benchmarks/quant_quality.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from gguf.quants import dequantize
 
 from tokenmill.cache import cache_root
 from tokenmill.errors import ModelLoadError
-from tokenmill.executor.layers.quant import Int4Groups
+from tokenmill.executor.layers.quant import Int4Groups, Int8Blocks, LowBit
 
 Q = GGMLQuantizationType
 # Tensor types `weights` can dequantize; every other type is refused before any data is read.
@@ -38,6 +42,9 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset({
 # Q4_0 / Q4_1 block layout: fp16 d (and fp16 m for Q4_1), then 16 bytes of 4-bit codes; byte j holds
 # element j in its low nibble and element j + 16 in its high one. Values: Q4_0 d * (q - 8), Q4_1 d * q + m.
 _INT4_BLOCKS = {Q.Q4_0: 18, Q.Q4_1: 20}  # bytes per block of 32
+_INT4_TYPES = frozenset({*_INT4_BLOCKS, Q.Q4_K})  # held exactly by int4 groups of 32
+_INT8_EXACT = frozenset({Q.Q8_0, Q.Q5_0})  # held exactly by int8 blocks of 32
+_FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 
 # general.architecture -> (config class, HF architecture name, whether llama.cpp permuted attn_q/attn_k).
 _ARCHITECTURES = {
@@ -83,14 +90,16 @@ class GGUFCheckpoint:
     # (HF name, GGUF tensor, head count to un-permute the rows by, or None)
     _plan: list[tuple[str, ReaderTensor, int | None]] = field(repr=False)
 
-    def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+    def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | LowBit]]:
         """Yield (HF name, float32 tensor in HF shape) one at a time, so only one tensor is expanded at once.
 
-        With `packed`, Q4_0/Q4_1 tensors are yielded as Int4Groups (groups of 32) instead.
+        With `packed`, Q4_0/Q4_1/Q4_K tensors are yielded as Int4Groups and Q8_0/Q5_0 ones as Int8Blocks.
         """
         for name, tensor, n_head in self._plan:
-            if packed and tensor.tensor_type in _INT4_BLOCKS:
+            if packed and tensor.tensor_type in _INT4_TYPES:
                 weight = int4_groups(tensor.data, tensor.tensor_type)
+            elif packed and tensor.tensor_type in _INT8_EXACT:
+                weight = int8_blocks(tensor.data, tensor.tensor_type)
             else:
                 array = dequantize(tensor.data, tensor.tensor_type)
                 # F32 data comes back as a view of the read-only memory map; torch wants memory it may write.
@@ -101,28 +110,64 @@ class GGUFCheckpoint:
             yield name, weight
 
     @property
-    def native_quantization(self) -> str | None:
-        """"int4" if every layer projection is Q4_0/Q4_1, "int8" if every one is Q8_0, else None."""
-        types = {tensor.tensor_type for name, tensor, _ in self._plan
-                 if name.startswith("model.layers.") and name.endswith("proj.weight")}
-        if types and types <= set(_INT4_BLOCKS):
-            return "int4"
-        return "int8" if types == {Q.Q8_0} else None
+    def native_forms(self) -> dict[str, str]:
+        """Each layer projection weight's low-bit form ("int4" or "int8", see the module docstring); empty
+        unless every projection is quantized (a file with float projections runs as float by default)."""
+        projections = [(name, tensor.tensor_type) for name, tensor, _ in self._plan
+                       if name.startswith("model.layers.") and name.endswith("proj.weight")]
+        if not projections or any(qtype in _FLOAT_TYPES for _, qtype in projections):
+            return {}
+        return {name: "int4" if qtype in _INT4_TYPES else "int8" for name, qtype in projections}
 
 
 def int4_groups(raw: np.ndarray, qtype: GGMLQuantizationType) -> Int4Groups:
-    """A Q4_0/Q4_1 tensor's raw blocks [rows, bytes] as Int4Groups, exactly: the same codes, scale d, and
-    zero 0 for Q4_0 (w = d(q - 8)) or m + 8d for Q4_1 (w = dq + m); the kernels compute (q - 8) * scale + zero."""
+    """A Q4_0/Q4_1/Q4_K tensor's raw blocks [rows, bytes] as Int4Groups (w = d q + m), exactly:
+    Q4_0 is m = -8d, Q4_1 its own m, Q4_K's sub-blocks d = d_super * scale and m = -dmin * min."""
+    if qtype == Q.Q4_K:
+        return _q4_k_groups(raw)
     rows = raw.shape[0]
     blocks = torch.from_numpy(np.array(raw)).view(rows, -1, _INT4_BLOCKS[qtype])  # a copy: the map is read-only
-    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    d = _half(blocks[..., 0:2])
     codes = blocks[..., -16:]
     q = torch.cat([codes & 0x0F, codes >> 4], dim=-1).reshape(rows, -1)
-    if qtype == Q.Q4_0:
-        zero = torch.zeros_like(d)
-    else:
-        zero = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
-    return Int4Groups(q, d, zero)
+    m = -8 * d if qtype == Q.Q4_0 else _half(blocks[..., 2:4])
+    return Int4Groups(q, d, m)
+
+
+def _q4_k_groups(raw: np.ndarray) -> Int4Groups:
+    """Q4_K: super-blocks of 256 (144 bytes: fp16 d and dmin, 12 bytes of 6-bit scales and mins for eight
+    sub-blocks of 32, 128 bytes of codes; 64 elements per 32 bytes, low nibbles first). Values are
+    (d * scale) * q - dmin * min in float32, as llama.cpp and the gguf package compute them."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).view(rows, -1, 144).to(torch.int32)
+    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+    s = blocks[..., 4:16]
+    low = s[..., 0:4] & 63, s[..., 4:8] & 63  # scales and mins of sub-blocks 0-3
+    high = ((s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4), (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4))
+    scale, minimum = (torch.cat([lo, hi], dim=-1).float() for lo, hi in zip(low, high))
+    codes = blocks[..., 16:].view(rows, -1, 4, 1, 32)
+    q = torch.cat([codes & 0x0F, codes >> 4], dim=-2).reshape(rows, -1).to(torch.uint8)
+    return Int4Groups(q, (d[..., None] * scale).reshape(rows, -1), (-(dmin[..., None] * minimum)).reshape(rows, -1))
+
+
+def int8_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> Int8Blocks:
+    """A Q8_0 (fp16 d, 32 int8 codes) or Q5_0 tensor's raw blocks as Int8Blocks, exactly. Q5_0 (22 bytes:
+    fp16 d, 32 high bits, 16 bytes of low nibbles as Q4_0's) is d * (q - 16), a code in -16..15."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).view(rows, -1, 34 if qtype == Q.Q8_0 else 22)
+    d = _half(blocks[..., 0:2])
+    if qtype == Q.Q8_0:
+        return Int8Blocks(blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), d)
+    high = blocks[..., 2:6].contiguous().view(torch.int32)  # little-endian: bit j is element j's fifth bit
+    bits = (high >> torch.arange(32, dtype=torch.int32)) & 1
+    codes = blocks[..., 6:].to(torch.int32)
+    low = torch.cat([codes & 0x0F, codes >> 4], dim=-1)
+    return Int8Blocks((low | (bits << 4)).sub(16).to(torch.int8).reshape(rows, -1), d)
+
+
+def _half(two_bytes: torch.Tensor) -> torch.Tensor:
+    """float16 values stored as [..., 2] bytes, in float32."""
+    return two_bytes.to(torch.uint8).contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:

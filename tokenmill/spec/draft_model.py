@@ -65,11 +65,12 @@ class DraftModel:
                                         "share one tokenizer")
         self.name = ckpt.name if keep is None else f"{ckpt.name} (layers {keep})"
         dtype = resolve_dtype(config.draft_dtype or dtype, device)
-        quant = resolve_quantization(config.draft_quantization or quantization, ckpt.native_quantization,
-                                     quantization_group_size)
-        weights = ckpt.weights(packed=quant is not None and quant.method == "int4")
+        new_index = None if keep is None else {old: new for new, old in enumerate(keep)}
+        forms = ckpt.native_forms if keep is None else dict(_renumbered(ckpt.native_forms.items(), new_index))
+        quant = resolve_quantization(config.draft_quantization or quantization, forms, quantization_group_size)
+        weights = ckpt.weights(packed=quant is not None)
         if keep is not None:
-            weights = _renumbered(weights, {old: new for new, old in enumerate(keep)})
+            weights = _renumbered(weights, new_index)
         self.runner = ModelRunner(self.model_config, weights, dtype, device, num_blocks, block_size, max_model_len,
                                   seed, quant)
         self.kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=False)
@@ -173,7 +174,7 @@ class DraftModel:
 
 
 def _renumbered(weights, new_index: dict[int, int]):
-    """The weights of the kept layers, renamed to their place in the draft; other layers' dropped."""
+    """The (name, value) pairs of the kept layers, renamed to their place in the draft; other layers' dropped."""
     for name, tensor in weights:
         match = _LAYER.search(name)
         if match is None:

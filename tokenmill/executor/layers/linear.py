@@ -24,16 +24,19 @@ from torch import nn
 from tokenmill.config import WeightQuant
 from tokenmill.executor.kernels.packed import PackedWeight, kernels_fit, pack_q4, pack_q8
 from tokenmill.executor.layers.quant import (
-    Int4Groups, dense, int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale, pack_int4, quantize_int4,
-    quantize_int8, quantize_q8_blocks,
+    Int4Groups, Int8Blocks, LowBit, dense, int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale,
+    pack_int4, quantize_int4, quantize_int8, quantize_q8_blocks,
 )
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False, quant: WeightQuant | None = None):
-    """The layer `quant` asks for; float where the kernels cannot take the shape."""
-    if quant is not None and quant.method == "int8" and int8_fits(in_features):
+def make_linear(in_features: int, out_features: int, bias: bool = False, quant: WeightQuant | None = None,
+                names: tuple[str, ...] = ()):
+    """The layer `quant` asks for the checkpoint weights `names` (the shards of a fused projection);
+    float where the kernels cannot take the shape."""
+    method = quant.method_for(names) if quant is not None else None
+    if method == "int8" and int8_fits(in_features):
         return Int8Linear(in_features, out_features, bias)
-    if quant is not None and quant.method == "int4":
+    if method == "int4":
         group = int4_group_for(in_features, out_features, quant.group_size)
         if group is not None:
             return Int4Linear(in_features, out_features, bias, group)
@@ -48,7 +51,7 @@ class LinearBase(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load(self, kind: str, tensor: torch.Tensor | Int4Groups, offset: int = 0) -> None:
+    def load(self, kind: str, tensor: torch.Tensor | LowBit, offset: int = 0) -> None:
         """Copy a checkpoint tensor ("weight" [out, in] or "bias" [out]) into output rows offset..."""
         rows = tensor.shape[0]
         if kind == "bias":
@@ -59,7 +62,7 @@ class LinearBase(nn.Module):
                              f"({self.out_features}, {self.in_features}) projection")
         self._load_weight(tensor, offset)
 
-    def _load_weight(self, weight: torch.Tensor | Int4Groups, offset: int) -> None:
+    def _load_weight(self, weight: torch.Tensor | LowBit, offset: int) -> None:
         raise NotImplementedError
 
 
@@ -97,8 +100,8 @@ class _QuantizedLinear(LinearBase):
 
 
 class Int8Linear(_QuantizedLinear):
-    """int8 codes [out, in]: with tokenmill's kernels, one float16 scale per block of 32 inputs (as
-    GGUF's Q8_0, whose blocks it keeps exactly); with PyTorch's, one scale per output channel."""
+    """int8 codes [out, in]: with tokenmill's kernels, one scale per block of 32 inputs (as GGUF's Q8_0;
+    Int8Blocks, from Q8_0 and Q5_0 files, are kept exactly); with PyTorch's, one scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias)
@@ -107,10 +110,13 @@ class Int8Linear(_QuantizedLinear):
         self._staged_scale: torch.Tensor | None = None
 
     def _stage(self, weight, offset):
-        blocks = _use_kernels(self)
-        q, scale = quantize_q8_blocks(dense(weight)) if blocks else quantize_int8(dense(weight))
+        if _use_kernels(self):
+            blocks = weight if isinstance(weight, Int8Blocks) else quantize_q8_blocks(dense(weight))
+            q, scale = blocks.q, blocks.d
+        else:
+            q, scale = quantize_int8(dense(weight))
         if self._staged_scale is None:
-            self._staged_scale = torch.empty(self.out_features, *scale.shape[1:], dtype=scale.dtype)
+            self._staged_scale = torch.empty(self.out_features, *scale.shape[1:])
         self.weight[offset:offset + q.shape[0]] = q
         self._staged_scale[offset:offset + q.shape[0]] = scale
 
@@ -131,7 +137,7 @@ class Int8Linear(_QuantizedLinear):
 class Int4Linear(_QuantizedLinear):
     """int4 codes in the kernel's packed layout, with a scale and zero per group of `group` inputs.
 
-    GGUF Q4_0/Q4_1 tensors arrive as Int4Groups of 32 and are kept as they are when the
+    GGUF Q4_0/Q4_1/Q4_K tensors arrive as Int4Groups of 32 and are kept as they are when the
     layer's group is 32; anything else is (re)quantized to the layer's group.
     """
 
@@ -151,16 +157,15 @@ class Int4Linear(_QuantizedLinear):
             self._staged = Int4Groups(torch.empty(self.out_features, self.in_features, dtype=torch.uint8),
                                       torch.empty(groups), torch.empty(groups))
         rows = slice(offset, offset + weight.shape[0])
-        for staged, part in zip((self._staged.q, self._staged.scale, self._staged.zero),
-                                (weight.q, weight.scale, weight.zero)):
+        for staged, part in zip((self._staged.q, self._staged.d, self._staged.m), (weight.q, weight.d, weight.m)):
             staged[rows] = part
 
     def _pack(self):
         device = self.packed.device
         if _use_kernels(self):
-            repeat = self.group // 32  # the kernels' groups are 32: a larger group repeats its scale
-            d, zero = (t.repeat_interleave(repeat, dim=1) for t in (self._staged.scale, self._staged.zero))
-            self.kernel_weight = pack_q4(self._staged.q, d, zero - 8 * d)
+            repeat = self.group // 32  # the kernels' groups are 32: a larger group repeats its scales
+            d, m = (t.repeat_interleave(repeat, dim=1) for t in (self._staged.d, self._staged.m))
+            self.kernel_weight = pack_q4(self._staged.q, d, m)
             self.packed, self.scale_zero = self.kernel_weight.codes, self.kernel_weight.scales
         else:
             self.packed = pack_int4(self._staged.q, device)

@@ -1,8 +1,10 @@
 """Weight quantization for the low-bit linear layers, and PyTorch's weight-only kernels.
 
-int8: symmetric, one scale per output channel, w = q * scale. int4: asymmetric groups of
-`group` weights along the input axis, in the kernels' own convention: codes q in 0..15 and
-w = (q - 8) * scale + zero (llama.cpp's Q4_1 w = d * q + m is scale = d, zero = m + 8d).
+int8: symmetric, one scale per output channel (w = q * scale) or per block of 32 inputs (`Int8Blocks`,
+w = d * q, llama.cpp's Q8_0). int4: asymmetric groups of `group` weights along the input axis
+(`Int4Groups`), in llama.cpp's convention: codes q in 0..15 and w = d * q + m, which holds Q4_0,
+Q4_1 and Q4_K's sub-blocks exactly. PyTorch's int4 kernels read w = (q - 8) * scale + zero, so
+their scale/zero pairs are made from (d, m) when they are packed.
 
 The kernels take [out, in] codes and bfloat16 activations and scales: on x86 CPUs only their
 bfloat16 variants are vectorized (float32 runs a scalar loop, 10-15x slower) and CUDA's int4
@@ -23,11 +25,11 @@ COMPUTE_DTYPE = torch.bfloat16
 
 @dataclass
 class Int4Groups:
-    """An int4 weight [out, in]: codes q (uint8, 0..15) and per-group scale and zero [out, in // group]."""
+    """An int4 weight [out, in]: codes q (uint8, 0..15) and per-group d and m [out, in // group], w = d * q + m."""
 
     q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
 
     @property
     def shape(self) -> torch.Size:
@@ -35,21 +37,43 @@ class Int4Groups:
 
     @property
     def group(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
+        return self.q.shape[1] // self.d.shape[1]
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.q.shape
-        w = (self.q.view(rows, -1, self.group).float() - 8) * self.scale[..., None] + self.zero[..., None]
+        w = self.q.view(rows, -1, self.group).float() * self.d.float()[..., None] + self.m.float()[..., None]
         return w.view(rows, cols)
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4Groups":
-        """The same weight with `fn` (a reordering of rows) applied to codes, scales and zeros alike."""
-        return Int4Groups(fn(self.q), fn(self.scale), fn(self.zero))
+        """The same weight with `fn` (a reordering of rows) applied to codes and scales alike."""
+        return Int4Groups(fn(self.q), fn(self.d), fn(self.m))
 
 
-def dense(weight: torch.Tensor | Int4Groups) -> torch.Tensor:
-    """The weight as a plain tensor (int4 groups dequantized to float32)."""
-    return weight.dequantize() if isinstance(weight, Int4Groups) else weight
+@dataclass
+class Int8Blocks:
+    """An int8 weight [out, in]: codes q (int8) and one scale d per block of 32 inputs [out, in // 32], w = d * q."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        return (self.q.view(rows, -1, 32).float() * self.d.float()[..., None]).view(rows, cols)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int8Blocks":
+        return Int8Blocks(fn(self.q), fn(self.d))
+
+
+LowBit = Int4Groups | Int8Blocks  # a checkpoint's low-bit tensor as it was stored
+
+
+def dense(weight: torch.Tensor | LowBit) -> torch.Tensor:
+    """The weight as a plain tensor (low-bit forms dequantized to float32)."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,15 +83,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).to(torch.int8), scale
 
 
-def quantize_q8_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 in blocks of `block` inputs with float16 scales, as llama.cpp's Q8_0: codes [rows, in]
-    and scales [rows, in // block]. A Q8_0 tensor's dequantized values come back as its own blocks."""
+def quantize_q8_blocks(w: torch.Tensor) -> Int8Blocks:
+    """Symmetric int8 in blocks of 32 inputs with float16 scales, as llama.cpp's Q8_0. A Q8_0 tensor's
+    dequantized values come back as its own blocks."""
     rows, cols = w.shape
-    g = w.float().view(rows, cols // block, block)
+    g = w.float().view(rows, cols // 32, 32)
     d = g.abs().amax(dim=-1) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     q = torch.round(g * inv[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.view(rows, cols), d.half()
+    return Int8Blocks(q.view(rows, cols), d.half())
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Groups:
@@ -77,7 +101,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Groups:
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    return Int4Groups(q.view(rows, cols), scale, lo + 8 * scale)
+    return Int4Groups(q.view(rows, cols), scale, lo)
 
 
 def int8_fits(in_features: int) -> bool:
@@ -106,8 +130,10 @@ def pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def int4_scale_zero(groups: Int4Groups, device: torch.device) -> torch.Tensor:
-    """Scales and zeros as the int4 kernels read them: [in // group, out, 2] in COMPUTE_DTYPE."""
-    return torch.stack([groups.scale.t(), groups.zero.t()], dim=-1).to(device, COMPUTE_DTYPE).contiguous()
+    """Scales and zeros as PyTorch's int4 kernels read them (w = (q - 8) * scale + zero, so scale = d and
+    zero = m + 8d): [in // group, out, 2] in COMPUTE_DTYPE."""
+    d, m = groups.d.float(), groups.m.float()
+    return torch.stack([d.t(), (m + 8 * d).t()], dim=-1).to(device, COMPUTE_DTYPE).contiguous()
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:

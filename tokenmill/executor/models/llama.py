@@ -52,13 +52,14 @@ def cpu_ops(x: torch.Tensor):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, prefix: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant)
-        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant,
+                                    _names(prefix, "q_proj", "k_proj", "v_proj"))
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, _names(prefix, "o_proj"))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -83,10 +84,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: WeightQuant | None):
+    def __init__(self, cfg: ModelConfig, quant: WeightQuant | None, prefix: str):
         super().__init__()
-        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant)
-        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant,
+                                        _names(prefix, "gate_proj", "up_proj"))
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, _names(prefix, "down_proj"))
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -97,12 +99,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, quant)
+        self.self_attn = Attention(cfg, rotary, quant, f"model.layers.{index}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, quant)
+        self.mlp = MLP(cfg, quant, f"model.layers.{index}.mlp")
 
     def forward(self, x, cos_sin, meta, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
@@ -121,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg, max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, LM_HEAD_QUANT if quant else None)
         self.requires_grad_(False)
@@ -211,6 +213,11 @@ class LlamaForCausalLM(nn.Module):
         if target == "qkv_proj":
             return [0, c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim][shard]
         return shard * c.intermediate_size
+
+
+def _names(prefix: str, *projections: str) -> tuple[str, ...]:
+    """The checkpoint (Hugging Face) names of the weights a projection is made of."""
+    return tuple(f"{prefix}.{p}.weight" for p in projections)
 
 
 def _fused_layer_params(layers, kv_caches) -> list[torch.Tensor] | None:
