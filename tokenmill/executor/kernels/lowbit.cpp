@@ -260,12 +260,15 @@ TM_TARGET_VNNI inline __m256i q8fix_vnni(__m256i acc, int32_t xsum) {
     const __m256i low = _mm256_set1_epi8(0x0F);                                                                \
     __m256 acc[MR], macc[MR];                                                                                  \
     for (int r = 0; r < MR; ++r) acc[r] = macc[r] = _mm256_setzero_ps();                                       \
+    /* C independent integer chains per (row, term), summed at the end: an integer sum in any order */       \
+    /* gives the same bits, and short chains hide the dot instructions' latency (MR rows bring their own). */ \
+    constexpr int C = MR >= 4 ? 1 : 4 / MR;                                                                    \
     for (int64_t b = 0; b < nb; ++b) {                                                                         \
-      __m256i dot[MR][T];                                                                                      \
+      __m256i dot[MR][T], chain[C][MR][T];                                                                     \
       const int8_t* x[MR][T];                                                                                  \
       for (int r = 0; r < MR; ++r)                                                                             \
         for (int t = 0; t < T; ++t) {                                                                          \
-          dot[r][t] = _mm256_setzero_si256();                                                                  \
+          for (int c = 0; c < C; ++c) chain[c][r][t] = _mm256_setzero_si256();                                \
           x[r][t] = a.q.data() + ((m0 + r) * T + t) * K + b * QK;                                              \
         }                                                                                                      \
       if (Q4) {                                                                                                \
@@ -275,8 +278,10 @@ TM_TARGET_VNNI inline __m256i q8fix_vnni(__m256i acc, int32_t xsum) {
           const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);   \
           for (int r = 0; r < MR; ++r)                                                                         \
             for (int t = 0; t < T; ++t) {                                                                      \
-              dot[r][t] = Q4DOT(dot[r][t], lo, bcast4(x[r][t] + 4 * s));                                       \
-              dot[r][t] = Q4DOT(dot[r][t], hi, bcast4(x[r][t] + 16 + 4 * s));                                  \
+              __m256i& c0 = chain[(2 * s) % C][r][t];                                                          \
+              c0 = Q4DOT(c0, lo, bcast4(x[r][t] + 4 * s));                                                    \
+              __m256i& c1 = chain[(2 * s + 1) % C][r][t];                                                      \
+              c1 = Q4DOT(c1, hi, bcast4(x[r][t] + 16 + 4 * s));                                                \
             }                                                                                                  \
         }                                                                                                      \
       } else {                                                                                                 \
@@ -284,11 +289,15 @@ TM_TARGET_VNNI inline __m256i q8fix_vnni(__m256i acc, int32_t xsum) {
         for (int s = 0; s < 8; ++s) {                                                                          \
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 32));                \
           for (int r = 0; r < MR; ++r)                                                                         \
-            for (int t = 0; t < T; ++t) dot[r][t] = Q8DOT(dot[r][t], v, bcast4(x[r][t] + 4 * s));              \
+            for (int t = 0; t < T; ++t) chain[s % C][r][t] = Q8DOT(chain[s % C][r][t], v, bcast4(x[r][t] + 4 * s)); \
         }                                                                                                      \
-        for (int r = 0; r < MR; ++r)                                                                           \
-          for (int t = 0; t < T; ++t) dot[r][t] = Q8FIX(dot[r][t], a.sum[((m0 + r) * T + t) * nb + b]);        \
       }                                                                                                        \
+      for (int r = 0; r < MR; ++r)                                                                             \
+        for (int t = 0; t < T; ++t) {                                                                          \
+          dot[r][t] = chain[0][r][t];                                                                          \
+          for (int c = 1; c < C; ++c) dot[r][t] = _mm256_add_epi32(dot[r][t], chain[c][r][t]);                \
+          if (!Q4) dot[r][t] = Q8FIX(dot[r][t], a.sum[((m0 + r) * T + t) * nb + b]);                           \
+        }                                                                                                      \
       const S* sb = sg + b * (Q4 ? 16 : 8);                                                                    \
       const __m256 d = load8(sb);                                                                              \
       for (int r = 0; r < MR; ++r)                                                                             \
