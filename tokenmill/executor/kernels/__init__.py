@@ -51,6 +51,6 @@ def _build_and_load() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="tokenmill_kernels", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
     )
 

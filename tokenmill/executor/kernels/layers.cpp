@@ -49,7 +49,7 @@ TM_CLONES void rope_row(float* x, int64_t heads, int64_t hd, const float* cos, c
 // exp(x), lane by lane (vectorizable; within 2 ulp): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2.
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::nearbyint(x * 1.44269504f);
+  const float n = tokenmill::round_even(x * 1.44269504f);  // |x| <= 88: exact
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -74,45 +74,47 @@ TM_CLONES void silu_mul_row(const float* gu, int64_t n, float* y) {
   }
 }
 
-// 16 float lanes as one GCC vector: each target clone compiles it to its own registers (one zmm,
-// two ymm, four xmm) with the same lane arithmetic, and folds it in registers, in a fixed order.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// 16 float lanes as two 8-lane GCC vectors, lanes 0-7 and 8-15: each target clone keeps them in
+// registers (two ymm, four xmm; a 64-byte vector type spills to the stack on AVX2) with the same
+// lane arithmetic, and folds them in a fixed order.
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
 
-inline float fold(v16 a) {
-  const v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+inline float fold(v8 lo, v8 hi) {
+  const v8 b = lo + hi;
   const v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 // Sum of a[i] * b[i] (b = a: sum of squares) over n, 16 lanes at a time; a tail is added lane 0 first.
 inline float dot(const float* a, const float* b, int64_t n) {
-  v16 acc = {};
+  v8 lo = {}, hi = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L) acc += load16(a + i) * load16(b + i);
+  for (; i + L <= n; i += L) {
+    lo += load8(a + i) * load8(b + i);
+    hi += load8(a + i + 8) * load8(b + i + 8);
+  }
   float tail = 0.f;
   for (; i < n; ++i) tail += a[i] * b[i];
-  return fold(acc) + tail;
+  return fold(lo, hi) + tail;
 }
 
 inline float sum(const float* a, int64_t n) {
-  v16 acc = {};
+  v8 lo = {}, hi = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L) acc += load16(a + i);
+  for (; i + L <= n; i += L) {
+    lo += load8(a + i);
+    hi += load8(a + i + 8);
+  }
   float tail = 0.f;
   for (; i < n; ++i) tail += a[i];
-  return fold(acc) + tail;
+  return fold(lo, hi) + tail;
 }
 
 inline void exp_shift(float* s, int64_t n, float m) {
   for (int64_t i = 0; i < n; ++i) s[i] = fast_exp(s[i] - m);
-}
-
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // sum of squares, then x * rsqrt(mean + eps) * w
@@ -142,54 +144,72 @@ inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
-// One query row, KV heads [h0, h1): each of their query heads attends to the `n` positions whose
-// cache slots are `slots`, in one pass over the positions (a position's K, then V, read once).
-TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t h0, int64_t h1,
+// One query row, query heads [g0, g1) (head g reads KV head g / group), over the `n` positions whose
+// cache slots are `slots`: scores position by position (a position's K read once for the heads that
+// share it), softmax, then each head's output 32 lanes at a time in registers, positions in order.
+// Every head's result is its own: which heads share a call changes no bit.
+TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t g0, int64_t g1,
                       int64_t group, float scale, float* out, std::vector<float>& scores) {
-  const int64_t hd = c.hd, heads = (h1 - h0) * group, width = (h1 - h0) * hd;
-  q += h0 * group * hd;
-  out += h0 * group * hd;
+  const int64_t hd = c.hd, heads = g1 - g0, k0 = g0 / group, width = ((g1 - 1) / group + 1 - k0) * hd;
   scores.resize(heads * n);  // [heads, n]
   for (int64_t i = 0; i < n; ++i) {
-    if (i + PREFETCH < n) prefetch(c.k(slots[i + PREFETCH], h0), width);
-    const float* k = c.k(slots[i], h0);
-    for (int64_t h = 0; h < heads; ++h) scores[h * n + i] = dot(q + h * hd, k + (h / group) * hd, hd) * scale;
+    if (i + PREFETCH < n) {
+      prefetch(c.k(slots[i + PREFETCH], k0), width);
+      prefetch(c.v(slots[i + PREFETCH], k0), width);
+    }
+    const float* k = c.k(slots[i], 0);
+    for (int64_t g = g0; g < g1; ++g) scores[(g - g0) * n + i] = dot(q + g * hd, k + (g / group) * hd, hd) * scale;
   }
-  float inv[1024];  // 1 / softmax denominator per head
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores.data() + h * n;
     float m = s[0];
     for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
     exp_shift(s, n, m);
-    inv[h] = 1.f / sum(s, n);
+    const float inv = 1.f / sum(s, n);
+    const int64_t kv = (g0 + h) / group;
+    float* o = out + (g0 + h) * hd;
+    int64_t j = 0;
+    for (; j + 32 <= hd; j += 32) {
+      v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const float* v = c.v(slots[i], kv) + j;
+        const v8 p = {s[i], s[i], s[i], s[i], s[i], s[i], s[i], s[i]};
+        a0 += p * load8(v);
+        a1 += p * load8(v + 8);
+        a2 += p * load8(v + 16);
+        a3 += p * load8(v + 24);
+      }
+      const v8 w = {inv, inv, inv, inv, inv, inv, inv, inv};
+      *reinterpret_cast<v8*>(o + j) = a0 * w;
+      *reinterpret_cast<v8*>(o + j + 8) = a1 * w;
+      *reinterpret_cast<v8*>(o + j + 16) = a2 * w;
+      *reinterpret_cast<v8*>(o + j + 24) = a3 * w;
+    }
+    for (; j < hd; ++j) {
+      float a = 0.f;
+      for (int64_t i = 0; i < n; ++i) a += s[i] * c.v(slots[i], kv)[j];
+      o[j] = a * inv;
+    }
   }
-  std::fill(out, out + heads * hd, 0.f);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + PREFETCH < n) prefetch(c.v(slots[i + PREFETCH], h0), width);
-    const float* v = c.v(slots[i], h0);
-    for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + i], v + (h / group) * hd, out + h * hd, hd);
-  }
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= inv[h];
 }
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
-// Work items are (row, KV head) pairs where there are fewer rows than threads and enough
+// Work items are (row, query head) pairs where there are fewer rows than threads and enough
 // positions to pay for a second thread, else whole rows; an item's result is the same either way.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
-  TORCH_CHECK(heads <= 1024 && heads % c.kv_heads == 0, "heads must be a multiple of kv_heads, at most 1024");
+  TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
   const int64_t group = heads / c.kv_heads;
   int64_t work = 0;
   for (int64_t r = 0; r < rows; ++r) work += lens[r];
   const bool split = rows < at::get_num_threads() && work >= 128;
-  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? 1 : c.kv_heads;
+  const int64_t per_row = split ? heads : 1, heads_per_item = split ? 1 : heads;
   at::parallel_for(0, rows * per_row, work >= 128 ? 1 : rows * per_row, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
     int64_t slots_row = -1;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / per_row, h0 = (i % per_row) * heads_per_item;
+      const int64_t r = i / per_row, g0 = (i % per_row) * heads_per_item;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
       if (slots_row != r) {  // this row's positions as cache slots
         const int64_t* table = tables + r * table_width;
@@ -197,7 +217,7 @@ void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c,
         for (int64_t p = first; p < lens[r]; ++p) slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
         slots_row = r;
       }
-      attend(q + r * heads * c.hd, c, slots.data(), n, h0, h0 + heads_per_item, group, scale, out + r * heads * c.hd,
+      attend(q + r * heads * c.hd, c, slots.data(), n, g0, g0 + heads_per_item, group, scale, out + r * heads * c.hd,
              scores);
     }
   });

@@ -83,13 +83,6 @@ struct Activations {
 
 int activation_terms = 2;
 
-// Round to nearest, ties to even, as nearbyint in the default rounding mode and the vector paths'
-// round instruction do, for |v| < 2^22 (activation codes are within 127.5): no libm call.
-inline float round_even(float v) {
-  constexpr float magic = 12582912.f;  // 1.5 * 2^23: the sum keeps no fraction bits
-  return (v + magic) - magic;
-}
-
 // One row's blocks, portable: per block and term, amax, codes, their sum, and the residual left
 // for the next term. The vector paths below do the same float operations in the same order.
 void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
@@ -105,7 +98,7 @@ void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, 
       int8_t* qb = q + t * K + b * QK;
       int32_t total = 0;
       for (int i = 0; i < QK; ++i) {
-        const float v = round_even(r[i] * inv);
+        const float v = tokenmill::round_even(r[i] * inv);
         qb[i] = static_cast<int8_t>(v);
         total += static_cast<int32_t>(v);
         r[i] -= scale * v;
