@@ -3,9 +3,10 @@
     python benchmarks/serve_vs_llamacpp.py --llama-server PATH/TO/llama-server --concurrency 1 8 32
 
 Each server is started in turn on the default model's GGUF file (SmolLM2-135M-Instruct Q4_1),
-warmed up, then sent the same prompt set (synthetic, exact token counts) at each max
-concurrency with `tokenmill bench serve`'s client; outputs run their full length (ignore_eos
-and min_tokens). Peers: llama.cpp's C++ `llama-server` (continuous batching over
+warmed up, then sent synthetic prompts (exact token counts) at each max concurrency with
+`tokenmill bench serve`'s client; outputs run their full length (ignore_eos and min_tokens).
+Each concurrency gets prompts of its own (the same for every server), so no server answers
+from a prompt cache. Peers: llama.cpp's C++ `llama-server` (continuous batching over
 `--parallel` slots) when --llama-server is given, and `python -m llama_cpp.server` from
 llama-cpp-python (one request at a time) when that package is installed.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tokenmill.bench.launch import LaunchedServer, free_port
@@ -47,8 +49,10 @@ def run(args) -> dict:
     gguf = default_model_path()
     base = ServeBenchConfig("http://unused", num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, seed=args.seed)
-    requests = build_requests(base)
-    warmup = requests[: min(4, len(requests))]
+    warmup = build_requests(replace(base, num_prompts=4))
+    # A prompt set of its own per concurrency (other seeds): a set the server has seen would hit its
+    # prefix cache and time no prefill.
+    prompt_sets = {conc: build_requests(replace(base, seed=args.seed + 1 + i)) for i, conc in enumerate(args.concurrency)}
     results: dict = {"model": gguf.name, "num_prompts": args.num_prompts, "input_len": args.input_len,
                      "output_len": args.output_len, "servers": {}}
     for name, (cmd, ready) in servers(args, gguf).items():
@@ -63,8 +67,8 @@ def run(args) -> dict:
             for conc in args.concurrency:
                 config = ServeBenchConfig(url, request_rates=[math.inf], max_concurrency=conc,
                                           num_prompts=args.num_prompts, input_len=args.input_len,
-                                          output_len=args.output_len, seed=args.seed)
-                result = run_serve_benchmark_sync(config, requests, log=lambda m: print("  " + m, file=sys.stderr))
+                                          output_len=args.output_len)
+                result = run_serve_benchmark_sync(config, prompt_sets[conc], log=lambda m: print("  " + m, file=sys.stderr))
                 summary = result["runs"][0]["summary"]
                 per_conc[conc] = summary
                 print(f"  concurrency {conc}: {summary['output_throughput']:.1f} output tok/s, "
