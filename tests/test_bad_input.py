@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill import LLM, InvalidParameterError, ModelLoadError, SamplingParams
+from tokenmill.config import parse_memory
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,11 @@ def llm(tiny_models):
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"logprobs": 50}, "logprobs"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"seed": 2**64}, "seed"),  # past what a generator takes
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 2 would use seed + 1
+    ({"seed": 1.5}, "seed"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop": ["a\ud800"]}, "stop"),  # a lone surrogate: no tokenizer can encode it
 ])
 def test_invalid_sampling_params(kwargs, param):
     with pytest.raises(InvalidParameterError) as e:
@@ -44,6 +50,23 @@ def test_prompt_longer_than_max_model_len(llm):
 def test_token_ids_outside_vocabulary(llm):
     with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
         llm.generate([[1, 2, 999]], use_tqdm=False)
+
+
+def test_stop_token_ids_outside_vocabulary_are_refused_before_any_step(llm):
+    # it once reached the sampler, whose IndexError failed every request in the step
+    params = SamplingParams(stop_token_ids=[999_999_999], min_tokens=2, max_tokens=4)
+    with pytest.raises(InvalidParameterError, match="stop_token_ids.*outside the vocabulary"):
+        llm.generate([[5, 6]], params, use_tqdm=False)
+    assert not llm.engine.requests
+    out = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "0", "2 parsecs"])
+def test_bad_memory_sizes_name_the_flag(text):
+    with pytest.raises(InvalidParameterError) as e:
+        parse_memory(text)
+    assert e.value.param == "kv_cache_memory" and repr(text) in str(e.value)
 
 
 def test_text_prompt_without_tokenizer(llm):

@@ -204,6 +204,11 @@ def test_unknown_model_is_404(client):
     ({"prompt": list(range(1, MAX_MODEL_LEN + 10))}, "prompt"),  # the prompt alone exceeds it
     ({"prompt": [10**9]}, "prompt"),  # a token id outside the vocabulary
     ({"prompt": []}, "prompt"),
+    ({"prompt": [999_999_999, -5]}, "prompt"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 2 would use seed + 1
+    # once an IndexError inside the shared step, which failed every request in flight
+    ({"extra_body": {"stop_token_ids": [999_999_999], "min_tokens": 2}}, "stop_token_ids"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(client, model_name, kwargs, param):
     kwargs = {"prompt": PROMPT, **kwargs}
@@ -229,6 +234,21 @@ def test_malformed_json_and_wrong_body_are_400(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = server.post("/v1/chat/completions", b'["a", "list"]', auth)
     assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    counted = 'code="400",endpoint="/v1/completions"'
+    before = server.metric("tokenmill_http_responses_total", counted)
+    status, body = server.post("/v1/completions", b'{"prompt": "a\\ud800b"}', auth)
+    assert status == 400 and body["error"]["param"] == "prompt" and "surrogate" in body["error"]["message"]
+    status, body = server.post("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', auth)
+    assert status == 400 and body["error"]["param"] == "stream", body
+    status, body = server.post("/v1/completions", b'{"prompt": [1, true]}', auth)
+    assert status == 400 and body["error"]["param"] == "prompt" and "token ids" in body["error"]["message"], body
+    assert server.metric("tokenmill_http_responses_total", counted) == before + 3
+    status, body = server.post("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', auth)
+    assert status == 400 and body["error"]["param"] == "messages" and "surrogate" in body["error"]["message"], body
 
 
 def test_engine_keeps_serving_after_errors(client, offline, model_name):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.errors import InvalidParameterError
+
 
 @dataclass
 class ModelConfig:
@@ -79,7 +81,6 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     if name == "auto":
         return dtype
     if name not in KV_CACHE_DTYPES:
-        from tokenmill.errors import InvalidParameterError
         raise InvalidParameterError("kv_cache_dtype", f"unknown KV cache dtype {name!r}; use auto, int8 or fp8_e4m3")
     return KV_CACHE_DTYPES[name]
 
@@ -111,7 +112,6 @@ def resolve_quantization(name: str | None, native: Mapping[str, str], group_size
     weight name -> "int4" or "int8", every projection of a quantized GGUF; empty for float checkpoints).
     A checkpoint of one form runs as that form; one of mixed types (Q4_K_M) runs each projection in its own.
     """
-    from tokenmill.errors import InvalidParameterError
 
     name = "auto" if name is None else name
     if name not in QUANTIZATIONS:
@@ -131,10 +131,15 @@ def parse_memory(value: int | float | str | None) -> int | None:
         return None if value is None else int(value)
     text = value.strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(float(text))
+    unit = next((u for u in units if text.endswith(u)), "")
+    try:
+        size = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        raise InvalidParameterError("kv_cache_memory", f"{value!r} is not a size: write bytes or a number with "
+                                                       "a unit, like 2GiB, 512MiB or 4e9") from None
+    if not 0 < size < float("inf"):
+        raise InvalidParameterError("kv_cache_memory", f"{value!r} must be a positive size")
+    return int(size)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -153,7 +158,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in names:
-        from tokenmill.errors import InvalidParameterError
         raise InvalidParameterError("dtype", f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return names[dtype]
 

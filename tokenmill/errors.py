@@ -15,3 +15,13 @@ class InvalidParameterError(TokenmillError):
 
 class ModelLoadError(TokenmillError):
     """A model cannot be found or loaded (unknown path, pickle checkpoint, unsupported tensor type)."""
+
+
+def require_unicode(param: str, text: str) -> None:
+    """Text a tokenizer can take: JSON may carry lone UTF-16 surrogates ("\\ud800"), which no UTF-8
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameterError(param, f"the text holds a lone surrogate (\\u{ord(text[e.start]):04x}) at "
+                                           f"character {e.start}: not valid Unicode") from None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 
-from tokenmill.errors import InvalidParameterError
+from tokenmill.errors import InvalidParameterError, require_unicode
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -66,8 +69,17 @@ class SamplingParams:
             bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
-        if any(not s for s in self.stop):
-            bad("stop", "stop strings must be non-empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        for s in self.stop:
+            require_unicode("stop", s)
+        if any(isinstance(t, bool) or not isinstance(t, Integral) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids[:8]}")
+        if self.seed is not None:
+            low, high = SEED_RANGE
+            if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not low <= self.seed <= high - (self.n - 1):
+                bad("seed", f"must be an integer in [{low}, {high - (self.n - 1)}] (sample i of n uses seed + i), "
+                            f"got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

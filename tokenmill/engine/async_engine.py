@@ -197,13 +197,14 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # a bug or an out-of-memory: fail what was in flight, keep serving
+        except Exception:  # a bug or an out-of-memory: fail what was in flight, keep serving
             log.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
-                    stream.put(EngineStepError(f"the engine step failed: {type(e).__name__}: {e}"))
+                    stream.put(EngineStepError("the engine step failed and this request was aborted; "
+                                               "the server log has the details"))
                 self.observer("error", request_id)
             return
         for output in outputs:

@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -22,7 +23,7 @@ from tokenmill.config import (
 )
 from tokenmill.engine.policy import PolicyConfig, make_policy
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.errors import InvalidParameterError
+from tokenmill.errors import InvalidParameterError, require_unicode
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
@@ -175,6 +176,10 @@ class LLMEngine:
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         if (params.stop) and self.tokenizer is None:
             raise InvalidParameterError("stop", "stop strings need a tokenizer; this model has none")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidParameterError("stop_token_ids", f"token ids {[t for t in params.stop_token_ids if t >= vocab][:5]} "
+                                                          f"are outside the vocabulary (size {vocab})")
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -195,15 +200,17 @@ class LLMEngine:
                 raise InvalidParameterError("prompt", "the prompt is empty")
             if self.tokenizer is None:
                 raise InvalidParameterError("prompt", "this model has no tokenizer; pass token ids")
+            require_unicode("prompt", prompt)
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
             if not ids:
                 raise InvalidParameterError("prompt", "the prompt is empty")
             vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= int(t) < vocab]
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
             if bad:
                 raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+            ids = [int(t) for t in ids]
         if len(ids) >= self.max_model_len:
             raise InvalidParameterError(
                 "prompt", f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "

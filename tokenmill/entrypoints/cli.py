@@ -23,11 +23,20 @@ import os
 import sys
 from typing import Callable
 
-from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS
+from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, parse_memory
 from tokenmill.engine.policy import POLICIES
 from tokenmill.errors import TokenmillError
 
 # ---- shared flags ---------------------------------------------------------------------------
+
+
+def memory_size(text: str) -> str:
+    """argparse type of a size flag: a bad one is a usage error, not a traceback at start-up."""
+    try:
+        parse_memory(text)
+    except TokenmillError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def engine_parent() -> argparse.ArgumentParser:
@@ -40,7 +49,7 @@ def engine_parent() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (default: 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, as fits)")
-    g.add_argument("--kv-cache-memory", default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
+    g.add_argument("--kv-cache-memory", type=memory_size, default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default=None,

@@ -2,7 +2,8 @@
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status an
 OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 429 full
-queue, 500 a failed engine step. The engine keeps serving the other requests in each case.
+queue, 500 a failed engine step or a bug (its text goes to the log, never to the client; the
+middleware counts every response, 500s too). The engine keeps serving the other requests.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
         if api_key is not None and not path.startswith(OPEN_PATHS) and not _key_ok(request, api_key):
             response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug: logged here, never sent to the client, and counted below
+                log.exception("unexpected error while answering %s", path)
+                response = error_response(500, "internal error: the server log has the details")
         endpoint = path if path in route_paths else "other"
         metrics.http_responses.labels(endpoint=endpoint, code=str(response.status_code)).inc()
         return response
@@ -144,11 +149,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def bug(_request, exc: Exception):
-        log.exception("unexpected error while answering a request")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,

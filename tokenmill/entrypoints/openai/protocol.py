@@ -2,20 +2,21 @@
 
 Ranges live in the field constraints so that a bad value is a 400 naming the parameter and
 the OpenAPI document (which the fuzz test reads) states them. Unknown fields are ignored, as
-OpenAI-compatible servers do; known fields with the wrong type are rejected.
+OpenAI-compatible servers do; known fields with the wrong type are rejected, booleans strictly
+(`"stream": "yes"` is not true).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SEED_RANGE, SamplingParams
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
@@ -28,10 +29,10 @@ class _Sampling(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the tenant, for the fair scheduling policy and per-tenant length estimates
     # extensions
@@ -39,11 +40,11 @@ class _Sampling(BaseModel):
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -71,6 +72,28 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | TokenIds | list[TokenIds]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        """Says which of the four shapes was meant and what is wrong with it (pydantic's union
+        error would list every shape's complaint, the first "Input should be a valid string")."""
+        def ids_ok(ids) -> bool:
+            return all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+
+        if isinstance(prompt, str) or not isinstance(prompt, list) or not prompt:
+            return prompt
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(isinstance(p, list) for p in prompt):
+            if all(ids_ok(p) for p in prompt):
+                return prompt
+            raise ValueError("token ids must be non-negative integers")
+        if all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in prompt):
+            if ids_ok(prompt):
+                return prompt
+            raise ValueError(f"token ids must be non-negative integers, got {prompt[:8]}")
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: Literal[False] = False
@@ -110,9 +133,9 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
 
     @property
     def max_output_tokens(self) -> int | None:

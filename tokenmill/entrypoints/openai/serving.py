@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from jinja2 import TemplateError
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
-from tokenmill.errors import InvalidParameterError, TokenmillError
+from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -93,6 +93,7 @@ class OpenAIServing:
                 raise InvalidParameterError("prompt", "this model has no tokenizer; send token ids")
             if not prompt:
                 raise InvalidParameterError("prompt", "the prompt is empty")
+            require_unicode("prompt", prompt)
             return _Prompt(self.tokenizer.encode(prompt), prompt)
         return _Prompt(list(prompt), None)
 
@@ -103,6 +104,7 @@ class OpenAIServing:
             text = self.tokenizer.render_chat([m.as_template_input() for m in req.messages], req.add_generation_prompt)
         except TemplateError as e:
             raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
+        require_unicode("messages", text)
         return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
 
     def _params(self, req: _Sampling, prompts: list[_Prompt], max_tokens: int | None,
