@@ -251,6 +251,15 @@ def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):
     assert status == 400 and body["error"]["param"] == "messages" and "surrogate" in body["error"]["message"], body
 
 
+def test_a_prompt_too_long_by_its_characters_is_400_before_tokenizing(client, model_name):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="a" * 10_000_000)
+    assert e.value.body["param"] == "prompt" and "characters" in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "b" * 10_000_000}])
+    assert e.value.body["param"] == "messages" and "characters" in e.value.body["message"], e.value.body
+
+
 def test_engine_keeps_serving_after_errors(client, offline, model_name):
     for _ in range(3):
         with pytest.raises(openai.BadRequestError):

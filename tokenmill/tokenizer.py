@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from tokenmill.errors import InvalidParameterError
 
 
@@ -12,6 +14,12 @@ class Tokenizer:
         self.hf = hf_tokenizer
         self.chat_template = chat_template
         self.eos_token_ids = eos_token_ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary string's length (a byte-level
+        token's string has one character per byte, and every character is at least a byte)."""
+        return max(1, max(map(len, self.hf.get_vocab()), default=1))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -53,7 +53,8 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> dict | AsyncIterator[str]:
         """`tenant`: who sent it when the body has no `user` (the server reads the X-Tenant header)."""
         model = self._model_name(req)
-        prompts = [self._completion_prompt(p) for p in req.prompts()]
+        # tokenizing takes time in proportion to the text: off the event loop, which serves everyone
+        prompts = await asyncio.to_thread(lambda: [self._completion_prompt(p) for p in req.prompts()])
         if not prompts:
             raise InvalidParameterError("prompt", "the prompt list is empty")
         params = self._params(req, prompts, req.max_tokens, req.logprobs)
@@ -68,7 +69,7 @@ class OpenAIServing:
         model = self._model_name(req)
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameterError("top_logprobs", "needs logprobs set to true")
-        prompts = [self._chat_prompt(req)]
+        prompts = [await asyncio.to_thread(self._chat_prompt, req)]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, prompts, req.max_output_tokens, logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -93,7 +94,7 @@ class OpenAIServing:
                 raise InvalidParameterError("prompt", "this model has no tokenizer; send token ids")
             if not prompt:
                 raise InvalidParameterError("prompt", "the prompt is empty")
-            require_unicode("prompt", prompt)
+            self._check_text("prompt", prompt)
             return _Prompt(self.tokenizer.encode(prompt), prompt)
         return _Prompt(list(prompt), None)
 
@@ -104,8 +105,18 @@ class OpenAIServing:
             text = self.tokenizer.render_chat([m.as_template_input() for m in req.messages], req.add_generation_prompt)
         except TemplateError as e:
             raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
-        require_unicode("messages", text)
+        self._check_text("messages", text)
         return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+
+    def _check_text(self, param: str, text: str) -> None:
+        """Before tokenizing: text that cannot fit the context by its length alone, or that holds
+        lone surrogates, is refused without the tokenizer's time."""
+        limit = self.max_model_len * self.tokenizer.max_token_chars
+        if len(text) > limit:
+            raise InvalidParameterError(param, f"the text has {len(text)} characters; no text over {limit} "
+                                               f"({self.max_model_len} tokens of at most "
+                                               f"{self.tokenizer.max_token_chars} characters) fits this model's context")
+        require_unicode(param, text)
 
     def _params(self, req: _Sampling, prompts: list[_Prompt], max_tokens: int | None,
                 logprobs: int | None) -> SamplingParams:
