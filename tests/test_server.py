@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import time
 
@@ -22,9 +23,12 @@ PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+MAX_REQUEST_BYTES = 1 << 20
+
+
 @pytest.fixture(scope="module")
 def server(default_model_available):
-    with ServerProcess(["--api-key", KEY, *ENGINE_FLAGS]) as s:
+    with ServerProcess(["--api-key", KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES), *ENGINE_FLAGS]) as s:
         yield s
 
 
@@ -253,11 +257,37 @@ def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):
 
 def test_a_prompt_too_long_by_its_characters_is_400_before_tokenizing(client, model_name):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_name, prompt="a" * 10_000_000)
+        client.completions.create(model=model_name, prompt="a" * 200_000)  # past 1024 tokens x 81 characters
     assert e.value.body["param"] == "prompt" and "characters" in e.value.body["message"], e.value.body
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "b" * 10_000_000}])
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "b" * 200_000}])
     assert e.value.body["param"] == "messages" and "characters" in e.value.body["message"], e.value.body
+
+
+def _post_head(server, headers: dict, body: bytes) -> tuple[int, dict]:
+    """POST only `body` of what the headers announce, then read the answer."""
+    conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    for name, value in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}.items():
+        conn.putheader(name, value)
+    conn.endheaders(body)
+    response = conn.getresponse()
+    status, answer = response.status, json.loads(response.read())
+    conn.close()
+    return status, answer
+
+
+def test_a_body_over_max_request_bytes_is_413_declared_or_chunked(server):
+    counted = 'code="413",endpoint="/v1/completions"'
+    before = server.metric("tokenmill_http_responses_total", counted)
+    # declared too long: refused before a byte of the body is read
+    status, err = _post_head(server, {"Content-Length": str(MAX_REQUEST_BYTES + 1)}, b'{"prompt": "')
+    assert status == 413 and "--max-request-bytes" in err["error"]["message"], err
+    # chunked, no length: refused once the bytes read pass the limit
+    chunk = b'{"prompt": "' + b"a" * MAX_REQUEST_BYTES
+    status, err = _post_head(server, {"Transfer-Encoding": "chunked"}, b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    assert status == 413, err
+    assert server.metric("tokenmill_http_responses_total", counted) == before + 2
 
 
 def test_engine_keeps_serving_after_errors(client, offline, model_name):
@@ -280,6 +310,7 @@ def test_full_queue_is_429(default_model_available):
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(**long)
         assert e.value.status_code == 429 and "--max-queue" in e.value.body["message"]
+        assert e.value.response.headers["retry-after"] == "1"
         running.close()
         waiting.close()
         got = c.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)  # and it still serves

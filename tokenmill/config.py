@@ -125,8 +125,8 @@ def resolve_quantization(name: str | None, native: Mapping[str, str], group_size
     return None if name == "none" else WeightQuant(name, group_size, native if name == "native" else {})
 
 
-def parse_memory(value: int | float | str | None) -> int | None:
-    """Bytes from 2147483648, 2.5e9, "2GiB", "512MiB" or "4GB"; None stays None."""
+def parse_memory(value: int | float | str | None, param: str = "kv_cache_memory") -> int | None:
+    """Bytes from 2147483648, 2.5e9, "2GiB", "512MiB" or "4GB"; None stays None; `param` names it in errors."""
     if value is None or isinstance(value, (int, float)):
         return None if value is None else int(value)
     text = value.strip().lower().replace(" ", "")
@@ -135,10 +135,10 @@ def parse_memory(value: int | float | str | None) -> int | None:
     try:
         size = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
     except ValueError:
-        raise InvalidParameterError("kv_cache_memory", f"{value!r} is not a size: write bytes or a number with "
+        raise InvalidParameterError(param, f"{value!r} is not a size: write bytes or a number with "
                                                        "a unit, like 2GiB, 512MiB or 4e9") from None
     if not 0 < size < float("inf"):
-        raise InvalidParameterError("kv_cache_memory", f"{value!r} must be a positive size")
+        raise InvalidParameterError(param, f"{value!r} must be a positive size")
     return int(size)
 
 

@@ -11,6 +11,7 @@ class InvalidParameterError(TokenmillError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+        self.message = message
 
 
 class ModelLoadError(TokenmillError):

@@ -147,6 +147,17 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting)
 
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests beyond the free seats: those the next step will not admit (what --max-queue limits)."""
+        free_seats = max(0, self.engine.scheduler.max_num_seqs - self.num_running)
+        return max(0, self.num_waiting - free_seats)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is stepping (/health says 503 when it is not)."""
+        return self._thread.is_alive() and not self._stopped.is_set()
+
     # ---- the engine thread ------------------------------------------------------------------
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         if self.engine is None:
@@ -183,8 +194,8 @@ class AsyncLLMEngine:
     def _add(self, cmd: _Add) -> None:
         loop = cmd.accepted.get_loop()
         try:
-            if self.max_queue is not None and self.num_waiting >= self.max_queue:
-                raise QueueFullError(f"the server is busy: {self.num_waiting} requests are already waiting "
+            if self.max_queue is not None and self.num_queued >= self.max_queue:
+                raise QueueFullError(f"the server is busy: {self.num_queued} requests are already waiting "
                                      f"(--max-queue {self.max_queue}); retry later")
             self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_text=cmd.prompt_text,
                                     priority=cmd.priority, tenant=cmd.tenant)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, parse_memory
 from tokenmill.engine.policy import POLICIES
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidParameterError, TokenmillError
 
 # ---- shared flags ---------------------------------------------------------------------------
 
@@ -34,8 +34,8 @@ def memory_size(text: str) -> str:
     """argparse type of a size flag: a bad one is a usage error, not a traceback at start-up."""
     try:
         parse_memory(text)
-    except TokenmillError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except InvalidParameterError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
     return text
 
 
@@ -181,7 +181,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _chat_tokenizer(engine):
-    from tokenmill.errors import InvalidParameterError
 
     tokenizer = engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
@@ -267,6 +266,8 @@ def _add_serve(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TOKENMILL_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting to start; more are answered 429 (default: no limit)")
+    p.add_argument("--max-request-bytes", type=memory_size, default="16MiB",
+                   help="largest request body; larger ones are answered 413 (default: 16MiB)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -280,11 +281,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.entrypoints.openai.api_server import serve
 
     if args.max_queue is not None and args.max_queue < 0:
-        from tokenmill.errors import InvalidParameterError
         raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(lambda: make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-          args.log_level)
+          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes))
     return 0
 
 
@@ -392,7 +392,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from tokenmill.bench.metrics import parse_slos
     from tokenmill.bench.throughput import write_json
     from tokenmill.bench.workload import TenantSpec
-    from tokenmill.errors import InvalidParameterError
 
     tenants = [TenantSpec.parse(spec) for spec in args.tenant]
     if tenants and (args.request_rate or args.num_prompts):

@@ -1,8 +1,8 @@
 """The HTTP layer: FastAPI routes, API-key check, OpenAI-style error bodies, uvicorn.
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status an
-OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 429 full
-queue, 500 a failed engine step or a bug (its text goes to the log, never to the client; the
+OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 413 a body over
+--max-request-bytes, 429 full queue (with Retry-After), 500 a failed engine step or a bug (its text goes to the log, never to the client; the
 middleware counts every response, 500s too). The engine keeps serving the other requests.
 """
 
@@ -26,19 +26,51 @@ from tokenmill.errors import InvalidParameterError, TokenmillError
 log = logging.getLogger("tokenmill")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "internal_error", 503: "internal_error"}
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
 TENANT_HEADER = "X-Tenant"  # names the tenant of a request whose body has no `user`
 
 
+RETRY_AFTER_S = 1  # what a 429 asks a client to wait: about the time a few requests take to start
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413, by its Content-Length
+    before a byte is read, else (a chunked body) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException from the body read through
+                raise StarletteHTTPException(413, f"the request body is over {self.limit} bytes (--max-request-bytes)")
+            return message
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            received = int(declared)  # the first read raises, inside the app, so the answer is counted
+        return await self.app(scope, limited_receive, send)
 
 
 def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names: list[str],
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, max_request_bytes: int = 16 << 20) -> FastAPI:
     app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server")
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     serving = OpenAIServing(engine, served_model_names)
     _install_error_handlers(app)
 
@@ -59,7 +91,7 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -152,7 +184,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,
-          served_model_names: list[str] | None, log_level: str = "info") -> None:
+          served_model_names: list[str] | None, log_level: str = "info", max_request_bytes: int = 16 << 20) -> None:
     """Run the server until interrupted (blocks). `engine`: an LLMEngine, or a function that builds one
     in the engine thread (faster steps, see AsyncLLMEngine)."""
     import uvicorn
@@ -161,7 +193,7 @@ def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | No
     async_engine = AsyncLLMEngine(engine, max_queue=max_queue, observer=metrics.observe)
     metrics.bind_engine(async_engine)
     names = served_model_names or [async_engine.engine.model_name]
-    app = build_app(async_engine, metrics, names, api_key)
+    app = build_app(async_engine, metrics, names, api_key, max_request_bytes)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
