@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill import LLM, InvalidParameterError, ModelLoadError, SamplingParams
+from tokenmill.errors import RequestFailedError
 from tokenmill.config import parse_memory
 
 
@@ -123,3 +124,52 @@ def test_max_model_len_larger_than_kv_pool(tiny_models):
 def test_mismatched_params_list(llm):
     with pytest.raises(InvalidParameterError, match="sampling_params"):
         llm.generate([[5], [6]], [SamplingParams()], use_tqdm=False)
+
+
+POISON = [8, 9]  # the prompt whose chunks the injected fault hits
+
+
+def _fault_on_poison(monkeypatch, engine, when=lambda chunks: True):
+    """The real runner, except that a step holding the poison prompt raises (when `when` says so)."""
+    real = engine.runner.execute
+
+    def execute(chunks, *args):
+        if any(c.seq.prompt_token_ids == POISON for c in chunks) and when(chunks):
+            raise RuntimeError("a fault only this request causes")
+        return real(chunks, *args)
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+
+
+def test_a_request_that_fails_the_step_by_itself_ends_alone(llm, monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = {"a": [5, 6, 7], "poison": POISON, "b": [10, 11, 12, 13]}
+    alone = {rid: llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids
+             for rid, p in prompts.items() if rid != "poison"}
+    engine = llm.engine
+    # it fails in a decode step, after two tokens, among the others' decodes
+    _fault_on_poison(monkeypatch, engine, when=lambda chunks: any(c.seq.num_output_tokens >= 2 for c in chunks
+                                                                   if c.seq.prompt_token_ids == POISON))
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, params)
+    got, failed = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        failed.update(engine.pop_failed())
+    assert list(failed) == ["poison"] and "a fault only this request causes" in failed["poison"]
+    assert got == alone  # the others' greedy tokens are what they are alone
+
+
+def test_offline_generate_names_the_prompt_that_failed(llm, monkeypatch):
+    _fault_on_poison(monkeypatch, llm.engine)
+    with pytest.raises(RequestFailedError, match="prompt 1 failed the engine step"):
+        llm.generate([[5, 6, 7], POISON, [10, 11]], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_a_fault_no_single_request_reproduces_is_raised(llm, monkeypatch):
+    _fault_on_poison(monkeypatch, llm.engine, when=lambda chunks: len(chunks) > 1)
+    with pytest.raises(RuntimeError, match="only this request"):
+        llm.generate([[5, 6, 7], POISON], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.pop_failed()

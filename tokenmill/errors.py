@@ -14,6 +14,11 @@ class InvalidParameterError(TokenmillError):
         self.message = message
 
 
+class RequestFailedError(RuntimeError):
+    """A request failed an engine step by itself (not bad input that checks could see); it was
+    ended and the other requests went on."""
+
+
 class ModelLoadError(TokenmillError):
     """A model cannot be found or loaded (unknown path, pickle checkpoint, unsupported tensor type)."""
 

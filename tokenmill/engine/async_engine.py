@@ -218,6 +218,12 @@ class AsyncLLMEngine:
                                                "the server log has the details"))
                 self.observer("error", request_id)
             return
+        for request_id in self.engine.pop_failed():  # it failed a step by itself; the others went on
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(EngineStepError("this request failed the engine step and was ended; the other "
+                                           "requests go on; the server log has the details"))
+            self.observer("error", request_id)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if output.finished:

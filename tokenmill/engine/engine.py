@@ -22,10 +22,10 @@ from tokenmill.config import (
     resolve_quantization,
 )
 from tokenmill.engine.policy import PolicyConfig, make_policy
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import ScheduledChunk, Scheduler
 from tokenmill.errors import InvalidParameterError, require_unicode
 from tokenmill.executor.models.registry import model_class
-from tokenmill.executor.runner import ModelRunner
+from tokenmill.executor.runner import ModelRunner, StepResult
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
 from tokenmill.loader import load_checkpoint
@@ -126,6 +126,7 @@ class LLMEngine:
                                    quantization_group_size=quantization_group_size, seed=seed)
             self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self.requests: dict[str, Request] = {}
+        self._failed: dict[str, str] = {}  # request id -> why it failed a step by itself
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
             self.model_config.kv_bytes_per_token(self.kv_cache_dtype), capacity)
@@ -255,15 +256,16 @@ class LLMEngine:
         if not plan.chunks:
             return []
         now = time.time()
-        blocked = [[self._blocked_tokens(c.seq, j) for j in range(len(c.draft) + 1)] for c in plan.chunks if c.sample]
-        chunk_metrics = [self.requests[c.seq.request_id].metrics for c in plan.chunks]
         self.accountant.start()
         started = time.perf_counter()
-        result = self.runner.execute(plan.chunks, blocked, self.speculator.draft_probs if self.speculator else None)
-        if self.speculator is not None:
-            self.speculator.record_step(plan.chunks, time.perf_counter() - started, sum(result.counts))
-        self.accountant.end(plan.chunks, chunk_metrics)
-        for chunk, metrics in zip(plan.chunks, chunk_metrics):
+        chunks, result = self._execute(plan.chunks)
+        chunk_metrics = [self.requests[c.seq.request_id].metrics for c in chunks]
+        if self.speculator is not None and chunks:
+            self.speculator.record_step(chunks, time.perf_counter() - started, sum(result.counts))
+        self.accountant.end(chunks, chunk_metrics)
+        if not chunks:
+            return []
+        for chunk, metrics in zip(chunks, chunk_metrics):
             if not chunk.draft:  # a verified chunk's computed tokens are known once the sampler decided
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.kv_cache.cache_full_blocks(chunk.seq)
@@ -303,6 +305,53 @@ class LLMEngine:
                 del self.requests[request.request_id]
             outputs.append(self._output(request))
         return outputs
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], StepResult | None]:
+        """Run the step's chunks. If that fails with several requests in the step, each request's
+        chunks run alone (its generators put back after) to find the requests that fail by
+        themselves: those end (`pop_failed` says why) and the rest run again, so one request's
+        bad input fails no other. A failure no single request reproduces is raised."""
+        draft_probs = self.speculator.draft_probs if self.speculator else None
+        try:
+            return chunks, self.runner.execute(chunks, self._blocked(chunks), draft_probs)
+        except Exception:
+            by_request: dict[str, list[ScheduledChunk]] = {}
+            for chunk in chunks:  # a fork's chunk samples from its parent's: a request's chunks go together
+                by_request.setdefault(chunk.seq.request_id, []).append(chunk)
+            if len(by_request) == 1:
+                raise
+            culprits = {rid: error for rid, alone in by_request.items() if (error := self._fails_alone(alone))}
+            if not culprits:
+                raise
+        for request_id, error in culprits.items():
+            log.error("request %s failed the engine step by itself (%s: %s); ending it, the others go on",
+                      request_id, type(error).__name__, error)
+            self._failed[request_id] = f"{type(error).__name__}: {error}"
+            self.abort_request(request_id)
+        chunks = [c for c in chunks if c.seq.request_id not in culprits]
+        if not chunks:
+            return [], None
+        return chunks, self.runner.execute(chunks, self._blocked(chunks), draft_probs)
+
+    def _fails_alone(self, chunks: list[ScheduledChunk]) -> Exception | None:
+        generators = {id(c.seq.generator): c.seq.generator for c in chunks if c.seq.generator is not None}
+        states = {key: g.get_state() for key, g in generators.items()}
+        try:
+            self.runner.execute(chunks, self._blocked(chunks), self.speculator.draft_probs if self.speculator else None)
+            return None
+        except Exception as e:
+            return e
+        finally:
+            for key, g in generators.items():
+                g.set_state(states[key])
+
+    def _blocked(self, chunks: list[ScheduledChunk]) -> list[list[list[int]]]:
+        return [[self._blocked_tokens(c.seq, j) for j in range(len(c.draft) + 1)] for c in chunks if c.sample]
+
+    def pop_failed(self) -> dict[str, str]:
+        """Requests that failed a step by themselves since the last call, and why (already ended)."""
+        failed, self._failed = self._failed, {}
+        return failed
 
     def _keep_accepted(self, chunk, accepted: int) -> None:
         """After a verification (its tokens appended): the known tokens and the accepted drafts are

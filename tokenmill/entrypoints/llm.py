@@ -8,7 +8,7 @@ from typing import Sequence as Seq
 from tqdm import tqdm
 
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.errors import InvalidParameterError
+from tokenmill.errors import InvalidParameterError, RequestFailedError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -74,6 +74,10 @@ class LLM:
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)
+                failed = {rid: why for rid, why in self.engine.pop_failed().items() if rid in ids}
+                if failed:
+                    raise RequestFailedError(
+                        f"prompt {ids.index(next(iter(failed)))} failed the engine step: {next(iter(failed.values()))}")
         finally:
             bar.close()
             for request_id in ids:
