@@ -9,12 +9,13 @@ import pytest
 import torch
 import transformers
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
-from tokenmill.loader.gguf import SUPPORTED_TYPES, load_gguf
+from tokenmill.loader.gguf import SUPPORTED_TYPES, FastGGUFReader, load_gguf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 2, 4, 2, 96, 256
 
@@ -403,3 +404,15 @@ def test_converted_tokenizer_is_cached_and_identical(tmp_path, monkeypatch):
     assert (second.bos_token_id, second.eos_token_id) == (first.bos_token_id, first.eos_token_id)
     messages = [{"role": "user", "content": "hi"}]
     assert second.apply_chat_template(messages, tokenize=False) == first.apply_chat_template(messages, tokenize=False)
+
+
+def test_fast_reader_reads_what_the_gguf_package_reads(smollm2):
+    path, _ = smollm2
+    stock, fast = GGUFReader(path), FastGGUFReader(path)
+    assert list(stock.fields) == list(fast.fields)
+    for name, field in stock.fields.items():
+        other = fast.fields[name]
+        assert field.types == other.types and field.data == other.data, name
+        assert all(np.array_equal(a, b) for a, b in zip(field.parts, other.parts, strict=True)), name
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in stock.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in fast.tensors]

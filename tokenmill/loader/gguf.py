@@ -180,7 +180,7 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
-        reader = GGUFReader(path)
+        reader = FastGGUFReader(path)
     except (ValueError, IndexError, OSError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
 
@@ -199,6 +199,20 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         _reader=reader,
         _plan=_plan_tensors(tensors, arch, hf_config),
     )
+
+
+class FastGGUFReader(GGUFReader):
+    """The gguf package's reader, its many small reads (one per vocabulary string: 49K for
+    SmolLM2) slicing a plain ndarray view of the mapped file instead of the np.memmap itself,
+    whose per-slice Python hooks took three quarters of the 4 s parse. Same bytes, same fields."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
 
 _REQUIRED = object()
