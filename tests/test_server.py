@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import signal
 import time
 
 import openai
@@ -296,6 +297,22 @@ def test_engine_keeps_serving_after_errors(client, offline, model_name):
             client.completions.create(model=model_name, prompt=PROMPT, temperature=-1)
     got = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, temperature=0)
     assert got.choices[0].text == offline.generate(PROMPT, greedy(8), use_tqdm=False)[0].outputs[0].text
+
+
+def test_sigterm_lets_streams_run_then_ends_them_with_an_error_and_done(default_model_available):
+    with ServerProcess(["--shutdown-timeout", "1", *ENGINE_FLAGS]) as server:
+        conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=120)
+        body = {"prompt": PROMPT, "max_tokens": 1000, "stream": True, "ignore_eos": True, "temperature": 0}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")  # it streams
+        server.proc.send_signal(signal.SIGTERM)
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        assert len(events) > 2  # it went on after the signal, then
+        assert events[-1] == "[DONE]", events[-3:]
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 503 and "shutting down" in error["message"], error
+        server.proc.wait(timeout=60)  # and the server exits
 
 
 def test_full_queue_is_429(default_model_available):

@@ -28,6 +28,10 @@ class QueueFullError(TokenmillError):
     """More requests are waiting than --max-queue allows (the server answers 429)."""
 
 
+class ServerShutdownError(RuntimeError):
+    """The server is shutting down and the request's time to finish ran out (the server answers 503)."""
+
+
 class EngineStepError(RuntimeError):
     """A model step failed; the requests in it were aborted (the server answers 500)."""
 
@@ -134,6 +138,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def end_all(self) -> None:
+        """End every request in flight with ServerShutdownError (thread-safe; the engine thread does it)."""
+        self._commands.put(("end_all", None))
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._commands.put(("stop", None))
@@ -185,6 +193,12 @@ class AsyncLLMEngine:
             return
         if isinstance(command, _Add):
             self._add(command)
+        elif command[0] == "end_all":
+            for request_id, stream in list(self._streams.items()):
+                self.engine.abort_request(request_id)
+                stream.put(ServerShutdownError("the server is shutting down and this request's time to finish ran out"))
+                self.observer("abort", request_id)
+            self._streams.clear()
         elif command[0] == "abort":
             request_id = command[1]
             if self._streams.pop(request_id, None) is not None and request_id in self.engine.requests:

@@ -268,6 +268,9 @@ def _add_serve(sub) -> None:
                    help="most requests waiting to start; more are answered 429 (default: no limit)")
     p.add_argument("--max-request-bytes", type=memory_size, default="16MiB",
                    help="largest request body; larger ones are answered 413 (default: 16MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=20.0,
+                   help="seconds the requests in flight get to finish on SIGTERM before they end with an error "
+                        "(default: 20)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -284,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(lambda: make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes))
+          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes), shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

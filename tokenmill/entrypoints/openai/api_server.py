@@ -2,7 +2,7 @@
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status an
 OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 413 a body over
---max-request-bytes, 429 full queue (with Retry-After), 500 a failed engine step or a bug (its text goes to the log, never to the client; the
+--max-request-bytes, 429 full queue (with Retry-After), 503 shutting down, 500 a failed engine step or a bug (its text goes to the log, never to the client; the
 middleware counts every response, 500s too). The engine keeps serving the other requests.
 """
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, ServerShutdownError
 from tokenmill.entrypoints.openai.metrics import ServerMetrics
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.entrypoints.openai.serving import ModelNotFoundError, OpenAIServing
@@ -174,6 +175,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def other_bad_input(_request, exc: TokenmillError):
         return error_response(400, str(exc))
 
+    @app.exception_handler(ServerShutdownError)
+    async def shutting_down(_request, exc: ServerShutdownError):
+        return error_response(503, str(exc))
+
     @app.exception_handler(EngineStepError)
     async def engine_failed(_request, exc: EngineStepError):
         return error_response(500, str(exc))
@@ -184,9 +189,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,
-          served_model_names: list[str] | None, log_level: str = "info", max_request_bytes: int = 16 << 20) -> None:
+          served_model_names: list[str] | None, log_level: str = "info", max_request_bytes: int = 16 << 20,
+          shutdown_timeout: float = 20.0) -> None:
     """Run the server until interrupted (blocks). `engine`: an LLMEngine, or a function that builds one
-    in the engine thread (faster steps, see AsyncLLMEngine)."""
+    in the engine thread (faster steps, see AsyncLLMEngine). On SIGTERM or Ctrl-C it stops taking
+    connections and lets the requests in flight finish for up to `shutdown_timeout` seconds; those
+    still running then end with an error event and [DONE] (503 if not streamed). A second signal
+    exits at once."""
     import uvicorn
 
     metrics = ServerMetrics()
@@ -195,7 +204,19 @@ def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | No
     names = served_model_names or [async_engine.engine.model_name]
     app = build_app(async_engine, metrics, names, api_key, max_request_bytes)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # the first signal: drain, then end what is left
+                log.info("tokenmill: shutting down; requests in flight have %.0f s to finish", shutdown_timeout)
+                deadline = threading.Timer(shutdown_timeout, async_engine.end_all)
+                deadline.daemon = True
+                deadline.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 5)  # room for the error events
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        DrainingServer(config).run()
     finally:
         async_engine.shutdown()

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from jinja2 import TemplateError
 
-from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError
 from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from tokenmill.outputs import CompletionOutput, RequestOutput
@@ -192,8 +192,9 @@ class OpenAIServing:
                 yield _sse(fmt.chunk([]) | {"usage": _usage(list(finals.values()), self.speculative)})
         except TokenmillError as e:  # nothing more can be sent as a status code once the stream started
             yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}})
-        except RuntimeError as e:
-            yield _sse({"error": {"message": str(e), "type": "internal_error", "param": None, "code": 500}})
+        except RuntimeError as e:  # a failed step (500) or a shutdown that ran out of time (503)
+            code = 503 if isinstance(e, ServerShutdownError) else 500
+            yield _sse({"error": {"message": str(e), "type": "internal_error", "param": None, "code": code}})
         finally:
             for stream in streams:  # a no-op for finished ones; frees the rest if the client left
                 stream.abort()
