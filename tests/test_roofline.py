@@ -66,7 +66,26 @@ def test_calibrate_command_saves_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
     small = calibrate.measure
     monkeypatch.setattr(calibrate, "measure", lambda device: small(device, mem_bytes=2**20, matmul_n=64, repeats=1))
+    monkeypatch.setattr(calibrate, "others_busy_percent", lambda: 0.0)  # a quiet machine
     assert main(["calibrate", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "memory bandwidth" in out and "matmul float32" in out
     assert calibrate.load(torch.device("cpu"))["peak_flops"]["float32"] > 0
+
+
+def test_a_calibration_taken_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch, capsys):
+    from tokenmill.entrypoints.cli import main
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    small = calibrate.measure
+    monkeypatch.setattr(calibrate, "measure", lambda device: small(device, mem_bytes=2**20, matmul_n=64, repeats=1))
+    monkeypatch.setattr(calibrate, "others_busy_percent", lambda: 90.0)  # another process keeps the CPUs busy
+    assert main(["calibrate", "--device", "cpu"]) == 1
+    assert "not saved" in capsys.readouterr().err
+    assert calibrate.load(torch.device("cpu")) is None
+    entry = calibrate.load_or_measure(torch.device("cpu"))  # the engine's path: used once, not cached
+    assert entry["others_busy_percent"] == 90.0 and calibrate.load(torch.device("cpu")) is None
+
+
+def test_others_busy_percent_is_a_share_of_the_cpus():
+    assert 0.0 <= calibrate.others_busy_percent(interval=0.1) <= 100.0

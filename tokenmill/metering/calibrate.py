@@ -2,22 +2,44 @@
 
 The roofline needs both ceilings; measuring them takes seconds, so the result is cached as
 JSON under the tokenmill cache folder, one entry per (device, CPU or GPU model, threads,
-torch version), and the engine only ever loads it.
+torch version), and the engine only ever loads it. A measurement taken while other processes
+kept the CPUs busy is not cached: it would set the ceilings low and every roofline fraction
+after it high (a prefill "at 1.09 of the roofline" came from one).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from tokenmill.cache import cache_root
 from tokenmill.metering.roofline import Roofline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BUSY_PERCENT = 20.0  # other processes' share of all CPUs above which a measurement is not trusted
+log = logging.getLogger("tokenmill")
+
+
+def others_busy_percent(interval: float = 0.5) -> float:
+    """The share of all CPUs (0-100) that other processes used over `interval` seconds."""
+    me = psutil.Process()
+    psutil.cpu_percent(None)
+    mine = sum(me.cpu_times()[:2])
+    time.sleep(interval)
+    total = psutil.cpu_percent(None)
+    mine = (sum(me.cpu_times()[:2]) - mine) / interval / (psutil.cpu_count() or 1) * 100
+    return max(0.0, total - mine)
+
+
+def trustworthy(entry: dict) -> bool:
+    """Whether a measurement was taken on a quiet machine (entries without the figure predate the check)."""
+    return entry.get("others_busy_percent", 0.0) < BUSY_PERCENT
 
 
 def machine_key(device: torch.device) -> str:
@@ -62,6 +84,7 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
 def measure(device: torch.device, mem_bytes: int = 256 * 2**20, matmul_n: int = 1024, repeats: int = 3) -> dict:
     """Bandwidth: the faster of summing a large float32 tensor (reads it) and copying it (reads
     and writes it). Matmul: n x n x n products, 2 n^3 FLOPs each, per dtype that runs here."""
+    busy = others_busy_percent() if device.type == "cpu" else 0.0
     src = torch.ones(mem_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     read_bw = mem_bytes / _best_seconds(lambda: src.sum(), device, repeats)
@@ -76,7 +99,7 @@ def measure(device: torch.device, mem_bytes: int = 256 * 2**20, matmul_n: int = 
             pass
     return {"key": machine_key(device), "bandwidth_bytes_per_s": max(read_bw, copy_bw),
             "read_bandwidth_bytes_per_s": read_bw, "copy_bandwidth_bytes_per_s": copy_bw,
-            "peak_flops": peak, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "peak_flops": peak, "others_busy_percent": busy, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def load(device: torch.device, path: Path | None = None) -> dict | None:
@@ -108,6 +131,10 @@ def load_or_measure(device: torch.device) -> dict:
     entry = load(device)
     if entry is None:
         entry = measure(device)
+        if not trustworthy(entry):
+            log.warning("calibration taken while other processes used %.0f%% of the CPUs: used for this run only, "
+                        "not cached; run `tokenmill calibrate` on a quiet machine", entry["others_busy_percent"])
+            return entry
         try:
             save(entry)
         except OSError:
