@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 from tokenmill.errors import InvalidParameterError
 
@@ -20,6 +21,12 @@ class Tokenizer:
         """The most characters one token can stand for: its vocabulary string's length (a byte-level
         token's string has one character per byte, and every character is at least a byte)."""
         return max(1, max(map(len, self.hf.get_vocab()), default=1))
+
+    @functools.cached_property
+    def special_tokens_pattern(self) -> re.Pattern | None:
+        """Matches the text of any special token (which encoding turns into that token), or None."""
+        specials = sorted({t.content for t in self.hf.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -101,8 +101,15 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
         if self.tokenizer is None or not self.tokenizer.chat_template:
             raise InvalidParameterError("messages", "this model has no chat template; use /v1/completions")
+        messages = [m.as_template_input() for m in req.messages]
+        specials = self.tokenizer.special_tokens_pattern
+        for i, message in enumerate(messages):
+            found = specials.search(message["content"]) if specials else None
+            if found:  # in the rendered text it would be that token: a message could forge turns
+                raise InvalidParameterError("messages", f"message {i} holds the special token {found.group()!r}, "
+                                                        "which would act as one; remove it")
         try:
-            text = self.tokenizer.render_chat([m.as_template_input() for m in req.messages], req.add_generation_prompt)
+            text = self.tokenizer.render_chat(messages, req.add_generation_prompt)
         except TemplateError as e:
             raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
         self._check_text("messages", text)
