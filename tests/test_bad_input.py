@@ -141,7 +141,15 @@ def _fault_on_poison(monkeypatch, engine, when=lambda chunks: True):
     monkeypatch.setattr(engine.runner, "execute", execute)
 
 
-def test_a_request_that_fails_the_step_by_itself_ends_alone(llm, monkeypatch):
+@pytest.fixture(scope="module")
+def default_llm(default_model_available):
+    """The default form: the embedded GGUF, int4 weights on tokenmill's kernels, no flags."""
+    return LLM(max_model_len=256, kv_cache_memory="64MiB")
+
+
+@pytest.mark.parametrize("form", ["tiny float32", "default"])
+def test_a_request_that_fails_the_step_by_itself_ends_alone(form, request, monkeypatch):
+    llm = request.getfixturevalue("llm" if form == "tiny float32" else "default_llm")
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = {"a": [5, 6, 7], "poison": POISON, "b": [10, 11, 12, 13]}
     alone = {rid: llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids

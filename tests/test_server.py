@@ -210,6 +210,7 @@ def test_unknown_model_is_404(client):
     ({"prompt": [10**9]}, "prompt"),  # a token id outside the vocabulary
     ({"prompt": []}, "prompt"),
     ({"prompt": [999_999_999, -5]}, "prompt"),
+    ({"prompt": ["hi"] * 65, "n": 2}, "prompt"),  # 130 choices: more work than one request may ask
     ({"seed": 2**64}, "seed"),
     ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 2 would use seed + 1
     # once an IndexError inside the shared step, which failed every request in flight

@@ -320,7 +320,8 @@ class LLMEngine:
                 by_request.setdefault(chunk.seq.request_id, []).append(chunk)
             if len(by_request) == 1:
                 raise
-            culprits = {rid: error for rid, alone in by_request.items() if (error := self._fails_alone(alone))}
+            culprits = {rid: error for rid, alone in by_request.items()
+                        if (error := self._fails_alone(alone, draft_probs))}
             if not culprits:
                 raise
         for request_id, error in culprits.items():
@@ -333,11 +334,11 @@ class LLMEngine:
             return [], None
         return chunks, self.runner.execute(chunks, self._blocked(chunks), draft_probs)
 
-    def _fails_alone(self, chunks: list[ScheduledChunk]) -> Exception | None:
+    def _fails_alone(self, chunks: list[ScheduledChunk], draft_probs) -> Exception | None:
         generators = {id(c.seq.generator): c.seq.generator for c in chunks if c.seq.generator is not None}
         states = {key: g.get_state() for key, g in generators.items()}
         try:
-            self.runner.execute(chunks, self._blocked(chunks), self.speculator.draft_probs if self.speculator else None)
+            self.runner.execute(chunks, self._blocked(chunks), draft_probs)
             return None
         except Exception as e:
             return e

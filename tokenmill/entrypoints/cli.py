@@ -287,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(lambda: make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes), shutdown_timeout=args.shutdown_timeout)
+          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes, "max_request_bytes"), shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

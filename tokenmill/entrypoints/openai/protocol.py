@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from tokenmill.sampling_params import SEED_RANGE, SamplingParams
 
+MAX_CHOICES = 128  # choices one request may ask for: n, and prompts x n on /v1/completions
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
@@ -27,7 +29,7 @@ class _Sampling(BaseModel):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
@@ -72,6 +74,11 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    suffix: None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -94,11 +101,6 @@ class CompletionRequest(_Sampling):
                 return prompt
             raise ValueError(f"token ids must be non-negative integers, got {prompt[:8]}")
         raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
-    best_of: Literal[1] | None = None
-    suffix: None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (a string, strings, token ids or lists of them)."""

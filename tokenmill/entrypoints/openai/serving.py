@@ -18,7 +18,7 @@ from jinja2 import TemplateError
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError
 from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
-from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from tokenmill.entrypoints.openai.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, _Sampling
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -53,6 +53,9 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, tenant: str | None = None) -> dict | AsyncIterator[str]:
         """`tenant`: who sent it when the body has no `user` (the server reads the X-Tenant header)."""
         model = self._model_name(req)
+        if len(req.prompts()) * req.n > MAX_CHOICES:  # one request's work is bounded like n alone
+            raise InvalidParameterError("prompt", f"{len(req.prompts())} prompts x n={req.n} ask for more than "
+                                                  f"{MAX_CHOICES} choices; split them over several requests")
         # tokenizing takes time in proportion to the text: off the event loop, which serves everyone
         prompts = await asyncio.to_thread(lambda: [self._completion_prompt(p) for p in req.prompts()])
         if not prompts:
