@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 
 from tokenmill import LLM, InvalidParameterError, ModelLoadError, SamplingParams
 from tokenmill.errors import RequestFailedError
 from tokenmill.config import parse_memory
+from tokenmill.engine import async_engine
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,30 @@ def test_max_model_len_larger_than_kv_pool(tiny_models):
         LLM(str(tiny_models["llama"]), kv_cache_memory="64KiB", max_model_len=512)
 
 
+def _rss_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def test_the_kv_pool_is_committed_at_start(tiny_models):
+    before = _rss_bytes()
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="256MiB")
+    assert llm.engine.memory_report.kv_cache_tokens * llm.engine.memory_report.kv_bytes_per_token > 255 << 20
+    assert _rss_bytes() - before > 250 << 20  # resident now, not page by page under traffic
+
+
+def test_the_default_kv_pool_holds_every_seat_full_and_is_the_same_every_start(tiny_models):
+    reports = [LLM(str(tiny_models["llama"]), dtype="float32", max_num_seqs=3).engine.memory_report for _ in range(2)]
+    assert reports[0] == reports[1]
+    assert reports[0].kv_cache_tokens == 3 * 512  # max_num_seqs x the model's 512-token context
+
+
+def test_a_kv_cache_larger_than_free_memory_is_refused(tiny_models):
+    with pytest.raises(InvalidParameterError) as e:
+        LLM(str(tiny_models["llama"]), kv_cache_memory=1 << 50)
+    assert e.value.param == "kv_cache_memory" and "free" in str(e.value)
+
+
 def test_mismatched_params_list(llm):
     with pytest.raises(InvalidParameterError, match="sampling_params"):
         llm.generate([[5], [6]], [SamplingParams()], use_tqdm=False)
@@ -181,3 +210,35 @@ def test_a_fault_no_single_request_reproduces_is_raised(llm, monkeypatch):
     with pytest.raises(RuntimeError, match="only this request"):
         llm.generate([[5, 6, 7], POISON], SamplingParams(max_tokens=4), use_tqdm=False)
     assert not llm.engine.pop_failed()
+
+
+def test_an_engine_stuck_in_a_step_is_not_alive(llm, monkeypatch):
+    monkeypatch.setattr(async_engine, "STALL_SECONDS", 0.05)
+    release, stepping = threading.Event(), threading.Event()
+    real_step = llm.engine.step
+
+    def stuck_step():
+        stepping.set()
+        release.wait()
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", stuck_step)
+    engine = async_engine.AsyncLLMEngine(llm.engine)
+
+    async def run() -> list[int]:
+        stream = await engine.add_request("r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        assert stepping.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while engine.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not engine.alive  # /health would say 503
+        release.set()
+        tokens = [out.outputs[0].token_ids async for out in stream][-1]
+        assert engine.alive  # stepping again
+        return tokens
+
+    try:
+        assert len(asyncio.run(run())) == 2
+    finally:
+        release.set()
+        engine.shutdown()

@@ -340,7 +340,7 @@ def test_quality_against_float32(smollm_checkpoint):
 
 @pytest.mark.parametrize("cache_dtype, tolerance", [(torch.int8, 0.5 / 127), (torch.float8_e4m3fn, 2 ** -4)])
 def test_kv_cache_round_trip(cache_dtype, tolerance):
-    cache = KVCache(64, 2, 32, torch.float32, cache_dtype, torch.device("cpu"), null_slots=16)
+    cache = KVCache(64, 2, 32, torch.float32, cache_dtype, torch.device("cpu"))
     assert cache.scale.shape == (64, 2, 2)
     assert torch.equal(cache.read(torch.arange(16)), torch.zeros(16, 2, 2, 32))  # the null block
     kv = torch.randn(5, 2, 2, 32) * torch.tensor([0.01, 1.0, 100.0, 3.0, 0.5])[:, None, None, None]

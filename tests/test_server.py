@@ -8,6 +8,8 @@ import http.client
 import json
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -307,28 +309,47 @@ def test_engine_keeps_serving_after_errors(client, offline, model_name):
     assert got.choices[0].text == offline.generate(PROMPT, greedy(8), use_tqdm=False)[0].outputs[0].text
 
 
-def test_sigterm_lets_streams_run_then_ends_them_with_an_error_and_done(default_model_available):
-    with ServerProcess(["--shutdown-timeout", "1", *ENGINE_FLAGS]) as server:
+def _get(server, path: str, headers: dict | None = None) -> tuple[int, dict | str]:
+    request = urllib.request.Request(server.url + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    return status, json.loads(body) if body.startswith(b"{") else body.decode()
+
+
+def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(default_model_available):
+    with ServerProcess(["--shutdown-timeout", "5", *ENGINE_FLAGS]) as server:
+        assert _get(server, "/health") == (200, {"status": "ok"}) and _get(server, "/ready") == (200, {"status": "ready"})
         conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=120)
         body = {"prompt": PROMPT, "max_tokens": 1000, "stream": True, "ignore_eos": True, "temperature": 0}
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")  # it streams
         server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while _get(server, "/health")[1] != {"status": "draining"} and time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal is handled between two iterations of the event loop
+        assert _get(server, "/health") == (503, {"status": "draining"})
+        assert _get(server, "/ready") == (503, {"status": "draining"})
+        status, err = server.post("/v1/completions", json.dumps({"prompt": PROMPT}).encode())
+        assert status == 503 and "shutting down" in err["error"]["message"], err  # new work is refused
         events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
-        assert len(events) > 2  # it went on after the signal, then
+        assert len(events) > 2  # the stream went on after the signal, then
         assert events[-1] == "[DONE]", events[-3:]
         error = json.loads(events[-2])["error"]
         assert error["code"] == 503 and "shutting down" in error["message"], error
-        server.proc.wait(timeout=60)  # and the server exits
+        assert server.proc.wait(timeout=60) == 0  # and the server exits cleanly
 
 
-def test_full_queue_is_429(default_model_available):
-    with ServerProcess(["--max-num-seqs", "1", "--max-queue", "1", *ENGINE_FLAGS]) as server:
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+def test_full_queue_is_429_and_not_ready(default_model_available):
+    flags = ["--max-num-seqs", "1", "--max-queue", "1", "--scheduling-policy", "fair", "--api-key", KEY]
+    with ServerProcess([*flags, *ENGINE_FLAGS]) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
         name = c.models.list().data[0].id
         long = {"model": name, "prompt": PROMPT, "max_tokens": 500, "temperature": 0, "stream": True,
-                "extra_body": {"ignore_eos": True}}
+                "extra_body": {"ignore_eos": True}, "user": "alice"}
         running = c.completions.create(**long)
         next(iter(running))  # it produced a token, so it holds the only seat
         waiting = c.completions.create(**long)  # accepted: it waits in the queue
@@ -336,11 +357,31 @@ def test_full_queue_is_429(default_model_available):
             c.completions.create(**long)
         assert e.value.status_code == 429 and "--max-queue" in e.value.body["message"]
         assert e.value.response.headers["retry-after"] == "1"
+        assert _get(server, "/ready") == (503, {"status": "queue full"})  # a balancer sends work elsewhere
+        assert _get(server, "/health") == (200, {"status": "ok"})  # but the server is alive
         running.close()
         waiting.close()
         got = c.completions.create(model=name, prompt=PROMPT, max_tokens=4, temperature=0)  # and it still serves
         assert got.usage.completion_tokens == 4
         assert server.metric("tokenmill_kv_cache_free_blocks") == server.metric("tokenmill_kv_cache_total_blocks")
+        assert _get(server, "/ready") == (200, {"status": "ready"})
+        # the fair policy's per-tenant series name tenants: only a client with the key sees them
+        assert "alice" not in _get(server, "/metrics")[1]
+        assert 'tokenmill_tenant_computed_tokens_total{tenant="alice"}' in _get(
+            server, "/metrics", {"Authorization": f"Bearer {KEY}"})[1]
+
+
+def test_one_requests_work_is_capped(client, model_name):
+    # 128 choices of a whole context each (chat's max_tokens is the rest of the context) is over the default
+    # cap of 64 contexts
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=CHAT, n=128)
+    assert "--max-request-tokens" in e.value.body["message"] and e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt=[PROMPT] * 64, n=2, max_tokens=MAX_MODEL_LEN - 16)
+    assert e.value.body["param"] == "max_tokens"
+    got = client.completions.create(model=model_name, prompt=PROMPT, n=64, max_tokens=1)  # within the cap
+    assert len(got.choices) == 64
 
 
 def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):

@@ -170,8 +170,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of available memory
-    kv_cache_fraction: float = 0.2
+    kv_cache_memory: int | None = None  # bytes; None: what max_num_seqs full contexts need, capped below
+    kv_cache_fraction: float = 0.05  # the default pool's cap: this share of the machine's (or GPU's) total memory
     enable_prefix_caching: bool = True
 
 

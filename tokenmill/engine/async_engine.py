@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -22,6 +23,10 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger("tokenmill")
+
+# A loop pass with work that takes longer than this means the engine is stuck: /health says 503.
+# A step is milliseconds to a few seconds (a long prefill on a slow CPU); a minute is not a step.
+STALL_SECONDS = 60.0
 
 
 class QueueFullError(TokenmillError):
@@ -109,6 +114,7 @@ class AsyncLLMEngine:
         self._stopped = threading.Event()
         self._built = threading.Event()
         self._build_error: BaseException | None = None
+        self._busy_since: float | None = None  # when the current loop pass with work began
         self._thread = threading.Thread(target=self._run, args=(engine,), name="tokenmill-engine", daemon=True)
         self._thread.start()
         self._built.wait()
@@ -156,6 +162,11 @@ class AsyncLLMEngine:
         return len(self.engine.scheduler.waiting)
 
     @property
+    def num_in_flight(self) -> int:
+        """Accepted requests that have not ended (a server drains until this is 0)."""
+        return len(self._streams)
+
+    @property
     def num_queued(self) -> int:
         """Waiting requests beyond the free seats: those the next step will not admit (what --max-queue limits)."""
         free_seats = max(0, self.engine.scheduler.max_num_seqs - self.num_running)
@@ -163,8 +174,10 @@ class AsyncLLMEngine:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine thread is stepping (/health says 503 when it is not)."""
-        return self._thread.is_alive() and not self._stopped.is_set()
+        """Whether the engine thread lives and is not stuck in one step (/health says 503 when not)."""
+        busy_since = self._busy_since
+        stuck = busy_since is not None and time.monotonic() - busy_since > STALL_SECONDS
+        return self._thread.is_alive() and not self._stopped.is_set() and not stuck
 
     # ---- the engine thread ------------------------------------------------------------------
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
@@ -186,7 +199,9 @@ class AsyncLLMEngine:
                 except queue.Empty:
                     break
             if self.engine.has_unfinished_requests():
+                self._busy_since = time.monotonic()
                 self._step()
+                self._busy_since = None
 
     def _apply(self, command) -> None:
         if command is None:

@@ -67,15 +67,18 @@ class MemoryReport:
     kv_cache_tokens: int  # what the pool holds (the null block not counted)
 
     def __str__(self) -> str:
-        return (f"weights {self.weights} {self.weight_bytes / 2**20:.1f} MiB, KV cache {self.kv_cache_dtype} "
-                f"{self.kv_bytes_per_token / 1024:.2f} KiB/token x {self.kv_cache_tokens} tokens")
+        kv_bytes = self.kv_bytes_per_token * self.kv_cache_tokens
+        return (f"weights {self.weights} {self.weight_bytes / 2**20:.1f} MiB, KV cache {kv_bytes / 2**20:.1f} MiB "
+                f"committed ({kv_bytes} bytes: {self.kv_cache_dtype}, {self.kv_bytes_per_token / 1024:.2f} KiB/token "
+                f"x {self.kv_cache_tokens} tokens)")
 
 
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto", device: str | None = None,
                  seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16,
-                 kv_cache_memory: int | float | str | None = None, kv_cache_fraction: float = 0.2,
+                 kv_cache_memory: int | float | str | None = None,
+                 kv_cache_fraction: float = EngineConfig.kv_cache_fraction,
                  scheduling_policy: str = "fcfs", priority_aging_seconds: float = PolicyConfig.aging_seconds,
                  sjf_seconds_per_token: float = PolicyConfig.sjf_seconds_per_token,
                  sjf_prompt_token_weight: float = PolicyConfig.sjf_prompt_token_weight,
@@ -141,10 +144,27 @@ class LLMEngine:
     # ---- sizing -------------------------------------------------------------------------
     def _num_blocks(self) -> int:
         per_block = self.model_config.kv_bytes_per_token(self.kv_cache_dtype) * self.config.block_size
+        return max(2, self._kv_budget() // per_block + 1)  # +1: the null block
+
+    def _kv_budget(self) -> int:
+        """The KV pool's bytes, decided here once and committed by the runner: kv_cache_memory, else
+        what max_num_seqs full contexts need, at most kv_cache_fraction of the total memory (not of
+        the free memory, which differs from one start to the next)."""
+        total, available = _memory(self.device)
         budget = self.config.kv_cache_memory
-        if budget is None:
-            budget = int(self.config.kv_cache_fraction * _available_memory(self.device))
-        return max(2, budget // per_block + 1)  # +1: the null block
+        if budget is not None:
+            if budget > available:
+                raise InvalidParameterError("kv_cache_memory", f"{budget / 2**30:.2f} GiB asked for the KV cache but "
+                                                               f"only {available / 2**30:.2f} GiB is free")
+            return budget
+        context = self.config.max_model_len or self.model_config.max_position_embeddings
+        need = self.config.max_num_seqs * context * self.model_config.kv_bytes_per_token(self.kv_cache_dtype)
+        budget = min(need, int(self.config.kv_cache_fraction * total))
+        if budget > available // 2:
+            log.warning("the KV cache gets %.2f GiB, half the free memory, instead of %.2f GiB; set --kv-cache-memory "
+                        "to choose", available / 2**31, budget / 2**30)
+            budget = available // 2
+        return budget
 
     def _max_model_len(self, requested: int | None, capacity: int) -> int:
         model_max = self.model_config.max_position_embeddings
@@ -454,12 +474,14 @@ def _weights_name(quant: WeightQuant | None, dtype: torch.dtype) -> str:
     return quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")
 
 
-def _available_memory(device: torch.device) -> int:
+def _memory(device: torch.device) -> tuple[int, int]:
+    """(total, available) bytes of the memory the KV cache lives in."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
     import psutil
-    return psutil.virtual_memory().available
+    memory = psutil.virtual_memory()
+    return memory.total, memory.available
 
 
 def _check_engine_args(cfg: EngineConfig) -> None:

@@ -268,9 +268,16 @@ def _add_serve(sub) -> None:
                    help="most requests waiting to start; more are answered 429 (default: no limit)")
     p.add_argument("--max-request-bytes", type=memory_size, default="16MiB",
                    help="largest request body; larger ones are answered 413 (default: 16MiB)")
-    p.add_argument("--shutdown-timeout", type=float, default=20.0,
+    p.add_argument("--max-request-tokens", type=int, default=None,
+                   help="most tokens one request may make the engine compute: its prompts once plus n x max_tokens "
+                        "(the rest of the context when max_tokens is left out); more is a 400 "
+                        "(default: 64 x max_model_len)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds the requests in flight get to finish on SIGTERM before they end with an error "
-                        "(default: 20)")
+                        "(default: 30)")
+    p.add_argument("--metrics-tenant-labels", action="store_true",
+                   help="show the fair policy's per-tenant series (tenant names) on /metrics to everyone; "
+                        "without it only requests with the API key see them")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -281,13 +288,16 @@ def _add_serve(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from tokenmill.entrypoints.openai.api_server import serve
+    from tokenmill.entrypoints.openai.api_server import ServerOptions, serve
 
-    if args.max_queue is not None and args.max_queue < 0:
-        raise InvalidParameterError("max_queue", f"must be non-negative, got {args.max_queue}")
+    for name in ("max_queue", "max_request_tokens", "shutdown_timeout"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise InvalidParameterError(name, f"must be non-negative, got {value}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(lambda: make_engine(args), args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-          args.log_level, max_request_bytes=parse_memory(args.max_request_bytes, "max_request_bytes"), shutdown_timeout=args.shutdown_timeout)
+    options = ServerOptions(args.api_key, args.max_queue, parse_memory(args.max_request_bytes, "max_request_bytes"),
+                            args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels)
+    serve(lambda: make_engine(args), args.host, args.port, options, args.served_model_name, args.log_level)
     return 0
 
 

@@ -42,7 +42,7 @@ class ModelRunner:
         self.row_attention = (device.type == "cpu" and dtype == torch.float32 and self.kv_cache_dtype == torch.float32
                               and lowbit() is not None)
         self.kv_caches = [KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
-                                  self.kv_cache_dtype, device, null_slots=block_size)
+                                  self.kv_cache_dtype, device)
                           for _ in range(cfg.num_layers)]
         self.sampler = Sampler(seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (prefill + decode)

@@ -2,8 +2,12 @@
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` with the status an
 OpenAI client expects: 400 bad input, 401 bad key, 404 unknown model or path, 413 a body over
---max-request-bytes, 429 full queue (with Retry-After), 503 shutting down, 500 a failed engine step or a bug (its text goes to the log, never to the client; the
-middleware counts every response, 500s too). The engine keeps serving the other requests.
+--max-request-bytes, 429 full queue and 503 shutting down (both with Retry-After), 500 a failed
+engine step or a bug (its text goes to the log, never to the client; the middleware counts
+every response, 500s too). The engine keeps serving the other requests.
+
+/health is liveness (503 when the engine thread died or is stuck in a step, or the server is
+draining); /ready is readiness (503 also while the queue is full: send traffic elsewhere).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,16 +35,28 @@ log = logging.getLogger("tokenmill")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                500: "internal_error", 503: "internal_error"}
-OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")
 TENANT_HEADER = "X-Tenant"  # names the tenant of a request whose body has no `user`
 
 
-RETRY_AFTER_S = 1  # what a 429 asks a client to wait: about the time a few requests take to start
+RETRY_AFTER_S = 1  # what a 429 or 503 asks a client to wait: about the time a few requests take to start
+
+
+@dataclass
+class ServerOptions:
+    """The server's own flags (the engine's are EngineConfig's); see `tokenmill serve --help`."""
+
+    api_key: str | None = None
+    max_queue: int | None = None
+    max_request_bytes: int = 16 << 20
+    max_request_tokens: int | None = None  # None: MAX_REQUEST_CONTEXTS x max_model_len
+    shutdown_timeout: float = 30.0
+    metrics_tenant_labels: bool = False
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -69,10 +87,13 @@ class BodyLimit:
 
 
 def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names: list[str],
-              api_key: str | None = None, max_request_bytes: int = 16 << 20) -> FastAPI:
+              options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
+    api_key = options.api_key
     app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server")
-    app.add_middleware(BodyLimit, limit=max_request_bytes)
-    serving = OpenAIServing(engine, served_model_names)
+    app.add_middleware(BodyLimit, limit=options.max_request_bytes)
+    app.state.draining = False  # set on SIGTERM: new work is refused, the work in flight finishes
+    serving = OpenAIServing(engine, served_model_names, options.max_request_tokens)
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -80,6 +101,8 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
         path = request.url.path
         if api_key is not None and not path.startswith(OPEN_PATHS) and not _key_ok(request, api_key):
             response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        elif app.state.draining and path.startswith("/v1/") and request.method == "POST":
+            response = error_response(503, "the server is shutting down; send the request to another replica")
         else:
             try:
                 response = await call_next(request)
@@ -92,11 +115,20 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if engine.alive else 503)
+        status = "draining" if app.state.draining else "ok" if engine.alive else "engine stopped"
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        queue_full = engine.max_queue is not None and engine.num_queued >= engine.max_queue
+        status = ("draining" if app.state.draining else "engine stopped" if not engine.alive
+                  else "queue full" if queue_full else "ready")
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:
+        tenants = options.metrics_tenant_labels or (api_key is not None and _key_ok(request, api_key))
+        return Response(metrics.render(tenant_labels=tenants), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -188,34 +220,42 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail))
 
 
-def serve(engine, host: str, port: int, api_key: str | None, max_queue: int | None,
-          served_model_names: list[str] | None, log_level: str = "info", max_request_bytes: int = 16 << 20,
-          shutdown_timeout: float = 20.0) -> None:
+def serve(engine, host: str, port: int, options: ServerOptions, served_model_names: list[str] | None,
+          log_level: str = "info") -> None:
     """Run the server until interrupted (blocks). `engine`: an LLMEngine, or a function that builds one
     in the engine thread (faster steps, see AsyncLLMEngine). On SIGTERM or Ctrl-C it stops taking
-    connections and lets the requests in flight finish for up to `shutdown_timeout` seconds; those
-    still running then end with an error event and [DONE] (503 if not streamed). A second signal
-    exits at once."""
+    connections and new requests (503) and lets the requests in flight finish for up to
+    `options.shutdown_timeout` seconds; those still running then end with an error event and [DONE]
+    (503 if not streamed). A second signal exits at once."""
     import uvicorn
 
     metrics = ServerMetrics()
-    async_engine = AsyncLLMEngine(engine, max_queue=max_queue, observer=metrics.observe)
+    async_engine = AsyncLLMEngine(engine, max_queue=options.max_queue, observer=metrics.observe)
     metrics.bind_engine(async_engine)
     names = served_model_names or [async_engine.engine.model_name]
-    app = build_app(async_engine, metrics, names, api_key, max_request_bytes)
+    app = build_app(async_engine, metrics, names, options)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            if not self.should_exit:  # the first signal: drain, then end what is left
-                log.info("tokenmill: shutting down; requests in flight have %.0f s to finish", shutdown_timeout)
-                deadline = threading.Timer(shutdown_timeout, async_engine.end_all)
-                deadline.daemon = True
-                deadline.start()
-            super().handle_exit(sig, frame)
+            if app.state.draining:  # a second signal: exit now
+                self.should_exit = self.force_exit = True
+                return
+            log.info("tokenmill: draining; requests in flight have %.0f s to finish", options.shutdown_timeout)
+            app.state.draining = True  # from now on new requests get 503 and /health says draining
+            threading.Thread(target=self._drain, name="tokenmill-drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            """Wait for the requests in flight, end those left at the deadline, then let uvicorn stop."""
+            deadline = time.monotonic() + options.shutdown_timeout
+            while async_engine.num_in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if async_engine.num_in_flight:
+                async_engine.end_all()
+            self.should_exit = True
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout + 5)  # room for the error events
+                            timeout_graceful_shutdown=options.shutdown_timeout + 5)  # room for the error events
     try:
         DrainingServer(config).run()
     finally:

@@ -22,6 +22,7 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 
 class ServerMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        self.tenant_registry: CollectorRegistry | None = None
         self.requests = Counter("tokenmill_requests", "Requests that ended, by how they ended: stop, "
                                 "length (any of its n samples hit a limit), abort, error", ["status"], registry=r)
         self.http_responses = Counter("tokenmill_http_responses", "HTTP responses by endpoint and status code",
@@ -63,8 +64,9 @@ class ServerMetrics:
         estimator = getattr(policy, "estimator", None)
         if estimator is not None:
             self._bind_estimator(estimator.stats)
-        if isinstance(getattr(policy, "tokens", None), dict):
-            r.register(_TenantTokensCollector(policy.tokens))
+        if isinstance(getattr(policy, "tokens", None), dict):  # tenant names: shown only to whom may see them
+            self.tenant_registry = CollectorRegistry()
+            self.tenant_registry.register(_TenantTokensCollector(policy.tokens))
         if async_engine.engine.speculator is not None:
             spec = async_engine.engine.speculator.stats
             r.register(_SpecCollector(spec))
@@ -119,8 +121,12 @@ class ServerMetrics:
             if len(o.token_ids) > 1 and m.e2e is not None and m.ttft is not None:
                 self.tpot.observe((m.e2e - m.ttft) / (len(o.token_ids) - 1))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, tenant_labels: bool = False) -> bytes:
+        """The exposition text; `tenant_labels` adds the series labelled with tenant names (the fair policy's)."""
+        text = generate_latest(self.registry)
+        if tenant_labels and self.tenant_registry is not None:
+            text += generate_latest(self.tenant_registry)
+        return text
 
 
 def _flag(value: bool) -> str:

@@ -33,13 +33,18 @@ class _Prompt:
     text: str | None
 
 
+# The default cap on one request's work (prompt tokens plus n x new tokens): this many full contexts.
+MAX_REQUEST_CONTEXTS = 64
+
+
 class OpenAIServing:
     """The completions and chat completions endpoints' logic, free of HTTP."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], max_request_tokens: int | None = None):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        self.max_request_tokens = max_request_tokens or MAX_REQUEST_CONTEXTS * self.max_model_len
         self.served_model_names = served_model_names
         self.speculative = engine.engine.speculator is not None
 
@@ -137,6 +142,13 @@ class OpenAIServing:
         if max_tokens is not None and longest + max_tokens > self.max_model_len:
             raise InvalidParameterError("max_tokens", f"{max_tokens} new tokens after a {longest}-token prompt "
                                                       f"exceed the context of {self.max_model_len} tokens")
+        # the most tokens the request can make the engine compute: each prompt once, each choice's answer
+        work = sum(len(p.token_ids) + req.n * (max_tokens or self.max_model_len - len(p.token_ids)) for p in prompts)
+        if work > self.max_request_tokens:
+            raise InvalidParameterError("max_tokens" if max_tokens else "n", (
+                f"the request could take {work} tokens of work ({len(prompts)} prompt(s), n={req.n}, up to "
+                f"{max_tokens or 'the context'} new tokens each), over this server's {self.max_request_tokens} "
+                "(--max-request-tokens); lower n or max_tokens"))
         return req.sampling_params(max_tokens, logprobs)
 
     async def _add(self, base_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,

@@ -15,15 +15,13 @@ _CODE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 class KVCache:
     def __init__(self, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 cache_dtype: torch.dtype, device: torch.device, null_slots: int):
+                 cache_dtype: torch.dtype, device: torch.device):
         self.dtype = dtype  # what reads return
-        self.data = torch.empty(num_slots, 2, kv_heads, head_dim, dtype=cache_dtype, device=device)
-        self.scale = (torch.empty(num_slots, 2, kv_heads, dtype=torch.float32, device=device)
+        # Zeroed, so every page is committed now: the memory is taken at start, not under traffic (and
+        # the null block, where padded reads land, is finite).
+        self.data = torch.empty(num_slots, 2, kv_heads, head_dim, dtype=cache_dtype, device=device).zero_()
+        self.scale = (torch.empty(num_slots, 2, kv_heads, dtype=torch.float32, device=device).zero_()
                       if cache_dtype in _CODE_MAX else None)
-        # The null block: padded reads land there and must be finite.
-        self.data[:null_slots].zero_()
-        if self.scale is not None:
-            self.scale[:null_slots].zero_()
 
     @property
     def quantized(self) -> bool:
