@@ -1,5 +1,6 @@
 """Tests of the GGUF reader: tiny GGUF files written here with gguf.GGUFWriter, plus the SmolLM2 GGUF if installed."""
 
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -143,7 +144,7 @@ def test_llama_round_trip(tmp_path, qtype):
     ckpt = load_gguf(write_gguf(tmp_path / "tiny.gguf", "llama", config, state, qtype, permute=True))
 
     hf = ckpt.hf_config
-    assert isinstance(hf, transformers.LlamaConfig) and hf.architectures == ["LlamaForCausalLM"]
+    assert hf.model_type == "llama" and hf.architectures == ["LlamaForCausalLM"]
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
                 "eos_token_id"):
@@ -232,7 +233,7 @@ def test_qwen_not_permuted(tmp_path, arch):
     assert any("q_norm" in k for k in state) == (arch == "qwen3")
     ckpt = load_gguf(write_gguf(tmp_path / f"{arch}.gguf", arch, config, state, Q.F16))
     hf = ckpt.hf_config
-    assert type(hf) is type(config) and hf.architectures == [type(config).__name__.replace("Config", "ForCausalLM")]
+    assert hf.model_type == config.model_type and hf.architectures == [type(config).__name__.replace("Config", "ForCausalLM")]
     mc = ModelConfig.from_hf(hf)
     assert mc.head_dim == (32 if arch == "qwen3" else 16)
     assert mc.attention_bias == (arch == "qwen2") and mc.qk_norm == (arch == "qwen3")
@@ -391,19 +392,48 @@ def test_smollm2_weights_match_transformers(smollm2, smollm2_hf_state):
     assert seen == wanted
 
 
-def test_converted_tokenizer_is_cached_and_identical(tmp_path, monkeypatch):
-    """The second load reads the tokenizer from the cache folder and behaves exactly as the first."""
+def test_a_second_load_reads_the_cached_index_and_gives_the_same_checkpoint(tmp_path, monkeypatch):
+    """Config, tokenizer, chat template and weights come from the cache folder, without parsing the
+    file again, and equal the first load's; a changed file is parsed again."""
+    import tokenmill.loader.gguf as gguf_module
+
     monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
     config, state = tiny_model("llama", vocab=len(byte_bpe_vocab()[0]), tie=True)
-    path = write_gguf(tmp_path / "tok.gguf", "llama", config, state, tokenizer=True)
-    first = load_gguf(path).tokenizer
-    assert list((tmp_path / "cache" / "gguf-tokenizers").glob("*/tokenizer_config.json"))
-    second = load_gguf(path).tokenizer
+    path = write_gguf(tmp_path / "tok.gguf", "llama", config, state, Q.Q4_0, permute=True, tokenizer=True)
+    first = load_gguf(path)
+    assert list((tmp_path / "cache" / "gguf").glob("*/index.json"))
+
+    def no_parse(*_):
+        raise AssertionError("the file was parsed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_module, "FastGGUFReader", no_parse)
+        second = load_gguf(path)
+    assert second.hf_config.to_dict() == first.hf_config.to_dict()
+    shapes = [dataclasses.replace(ModelConfig.from_hf(c.hf_config), hf_config=None) for c in (first, second)]
+    assert shapes[0] == shapes[1]
+    tok1, tok2 = first.tokenizer, second.tokenizer
     for text in ["hello world", "hi", "world hello hello"]:
-        assert second.encode(text) == first.encode(text)
-    assert (second.bos_token_id, second.eos_token_id) == (first.bos_token_id, first.eos_token_id)
+        assert tok2.encode(text) == tok1.encode(text)
+    assert (tok2.bos_token_id, tok2.eos_token_id) == (tok1.bos_token_id, tok1.eos_token_id)
     messages = [{"role": "user", "content": "hi"}]
-    assert second.apply_chat_template(messages, tokenize=False) == first.apply_chat_template(messages, tokenize=False)
+    assert tok2.apply_chat_template(messages, tokenize=False) == tok1.apply_chat_template(messages, tokenize=False)
+    assert second.native_forms == first.native_forms
+    for packed in (False, True):
+        a, b = dict(first.weights(packed)), dict(second.weights(packed))
+        assert a.keys() == b.keys()
+        for name in a:
+            x, y = a[name], b[name]
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), name
+            else:
+                assert all(torch.equal(u, v) for u, v in zip(vars(x).values(), vars(y).values())), name
+
+    path.write_bytes(path.read_bytes() + b"\0" * 64)  # another size: another key, parsed again
+    with monkeypatch.context() as m:
+        m.setattr(gguf_module, "FastGGUFReader", no_parse)
+        with pytest.raises(AssertionError, match="parsed again"):
+            load_gguf(path)
 
 
 def test_fast_reader_reads_what_the_gguf_package_reads(smollm2):

@@ -151,7 +151,9 @@ def _build_model(cfg: ModelConfig, weights, dtype, device, max_model_len, quant)
     # In the final dtype before loading: weights are converted one tensor at a time, and the
     # quantized layers' kernel tensors (created while loading) keep their own dtype.
     model.to(dtype)
-    model.to_empty(device=device)
+    # to_empty() but with the factory: empty_like on meta tensors runs Python reference code that
+    # imports sympy (0.7 s of start-up).
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.load_weights(weights)
     model.rotary.to(device, dtype)
     return model.eval()

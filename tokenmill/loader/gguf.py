@@ -10,6 +10,12 @@ int4 groups of 32 (w = d q + m), Q8_0 and Q5_0 as int8 blocks of 32 (w = d q). `
 says which form each projection runs in by default: int4 for those 4-bit types, int8 for every
 other quantized type (Q5_1, Q6_K, Q5_K, Q3_K, Q2_K are requantized to 8-bit blocks: closer to the
 file's values than 4 bits, see benchmarks/quant_quality.py).
+
+Parsing a GGUF's metadata (a string per vocabulary entry), converting its tokenizer and
+importing transformers' model configs take seconds; what they produce (config, tokenizer,
+chat template, each tensor's place in the file) is saved under the tokenmill cache folder,
+keyed by the file's path, size and modification time, and the next load reads that and maps
+the file's tensors without parsing it (`_load_indexed`).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import json
+from typing import NamedTuple
+
 import numpy as np
 import torch
-import transformers
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
@@ -46,13 +54,15 @@ _INT4_TYPES = frozenset({*_INT4_BLOCKS, Q.Q4_K})  # held exactly by int4 groups 
 _INT8_EXACT = frozenset({Q.Q8_0, Q.Q5_0})  # held exactly by int8 blocks of 32
 _FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 
-# general.architecture -> (config class, HF architecture name, whether llama.cpp permuted attn_q/attn_k).
+# general.architecture -> (transformers config class, HF architecture name, whether llama.cpp permuted
+# attn_q/attn_k). Classes by name: importing one takes seconds, and a cached load needs none.
 _ARCHITECTURES = {
-    "llama": (transformers.LlamaConfig, "LlamaForCausalLM", True),
-    "mistral": (transformers.MistralConfig, "MistralForCausalLM", True),
-    "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM", False),
-    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM", False),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", True),
+    "mistral": ("MistralConfig", "MistralForCausalLM", True),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", False),
 }
+INDEX_FORMAT = 1  # of the cached index (_save_index); a change makes every old index a miss
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -79,16 +89,24 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
+class _Tensor(NamedTuple):
+    """What weights() needs of a GGUF tensor: its raw data, a view of the mapped file."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray
+
+
 @dataclass
 class GGUFCheckpoint:
     """A parsed GGUF file: config, tokenizer and chat template now; weights on demand."""
 
-    hf_config: transformers.PretrainedConfig
-    tokenizer: transformers.PreTrainedTokenizerFast | None
+    hf_config: object  # a transformers PretrainedConfig
+    tokenizer: object | None  # a transformers PreTrainedTokenizerFast
     chat_template: str | None
-    _reader: GGUFReader = field(repr=False)
+    _mapped: np.ndarray = field(repr=False)  # the file, mapped (the tensors' data are views of it)
     # (HF name, GGUF tensor, head count to un-permute the rows by, or None)
-    _plan: list[tuple[str, ReaderTensor, int | None]] = field(repr=False)
+    _plan: list[tuple[str, _Tensor, int | None]] = field(repr=False)
 
     def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | LowBit]]:
         """Yield (HF name, float32 tensor in HF shape) one at a time, so only one tensor is expanded at once.
@@ -174,11 +192,25 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a GGUF file's metadata, tokenizer and tensor index; tensor data is left in the memory map.
 
     Everything that can make loading fail (architecture, tensor names and types, tokenizer) is checked
-    here, so iterating `weights()` later cannot fail halfway through a model.
+    here, so iterating `weights()` later cannot fail halfway through a model. A file loaded before
+    comes from its cached index (see the module docstring).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
+    cache = _cache_dir(path)
+    if cache is not None and (cache / "index.json").is_file():
+        try:
+            return _load_indexed(path, cache)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable or outdated index: parse the file again
+    ckpt = _parse(path, cache)
+    if cache is not None:
+        _save_index(ckpt, cache)
+    return ckpt
+
+
+def _parse(path: Path, cache: Path | None) -> GGUFCheckpoint:
     try:
         reader = FastGGUFReader(path)
     except (ValueError, IndexError, OSError) as exc:
@@ -192,13 +224,65 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     tensors = {t.name: t for t in reader.tensors}
     hf_config = _build_config(reader, arch, tensors)
     chat_template = _meta(reader, "tokenizer.chat_template", None)
+    plan = [(name, _Tensor(t.name, t.tensor_type, t.data), n_head)
+            for name, t, n_head in _plan_tensors(tensors, arch, hf_config)]
+    # A plain config of the same attributes, as a cached load makes: both loads give the same object.
     return GGUFCheckpoint(
-        hf_config=hf_config,
-        tokenizer=_load_tokenizer(reader, path, chat_template),
+        hf_config=_plain_config(hf_config.to_dict()),
+        tokenizer=_load_tokenizer(reader, path, chat_template, cache),
         chat_template=chat_template,
-        _reader=reader,
-        _plan=_plan_tensors(tensors, arch, hf_config),
+        _mapped=reader.data,
+        _plan=plan,
     )
+
+
+def _save_index(ckpt: GGUFCheckpoint, cache: Path) -> None:
+    """Write what _load_indexed needs (the tokenizer is already saved there); a read-only cache only
+    costs the parse next time."""
+    base = ckpt._mapped.__array_interface__["data"][0]
+    plan = [[name, t.name, int(t.tensor_type), t.data.dtype.str, list(t.data.shape),
+             t.data.__array_interface__["data"][0] - base, n_head] for name, t, n_head in ckpt._plan]
+    index = {"format": INDEX_FORMAT, "config": ckpt.hf_config.to_dict(), "chat_template": ckpt.chat_template,
+             "tokenizer": ckpt.tokenizer is not None, "plan": plan}
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f"index.json.{os.getpid()}"
+        partial.write_text(json.dumps(index))
+        partial.replace(cache / "index.json")  # whole or absent, even with two loads at once
+    except OSError:
+        pass
+
+
+def _load_indexed(path: Path, cache: Path) -> GGUFCheckpoint:
+    index = json.loads((cache / "index.json").read_text())
+    if index["format"] != INDEX_FORMAT:
+        raise ValueError("index of another format")
+    mapped = np.memmap(path, mode="r")
+    plain = mapped.view(np.ndarray)  # slicing a plain view skips np.memmap's per-slice hooks
+    plan = []
+    for name, tensor_name, qtype, dtype, shape, offset, n_head in index["plan"]:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if offset + nbytes > len(plain):
+            raise ValueError("the file is shorter than its index says")
+        data = plain[offset:offset + nbytes].view(dtype).reshape(shape)
+        plan.append((name, _Tensor(tensor_name, Q(qtype), data), n_head))
+    tokenizer = None
+    if index["tokenizer"]:
+        from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: half the import time
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(cache))
+        tokenizer.chat_template = index["chat_template"]
+    return GGUFCheckpoint(_plain_config(index["config"]), tokenizer, index["chat_template"], mapped, plan)
+
+
+def _plain_config(values: dict):
+    """A transformers PretrainedConfig holding `values` as attributes (model_type included): all the
+    engine reads, without importing the model's own config class."""
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(**values)
+    config.model_type = values["model_type"]
+    return config
 
 
 class FastGGUFReader(GGUFReader):
@@ -238,9 +322,12 @@ def _check_types(reader: GGUFReader) -> None:
                 f"supported types: {supported}")
 
 
-def _build_config(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor]) -> transformers.PretrainedConfig:
+def _build_config(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor]):
     """The transformers config llama.cpp's metadata describes, so the rest of tokenmill sees an HF model."""
-    config_class, hf_arch, _ = _ARCHITECTURES[arch]
+    import transformers
+
+    class_name, hf_arch, _ = _ARCHITECTURES[arch]
+    config_class = getattr(transformers, class_name)
     if "token_embd.weight" not in tensors:
         raise ModelLoadError("GGUF file has no token_embd.weight tensor")
     embedding_rows = int(tensors["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
@@ -373,38 +460,32 @@ def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None):
-    """transformers' own GGUF tokenizer conversion; None when the file embeds no tokenizer.
+def _load_tokenizer(reader: GGUFReader, path: Path, chat_template: str | None, cache: Path | None):
+    """transformers' own GGUF tokenizer conversion, saved into `cache`; None when the file embeds no
+    tokenizer. (The conversion parses the whole file again: seconds for a 49k-token vocabulary.)"""
+    from transformers import AutoTokenizer
 
-    The conversion parses the whole file again (seconds for a 49k-token vocabulary), so its
-    result is saved under the tokenmill cache folder, keyed by the file's path, size and
-    modification time, and loaded from there next time.
-    """
     if reader.get_field("tokenizer.ggml.model") is None:
         return None
-    cached = _tokenizer_cache_dir(path)
-    if cached is not None and (cached / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(cached))
-    else:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises assorted types for a vocabulary it cannot convert
+        raise ModelLoadError(f"cannot build a tokenizer from {path.name}: {exc}") from exc
+    if cache is not None:
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as exc:  # transformers raises assorted types for a vocabulary it cannot convert
-            raise ModelLoadError(f"cannot build a tokenizer from {path.name}: {exc}") from exc
-        if cached is not None:
-            try:
-                tokenizer.save_pretrained(str(cached))
-            except OSError:
-                pass  # a read-only cache only costs the conversion next time
+            tokenizer.save_pretrained(str(cache))
+        except OSError:
+            pass  # a read-only cache only costs the conversion next time
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def _tokenizer_cache_dir(path: Path) -> Path | None:
-    """<cache_root()>/gguf-tokenizers/<key of this file>; None if the cache is disabled."""
+def _cache_dir(path: Path) -> Path | None:
+    """<cache_root()>/gguf/<key of this file>; None if the cache is disabled."""
     root = cache_root()
     if root is None:
         return None
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    return root / "gguf-tokenizers" / key
+    return root / "gguf" / key

@@ -122,7 +122,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg, max_positions)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given its (empty) weight, the embedding skips its random init: the weights are loaded anyway,
+        # and the init's normal_ on the meta device imports torch._dynamo (1.8 s of start-up).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, LM_HEAD_QUANT if quant else None)
