@@ -36,6 +36,7 @@ from tokenmill.bench.throughput import measure_tokenmill_decode, write_json
 from tokenmill.loader import load_checkpoint
 from tokenmill.loader.checkpoint import default_model_path
 from tokenmill.metering import calibrate
+from tokenmill.metering.roofline import calibration_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"
@@ -100,6 +101,11 @@ def llama_bench_speed(binary: str, path: Path, prompt_tokens: int, new_tokens: i
 def roofline_fraction(tokens_per_s: float, bytes_per_token: float, bandwidth: float) -> float:
     """Decode speed over what reading each token's bytes once at the machine's bandwidth allows."""
     return tokens_per_s * bytes_per_token / bandwidth
+
+
+def _fraction(value: float) -> str:
+    """A roofline fraction for the table, or the calibration error a value above 1 means."""
+    return calibration_error(value) or f"{value:.2f}"
 
 
 def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
@@ -220,10 +226,10 @@ def format_table(result: dict) -> str:
         pre = f"{row['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.2f}x" if ref else "-"
         dec = f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
         lines.append(f"| tokenmill | {name} ({row['weight_bytes'] / 2**20:.0f} MiB) | {row['prefill_tokens_per_s']:.0f} "
-                     f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {row['roofline_fraction']:.2f} |")
+                     f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {_fraction(row['roofline_fraction'])} |")
     if ref:
         lines.append(f"| llama.cpp ({ref['version']}) | {ref['file']} | {ref['prefill_tokens_per_s']:.0f} | 1.00x "
-                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {ref['roofline_fraction']:.2f} |")
+                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {_fraction(ref['roofline_fraction'])} |")
     for name, row in result["tokenmill"].items():
         if "profile" in row:
             lines.append(f"{name} decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in row["profile"].items()))

@@ -315,6 +315,27 @@ def test_bench_report_labels_the_estimate(tiny_models, tmp_path, monkeypatch):
     assert json.loads(tp.write_json(result, tmp_path / "r.json").read_text())["tokenmill"]["extra"]["energy"] == energy
 
 
+def test_a_roofline_fraction_above_1_is_a_calibration_error_not_a_figure(tiny_models, tmp_path, monkeypatch):
+    import torch
+
+    from tokenmill.bench import throughput as tp
+    from tokenmill.metering import calibrate
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    # ceilings far below any machine's (as when calibrated on a busy one): every step beats its roofline
+    calibrate.save({"key": calibrate.machine_key(torch.device("cpu")), "bandwidth_bytes_per_s": 1.0,
+                    "peak_flops": {"float32": 1.0}})
+    result = tp.run_throughput_benchmark(
+        str(tiny_models["llama"]), num_prompts=2, input_len=4, output_len=3, repeats=1,
+        engine_args={"dtype": "float32", "kv_cache_memory": "4MiB", "energy_meter": "estimate"})
+    energy = result["tokenmill"]["extra"]["energy"]
+    for phase in ("prefill", "decode"):
+        assert energy[phase]["roofline_fraction"] is None
+        assert energy[phase]["roofline_error"].startswith("calibration error: a roofline fraction of")
+    text = tp.format_text(result)
+    assert "decode roofline fraction: calibration error" in text and "tokenmill calibrate" in text
+
+
 def test_bad_energy_arguments_are_refused(tiny_models):
     for kwargs, param in (({"energy_meter": "wattmeter"}, "energy_meter"), ({"price_per_hour": -1.0}, "price_per_hour"),
                           ({"cpu_watts_per_core": -5.0}, "cpu_watts_per_core")):

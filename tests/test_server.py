@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -356,6 +357,29 @@ def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(def
         error = json.loads(events[-2])["error"]
         assert error["code"] == 503 and "shutting down" in error["message"], error
         assert server.proc.wait(timeout=60) == 0  # and the server exits cleanly
+
+
+def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
+    with ServerProcess(ENGINE_FLAGS) as server:  # the default --max-request-bytes, 16 MiB
+        body = json.dumps({"prompt": [1] * 3_300_000}).encode()  # 10 MB of token ids: parsed, then refused
+        answer: dict = {}
+
+        def send_it():
+            answer["status"], answer["body"] = server.post("/v1/completions", body)
+
+        sender = threading.Thread(target=send_it)
+        sender.start()
+        latencies = []
+        while sender.is_alive():
+            started = time.perf_counter()
+            assert _get(server, "/health") == (200, {"status": "ok"})
+            latencies.append(time.perf_counter() - started)
+        sender.join()
+        assert answer["status"] == 400 and "3300000 tokens" in answer["body"]["error"]["message"]
+        # the event loop kept answering while the body was parsed and checked (in a worker thread)
+        assert len(latencies) >= 3, latencies
+        print(f"/health while a 10 MB body was refused: {len(latencies)} answers, slowest "
+              f"{max(latencies) * 1000:.0f} ms")
 
 
 def test_full_queue_is_429_and_not_ready(default_model_available):

@@ -557,6 +557,8 @@ def energy_rows(energy: dict | None) -> list[tuple[str, str]]:
             rows.append((f"$ / 1M {tokens} tokens ({phase} steps)", f"{p['usd_per_1m_tokens']:.4f}"))
         if p["roofline_fraction"] is not None:
             rows.append((f"{phase} roofline fraction", f"{p['roofline_fraction']:.3f}"))
+        elif p.get("roofline_error"):
+            rows.append((f"{phase} roofline fraction", p["roofline_error"]))
     return rows
 
 

@@ -20,7 +20,7 @@ from tokenmill.config import EnergyConfig, ModelConfig
 from tokenmill.errors import InvalidParameterError
 from tokenmill.metering import calibrate
 from tokenmill.metering.meters import EnergyMeter, make_meter
-from tokenmill.metering.roofline import ModelBytes, Roofline, step_work
+from tokenmill.metering.roofline import ModelBytes, Roofline, calibration_error, step_work
 from tokenmill.outputs import RequestMetrics
 
 JOULES_PER_KWH = 3.6e6
@@ -89,9 +89,10 @@ class StepAccountant:
                "joules_per_token": joules / (input_tokens + output_tokens) if self.meter else None}
         for name, d, tokens in (("prefill", pre, input_tokens), ("decode", dec, output_tokens)):
             cost = self.cost_usd(d["wall_s"] / runs, d["joules"] / runs)
+            fraction = d["roofline_s"] / d["wall_s"] if self.roofline is not None and d["wall_s"] > 0 else None
+            error = calibration_error(fraction)
             out[name] = {"steps": d["steps"] / runs, "wall_s": d["wall_s"] / runs,
-                         "roofline_fraction": d["roofline_s"] / d["wall_s"]
-                         if self.roofline is not None and d["wall_s"] > 0 else None,
+                         "roofline_fraction": None if error else fraction, "roofline_error": error,
                          "usd_per_1m_tokens": cost / tokens * 1e6 if cost is not None and tokens else None}
         return out
 

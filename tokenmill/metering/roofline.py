@@ -22,6 +22,16 @@ import torch
 from tokenmill.config import ModelConfig
 
 
+def calibration_error(fraction: float | None) -> str | None:
+    """Why a roofline fraction above 1 is no figure (no step beats the machine's ceilings: the cached
+    ones are too low), or None for a fraction that can be."""
+    if fraction is None or fraction <= 1:
+        return None
+    return (f"calibration error: a roofline fraction of {fraction:.2f} cannot be; the cached ceilings are below "
+            "what this run achieved (measured while the machine was busy?): run `tokenmill calibrate` again on a "
+            "quiet machine")
+
+
 def layer_params(cfg: ModelConfig) -> int:
     """Matmul weights of all decoder layers (q, k, v, o, gate, up, down)."""
     attn = cfg.hidden_size * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)

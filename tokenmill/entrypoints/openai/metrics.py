@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from tokenmill.metering.roofline import calibration_error
 from tokenmill.outputs import RequestOutput
 
 disable_created_metrics()  # the *_created series only repeat the start time
@@ -79,12 +80,12 @@ class ServerMetrics:
             r.register(_EnergyCollector(accountant))
         if accountant.roofline is not None:
             mean = Gauge("tokenmill_roofline_fraction", "Roofline time over step time, all steps of a phase so far "
-                         "(1 = at the machine's memory or compute ceiling)", ["phase"], registry=r)
+                         "(1 = at the machine's memory or compute ceiling; NaN above 1: a calibration error)", ["phase"], registry=r)
             last = Gauge("tokenmill_roofline_fraction_last_step", "Roofline time over step time of the "
                          "phase's latest step", ["phase"], registry=r)
             for name, stats in accountant.phases.items():
-                mean.labels(phase=name).set_function(lambda s=stats: s.fraction or 0.0)
-                last.labels(phase=name).set_function(lambda s=stats: s.last_fraction or 0.0)
+                mean.labels(phase=name).set_function(lambda s=stats: _fraction(s.fraction))
+                last.labels(phase=name).set_function(lambda s=stats: _fraction(s.last_fraction))
 
     def _bind_estimator(self, stats) -> None:
         """The sjf policy's output-length estimator: its errors over the requests finished so far."""
@@ -127,6 +128,13 @@ class ServerMetrics:
         if tenant_labels and self.tenant_registry is not None:
             text += generate_latest(self.tenant_registry)
         return text
+
+
+def _fraction(value: float | None) -> float:
+    """A roofline fraction for a gauge: 0 before any step, NaN above 1 (a calibration error, no figure)."""
+    if value is None:
+        return 0.0
+    return float("nan") if calibration_error(value) else value
 
 
 def _flag(value: bool) -> str:
