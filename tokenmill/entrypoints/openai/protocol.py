@@ -101,9 +101,9 @@ class CompletionRequest(_Sampling):
             if all(p and ids_ok(p) for p in prompt):
                 return prompt
             raise ValueError("each list of token ids must be non-empty and hold non-negative integers")
-        if all(type(p) in (int, float) for p in prompt):
-            if ids_ok(prompt):
-                return prompt
+        if ids_ok(prompt):  # the valid case takes one pass over a long list of ids
+            return prompt
+        if all(type(p) in (int, float, bool) for p in prompt):
             raise ValueError(f"token ids must be non-negative integers, got {prompt[:8]}")
         raise ValueError(shapes)
 
