@@ -265,6 +265,9 @@ def test_malformed_json_and_wrong_body_are_400(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = server.post("/v1/chat/completions", b'["a", "list"]', auth)
     assert status == 400 and "JSON object" in body["error"]["message"]
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # deeper than any parser recurses
+    status, body = server.post("/v1/completions", deep, auth)
+    assert status == 400 and "not valid JSON" in body["error"]["message"], body
 
 
 def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):

@@ -189,7 +189,7 @@ def _validate(model: type[BaseModel], raw: bytes) -> BaseModel:
         invalid = e
     try:  # pydantic's parser refuses lone surrogates, which JSON allows: the checks after it name them
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
         raise invalid from None
     return model.model_validate(data)
 
