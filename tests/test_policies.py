@@ -519,7 +519,8 @@ def test_the_server_takes_priority_and_tenants_and_exports_the_policy_state(tiny
     from server_process import ServerProcess
 
     flags = ["--model", str(tiny_chat_model), "--dtype", "float32", "--kv-cache-memory", "8MiB",
-             "--scheduling-policy", policy, "--tenant-weights", "alice=2"]
+             "--scheduling-policy", policy, "--tenant-weights", "alice=2",
+             "--metrics-tenant-labels"]  # no API key: tenant names on /metrics only with this flag
     with ServerProcess(flags) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id
