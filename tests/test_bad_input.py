@@ -36,6 +36,16 @@ def llm(tiny_models):
     ({"seed": 1.5}, "seed"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop": ["a\ud800"]}, "stop"),  # a lone surrogate: no tokenizer can encode it
+    # Wrong types and non-finite numbers once passed here and raised TypeError inside a step.
+    ({"top_k": 2.0}, "top_k"),
+    ({"n": 1.5}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1.0}, "logprobs"),
+    ({"max_tokens": 4.0}, "max_tokens"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"top_p": "0.5"}, "top_p"),
+    ({"ignore_eos": 1}, "ignore_eos"),
 ])
 def test_invalid_sampling_params(kwargs, param):
     with pytest.raises(InvalidParameterError) as e:

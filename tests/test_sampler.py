@@ -109,6 +109,21 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
         assert out.token_ids == greedy
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-40),  # below the greedy threshold: logits / t would overflow
+    SamplingParams(top_p=1e-46),  # 0 in float32: the top token still survives
+    SamplingParams(repetition_penalty=1e-40),  # seen logits / 1e-40 overflow to inf
+    SamplingParams(repetition_penalty=1e30),
+], ids=["temperature", "top_p", "tiny_penalty", "huge_penalty"])
+def test_extreme_values_sample_a_real_token_never_a_blocked_one(params):
+    """Values at float32's edges once made NaN probabilities, and NaN's argmax is token 0 even when blocked."""
+    logits = LOGITS.unsqueeze(0).expand(64, -1).contiguous()
+    out = Sampler(seed=0)(logits, make_batch([params] * 64, prompts=[[1, 2]] * 64, blocked=[[0]] * 64))
+    assert 0 not in out.token_ids
+    if params.top_p < 1 or params.greedy:
+        assert set(out.token_ids) == {1}
+
+
 def test_top_k_keeps_only_k_best():
     tokens = draw_many(LOGITS, SamplingParams(top_k=3, temperature=2.0), 3000)
     assert set(tokens.tolist()) == {1, 5, 2}

@@ -134,6 +134,15 @@ def test_n_gives_n_seeded_choices(client, model_name):
     assert first.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is counted once, not n times
 
 
+def test_streamed_n_choices_each_finish_once(client, model_name):
+    """Choices of different lengths: a finished choice is not repeated in later chunks."""
+    chunks = list(client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=1.0,
+                                            n=4, seed=3, stream=True, stop=["e"]))
+    finishes = [(i, choice.index) for i, c in enumerate(chunks) for choice in c.choices if choice.finish_reason]
+    assert sorted(index for _, index in finishes) == [0, 1, 2, 3]
+    assert len({i for i, _ in finishes}) > 1  # they did finish at different chunks
+
+
 def test_stop_string_cuts_the_text(client, offline, model_name):
     full = offline.generate(PROMPT, greedy(24), use_tqdm=False)[0].outputs[0].text
     stop = full.split()[1]  # a word the greedy text goes on to write

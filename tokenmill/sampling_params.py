@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from numbers import Integral
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
 
 from tokenmill.errors import InvalidParameterError, require_unicode
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM): logits / t would overflow float32
+
+_INTEGERS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTEGERS = ("max_tokens", "logprobs", "seed")
+_REALS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
 
 @dataclass
@@ -37,9 +44,27 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate_types()
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+
+    def _validate_types(self) -> None:
+        """Each field has its declared type (a bool is not a number here), and reals are finite:
+        a float top_k or a NaN penalty must fail now, not inside a shared engine step."""
+        for name in _INTEGERS + _OPTIONAL_INTEGERS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTEGERS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise InvalidParameterError(name, f"must be an integer, got {value!r}")
+        for name in _REALS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise InvalidParameterError(name, f"must be a finite number, got {value!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
 
     def _validate(self) -> None:
         def bad(param: str, message: str) -> None:
@@ -77,10 +102,10 @@ class SamplingParams:
             bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids[:8]}")
         if self.seed is not None:
             low, high = SEED_RANGE
-            if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not low <= self.seed <= high - (self.n - 1):
+            if not low <= self.seed <= high - (self.n - 1):
                 bad("seed", f"must be an integer in [{low}, {high - (self.n - 1)}] (sample i of n uses seed + i), "
                             f"got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

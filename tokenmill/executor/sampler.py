@@ -153,7 +153,8 @@ def _apply_penalties(x: torch.Tensor, rows: list[int], batch: SamplingBatch) -> 
         presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
         frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
         sub = sub - presence * (output_counts > 0) - frequency * output_counts
-    x[index] = sub
+    # A tiny repetition penalty divides a logit past float32's range: keep the order, drop infinities.
+    x[index] = sub.nan_to_num(nan=float("-inf"), posinf=torch.finfo(sub.dtype).max)
 
 
 def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -167,10 +168,12 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
             k = torch.tensor(top_k, device=device).unsqueeze(1)
             sorted_x.masked_fill_(torch.arange(vocab, device=device) >= k, float("-inf"))
         probs = sorted_x.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # exactly 0 for the top token, so it always survives
+        mass_before = probs.cumsum(-1) - probs
         # Rows without top-p get a threshold above 1 so float rounding in the cumsum cannot cut their tail.
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device).unsqueeze(1)
-        sorted_x.masked_fill_(mass_before >= top_p, float("-inf"))
+        cut = mass_before >= top_p
+        cut[:, 0] = False  # the top token always survives, even when top_p rounds to 0 in float32
+        sorted_x.masked_fill_(cut, float("-inf"))
         x = torch.empty_like(x).scatter_(-1, order, sorted_x)
     elif use_top_k:
         k = torch.tensor(top_k, device=device).unsqueeze(1)

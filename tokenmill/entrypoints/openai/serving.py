@@ -190,6 +190,7 @@ class OpenAIServing:
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
+        ended: set[int] = set()  # choices whose finish_reason was sent: later outputs repeat them
         usage_field = {"usage": None} if include_usage else {}
         try:
             for p in range(len(streams)):
@@ -202,8 +203,11 @@ class OpenAIServing:
                 for o in output.outputs:
                     index = p * n + o.index
                     text_from, tokens_from = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                    if len(o.text) <= text_from and len(o.token_ids) <= tokens_from and not o.finished():
+                    moved = len(o.text) > text_from or len(o.token_ids) > tokens_from
+                    if index in ended or not (moved or o.finished()):
                         continue
+                    if o.finished():
+                        ended.add(index)
                     choices.append(fmt.delta(index, o, text_from, tokens_from))
                     sent_text[index], sent_tokens[index] = max(text_from, len(o.text)), len(o.token_ids)
                 if choices:
