@@ -388,10 +388,22 @@ def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
             latencies.append(time.perf_counter() - started)
         sender.join()
         assert answer["status"] == 400 and "3300000 tokens" in answer["body"]["error"]["message"]
-        # the event loop kept answering while the body was parsed and checked (in a worker thread)
+        # the event loop kept answering while the body was parsed and checked (in a child process)
         assert len(latencies) >= 3, latencies
         print(f"/health while a 10 MB body was refused: {len(latencies)} answers, slowest "
               f"{max(latencies) * 1000:.0f} ms")
+
+        # Large bodies take the child's path; they get the answers small ones get.
+        small = b'{"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}'
+        padding = b" " * (2 << 20)  # whitespace is valid JSON
+        big, plain = server.post("/v1/completions", small + padding), server.post("/v1/completions", small)
+        assert big[0] == plain[0] == 200 and big[1]["choices"][0]["text"] == plain[1]["choices"][0]["text"]
+        status, body = server.post("/v1/completions", small[:-1] + padding)
+        assert status == 400 and "not valid JSON" in body["error"]["message"], body
+        status, body = server.post("/v1/completions", b'{"prompt": "a\\ud800b"}' + padding)
+        assert status == 400 and "surrogate" in body["error"]["message"], body
+        status, body = server.post("/v1/completions", json.dumps({"prompt": [1] * 300_000}).encode() + padding)
+        assert status == 400 and "300000 tokens" in body["error"]["message"], body
 
 
 def test_full_queue_is_429_and_not_ready(default_model_available):

@@ -13,7 +13,6 @@ draining); /ready is readiness (503 also while the queue is full: send traffic e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
@@ -26,10 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, ServerShutdownError
+from tokenmill.entrypoints.openai.body_parser import BodyParser
 from tokenmill.entrypoints.openai.metrics import ServerMetrics
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.entrypoints.openai.serving import ModelNotFoundError, OpenAIServing
@@ -96,10 +96,11 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
               options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     api_key = options.api_key
-    app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server", lifespan=_worker_threads)
+    app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server", lifespan=_workers)
     app.add_middleware(BodyLimit, limit=options.max_request_bytes)
     app.state.draining = False  # set on SIGTERM: new work is refused, the work in flight finishes
     serving = OpenAIServing(engine, served_model_names, options.max_request_tokens)
+    app.state.body_parser = BodyParser(serving.max_model_len)
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -142,12 +143,12 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
 
     @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, app.state.body_parser, CompletionRequest)
         return await _respond(serving.completion(body, request.headers.get(TENANT_HEADER)), request)
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, app.state.body_parser, ChatCompletionRequest)
         return await _respond(serving.chat(body, request.headers.get(TENANT_HEADER)), request)
 
     route_paths = {route.path for route in app.routes}
@@ -156,10 +157,11 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
 
 
 @asynccontextmanager
-async def _worker_threads(_app: FastAPI):
+async def _workers(app: FastAPI):
     """The threads that parse and tokenize requests, all started before the first request: one
     started mid-request waited ~140 ms for the GIL while another thread parsed a large body,
-    and the event loop (every other request, /health) waited with it."""
+    and the event loop (every other request, /health) waited with it. At the end, the body
+    parser's process goes too."""
     executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="tokenmill-worker")
     started = threading.Barrier(WORKER_THREADS)  # each task waits for the others: one per thread
     for future in [executor.submit(started.wait) for _ in range(WORKER_THREADS)]:
@@ -167,31 +169,13 @@ async def _worker_threads(_app: FastAPI):
     asyncio.get_running_loop().set_default_executor(executor)  # what asyncio.to_thread runs on
     yield
     executor.shutdown(wait=False)
+    app.state.body_parser.close()
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The body, parsed and checked in a worker thread: done on the event loop, as FastAPI does it,
-    a 10 MB list of token ids held every other request and /health for seconds (pydantic's JSON
-    parser lets the loop run meanwhile; json.loads would not)."""
-    raw = await request.body()
-    try:
-        return await asyncio.to_thread(_validate, model, raw)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
-
-
-def _validate(model: type[BaseModel], raw: bytes) -> BaseModel:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        if e.errors()[0]["type"] != "json_invalid":
-            raise
-        invalid = e
-    try:  # pydantic's parser refuses lone surrogates, which JSON allows: the checks after it name them
-        data = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
-        raise invalid from None
-    return model.model_validate(data)
+async def _parse(request: Request, parser: BodyParser, model: type[BaseModel]) -> BaseModel:
+    """The body, parsed and checked off the event loop (see BodyParser): done on the loop, as
+    FastAPI does it, a 10 MB list of token ids held every other request and /health for seconds."""
+    return await asyncio.to_thread(parser.parse, model, await request.body())
 
 
 def _json_body(model: type[BaseModel]) -> dict:

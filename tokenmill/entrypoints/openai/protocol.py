@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictBool, ValidationInfo, field_validator
 
 from tokenmill.sampling_params import SEED_RANGE, SamplingParams
 
@@ -84,10 +84,16 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_shape(cls, prompt):
+    def _prompt_shape(cls, prompt, info: ValidationInfo):
         """Says which of the four shapes was meant and what is wrong with it (pydantic's union
-        error would list every shape's complaint, the first "Input should be a valid string")."""
+        error would list every shape's complaint, the first "Input should be a valid string").
+        With a `max_model_len` in the validation context, token ids that fill the context are
+        refused here, so that a huge list is not handed on (or back from the parsing process)."""
+        context = (info.context or {}).get("max_model_len")
+
         def ids_ok(ids) -> bool:
+            if context is not None and len(ids) >= context:
+                raise ValueError(prompt_too_long(len(ids), context))
             return all(type(t) is int and t >= 0 for t in ids)  # one Python loop: other threads get turns
 
         shapes = "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
@@ -115,6 +121,11 @@ class CompletionRequest(_Sampling):
         if p and type(p[0]) is int:  # token ids (the validator checked every one)
             return [p]
         return list(p)
+
+
+def prompt_too_long(tokens: int, max_model_len: int) -> str:
+    return (f"the prompt has {tokens} tokens; this model's context is {max_model_len} tokens, "
+            "which must leave room for an answer")
 
 
 class TextPart(BaseModel):

@@ -18,7 +18,8 @@ from jinja2 import TemplateError
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError
 from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
-from tokenmill.entrypoints.openai.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, _Sampling
+from tokenmill.entrypoints.openai.protocol import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, _Sampling,
+                                                  prompt_too_long)
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -137,8 +138,7 @@ class OpenAIServing:
                 logprobs: int | None) -> SamplingParams:
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= self.max_model_len:
-            raise InvalidParameterError("prompt", f"the prompt has {longest} tokens; this model's context is "
-                                                  f"{self.max_model_len} tokens, which must leave room for an answer")
+            raise InvalidParameterError("prompt", prompt_too_long(longest, self.max_model_len))
         if max_tokens is not None and longest + max_tokens > self.max_model_len:
             raise InvalidParameterError("max_tokens", f"{max_tokens} new tokens after a {longest}-token prompt "
                                                       f"exceed the context of {self.max_model_len} tokens")
