@@ -253,12 +253,17 @@ def test_bad_parameters_are_400_naming_the_parameter(client, model_name, kwargs,
 
 
 def test_bad_chat_requests_are_400(client, model_name):
-    for kwargs, param in [({"messages": []}, "messages"),
-                          ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
-                          ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs")]:
+    image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    for kwargs, param, says in [({"messages": []}, "messages", "at least 1"),
+                                ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "role"),
+                                ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs", "logprobs"),
+                                ({"messages": [{"role": "user", "content": image}]}, "messages", "'image_url'"),
+                                ({"messages": [{"role": "user", "content": 5}]}, "messages", "got int"),
+                                ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages",
+                                 "string 'text'")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model_name, **kwargs)
-        assert e.value.body["param"] == param, e.value.body
+        assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body
 
 
 def test_chat_content_cannot_forge_turns_with_special_tokens(client, model_name):

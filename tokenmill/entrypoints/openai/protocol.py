@@ -140,6 +140,22 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, content):
+        """Names what is wrong (pydantic's union error would say "Input should be a valid string")."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"must be a string or a list of text parts, got {type(content).__name__}")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"only text parts are supported (this model reads text), got a part of type {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part needs a string 'text'")
+        return content
+
     def as_template_input(self) -> dict:
         content = self.content
         if isinstance(content, list):
