@@ -1,9 +1,10 @@
 """The OpenAI request bodies the server accepts, as pydantic models.
 
 Ranges live in the field constraints so that a bad value is a 400 naming the parameter and
-the OpenAPI document (which the fuzz test reads) states them. Unknown fields are ignored, as
-OpenAI-compatible servers do; known fields with the wrong type are rejected, booleans strictly
-(`"stream": "yes"` is not true).
+the OpenAPI document (which the fuzz test reads) states them. A field tokenmill does not act on
+is refused by name (`unhonoured_field`) unless its value asks for nothing (null, false, empty,
+`response_format` text): a client that asks for JSON or a tool call must not get free text with
+200. Known fields with the wrong type are rejected, booleans strictly (`"stream": "yes"` is not true).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields both endpoints share: the OpenAI ones, then tokenmill's (vLLM's) extensions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept, so that serving can name them (unhonoured_field)
 
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -67,6 +68,14 @@ class _Sampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def unhonoured_field(self) -> str | None:
+        """The first field of the body that tokenmill would ignore although it asks for something."""
+        for name, value in (self.model_extra or {}).items():
+            neutral = value is None or value is False or value in ("", [], {})
+            if not (neutral or (name == "response_format" and value == {"type": "text"})):
+                return name
+        return None
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]

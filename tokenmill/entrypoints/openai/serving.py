@@ -90,6 +90,11 @@ class OpenAIServing:
 
     # ---- requests in ----------------------------------------------------------------------------
     def _model_name(self, req: _Sampling) -> str:
+        """The served model the request names; first, a field tokenmill would ignore is refused."""
+        field = req.unhonoured_field()
+        if field is not None:
+            raise InvalidParameterError(field, f"tokenmill does not support '{field}' (yet); remove it rather "
+                                               "than get an answer that ignores it")
         if req.model is None:
             return self.served_model_names[0]
         if req.model not in self.served_model_names:
