@@ -10,6 +10,11 @@ from tokenmill.errors import InvalidParameterError, require_unicode
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM): logits / t would overflow float32
+# Every step checks each stop string and blocks each stop token id of every sequence: one request
+# with 200k of them slowed every other request ~700x. These caps are far above real use.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
 
 _INTEGERS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTEGERS = ("max_tokens", "logprobs", "seed")
@@ -42,6 +47,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise InvalidParameterError(name, f"must be a list, got {type(value).__name__}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate_types()
@@ -96,10 +105,16 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} characters each, "
+                        f"got {len(self.stop)} (longest {max(map(len, self.stop))})")
         for s in self.stop:
             require_unicode("stop", s)
         if any(isinstance(t, bool) or not isinstance(t, Integral) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids[:8]}")
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))  # order kept, repeats dropped
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(self.stop_token_ids)}")
         if self.seed is not None:
             low, high = SEED_RANGE
             if not low <= self.seed <= high - (self.n - 1):

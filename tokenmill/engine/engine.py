@@ -201,6 +201,9 @@ class LLMEngine:
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidParameterError("stop_token_ids", f"token ids {[t for t in params.stop_token_ids if t >= vocab][:5]} "
                                                           f"are outside the vocabulary (size {vocab})")
+        if params.min_tokens and len(set(self.eos_token_ids) | set(params.stop_token_ids)) >= vocab:
+            raise InvalidParameterError("stop_token_ids", "with EOS they cover the whole vocabulary, so no token "
+                                                          f"is left to sample before min_tokens ({params.min_tokens})")
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -406,8 +409,9 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", None
         elif token in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token
-        elif params.stop and delta and self._cut_stop_string(seq, len(delta)):
-            reason = "stop"
+        elif params.stop and delta and seq.num_output_tokens >= params.min_tokens \
+                and self._cut_stop_string(seq, len(delta)):
+            reason = "stop"  # as in vLLM, stop strings wait for min_tokens too
         elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
             reason = "length"
@@ -417,15 +421,15 @@ class LLMEngine:
 
     @staticmethod
     def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
-        """Find a stop string that the newest text completes; cut the text there."""
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, len(seq.text) - delta_len - longest + 1)
-        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
+        """Find a stop string that the newest text completes (it ends inside the newest `delta_len`
+        characters: one met before min_tokens stays text); cut the text there."""
+        text = seq.text
+        hits = [(text.find(s, max(0, len(text) - delta_len - len(s) + 1)), s) for s in seq.params.stop]
         hits = [(i, s) for i, s in hits if i != -1]
         if not hits:
             return False
         index, stop = min(hits)
-        seq.text = seq.text[: index + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:index]
+        seq.text = text[: index + len(stop)] if seq.params.include_stop_str_in_output else text[:index]
         seq.stop_reason = stop
         return True
 
@@ -445,10 +449,13 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that could still grow into a stop string."""
     best = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if stop.startswith(text[-n:]):
-                best = n
+        tail = text[len(text) - min(len(stop) - 1, len(text)):] if len(stop) > 1 else ""
+        start = tail.find(stop[0])  # only tails that begin with the stop's first character can grow into it
+        while start != -1 and len(tail) - start > best:
+            if stop.startswith(tail[start:]):
+                best = len(tail) - start
                 break
+            start = tail.find(stop[0], start + 1)
     return best
 
 

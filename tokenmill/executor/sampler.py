@@ -190,7 +190,10 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 def target_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution sampling rows draw from: temperature, then top-k, top-p and min-p, softmaxed."""
     temperature = torch.tensor([p.temperature for p in params], device=x.device)
-    return _filter(x / temperature.unsqueeze(1), params).softmax(-1)
+    # A temperature past float32's range is inf (-inf / inf is NaN), and a tiny one times a tiny
+    # repetition penalty overflows: keep the order, and blocked tokens at -inf.
+    scaled = (x / temperature.unsqueeze(1)).nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+    return _filter(scaled, params).softmax(-1)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
