@@ -242,6 +242,12 @@ def test_unknown_model_is_404(client):
     ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 2 would use seed + 1
     # once an IndexError inside the shared step, which failed every request in flight
     ({"extra_body": {"stop_token_ids": [999_999_999], "min_tokens": 2}}, "stop_token_ids"),
+    ({"logprobs": True}, "logprobs"),  # JSON true is not the integer 1
+    ({"n": True}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": [f"s{i}" for i in range(1000)]}, "stop"),  # every step would check each one
+    ({"extra_body": {"stop_token_ids": list(range(5000))}}, "stop_token_ids"),
+    ({"user": "u" * 100_000}, "user"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(client, model_name, kwargs, param):
     kwargs = {"prompt": PROMPT, **kwargs}
@@ -260,7 +266,10 @@ def test_bad_chat_requests_are_400(client, model_name):
                                 ({"messages": [{"role": "user", "content": image}]}, "messages", "'image_url'"),
                                 ({"messages": [{"role": "user", "content": 5}]}, "messages", "got int"),
                                 ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages",
-                                 "string 'text'")]:
+                                 "string 'text'"),
+                                ({"messages": [{"role": "user", "content": []}]}, "messages", "empty"),
+                                ({"messages": [{"role": "user", "content": "hi " * MAX_MODEL_LEN}]}, "messages",
+                                 "context")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model_name, **kwargs)
         assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body

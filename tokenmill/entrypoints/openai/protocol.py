@@ -9,13 +9,25 @@ is refused by name (`unhonoured_field`) unless its value asks for nothing (null,
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictBool, ValidationInfo, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SkipValidation, StrictBool, ValidationInfo,
+                      field_validator, model_validator)
 
 from tokenmill.sampling_params import SEED_RANGE, SamplingParams
 
 MAX_CHOICES = 128  # choices one request may ask for: n, and prompts x n on /v1/completions
+MAX_USER_CHARS = 256  # `user` names a tenant (a metrics label under fair scheduling), not a document
+
+
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_bool)]  # JSON true is not 1 here
+Real = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class StreamOptions(BaseModel):
@@ -25,36 +37,43 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields both endpoints share: the OpenAI ones, then tokenmill's (vLLM's) extensions."""
 
-    model_config = ConfigDict(extra="allow")  # kept, so that serving can name them (unhonoured_field)
+    # Unknown fields are noted by _note_unhonoured, not kept: with extra="allow" the OpenAPI
+    # document would invite arbitrary fields, and the fuzz test would spend its time on them.
+    model_config = ConfigDict(extra="ignore")
+    _unhonoured: str | None = PrivateAttr(default=None)
 
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    temperature: Annotated[Real, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Real, Field(gt=0, le=1)] = 1.0
+    n: Annotated[Integer, Field(ge=1, le=MAX_CHOICES)] = 1
+    stop: str | list[str] | None = None
+    seed: Annotated[Integer, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    presence_penalty: Annotated[Real, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Real, Field(ge=-2, le=2)] = 0.0
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # the tenant, for the fair scheduling policy and per-tenant length estimates
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None  # the tenant, for the fair scheduling policy and per-tenant length estimates
     # extensions
-    priority: int = 0  # lower runs first under the priority and aging policies (vLLM's field)
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    priority: Integer = 0  # lower runs first under the priority and aging policies (vLLM's field)
+    top_k: Annotated[Integer, Field(ge=-1)] = 0
+    min_p: Annotated[Real, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[Real, Field(gt=0, le=10)] = 1.0
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    min_tokens: Annotated[Integer, Field(ge=0)] = 0
+    stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_is_not_empty(cls, stop):
-        if stop == "":
-            raise ValueError("stop strings must be non-empty")
-        return stop
+    def _stop_shape(cls, stop):
+        """One message for every bad shape (pydantic's union error would say "valid string");
+        how many and how long: SamplingParams."""
+        if stop is None or (isinstance(stop, str) and stop):
+            return stop
+        if isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
+            return stop
+        raise ValueError("must be a non-empty string or a list of non-empty strings")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -69,24 +88,37 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_unhonoured(cls, data, handler):
+        model = handler(data)
+        if isinstance(data, dict):
+            model._unhonoured = next((name for name, value in data.items()
+                                      if name not in cls.model_fields and not _asks_nothing(name, value)), None)
+        return model
+
     def unhonoured_field(self) -> str | None:
         """The first field of the body that tokenmill would ignore although it asks for something."""
-        for name, value in (self.model_extra or {}).items():
-            neutral = value is None or value is False or value in ("", [], {})
-            if not (neutral or (name == "response_format" and value == {"type": "text"})):
-                return name
-        return None
+        return self._unhonoured
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+def _asks_nothing(name: str, value) -> bool:
+    """A value of an unsupported field that asks for nothing: null, false, empty, or text output."""
+    if isinstance(value, (list, dict, str)):
+        return not value or (name == "response_format" and value == {"type": "text"})
+    return value is None or value is False
+
+
+TokenIds = list[Annotated[Integer, Field(ge=0)]]
 
 
 class CompletionRequest(_Sampling):
+    prompt_field: ClassVar[str] = "prompt"  # the field an error about the prompt names
     # Checked by _prompt_shape alone: pydantic's own check of the union took 2.4 s for a 10 MB
     # list of token ids (it tries every shape and collects an error per element of each).
     prompt: SkipValidation[str | list[str] | TokenIds | list[TokenIds]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = 16
+    logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
     suffix: None = None
@@ -157,6 +189,8 @@ class ChatMessage(BaseModel):
             return content
         if not isinstance(content, list):
             raise ValueError(f"must be a string or a list of text parts, got {type(content).__name__}")
+        if not content:
+            raise ValueError("the list of content parts is empty")
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text":
@@ -173,11 +207,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    prompt_field: ClassVar[str] = "messages"
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
 
     @property

@@ -143,7 +143,7 @@ class OpenAIServing:
                 logprobs: int | None) -> SamplingParams:
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= self.max_model_len:
-            raise InvalidParameterError("prompt", prompt_too_long(longest, self.max_model_len))
+            raise InvalidParameterError(req.prompt_field, prompt_too_long(longest, self.max_model_len))
         if max_tokens is not None and longest + max_tokens > self.max_model_len:
             raise InvalidParameterError("max_tokens", f"{max_tokens} new tokens after a {longest}-token prompt "
                                                       f"exceed the context of {self.max_model_len} tokens")
