@@ -265,3 +265,25 @@ def test_no_logprobs_when_nobody_asks():
     out = Sampler(seed=0)(torch.randn(3, 10), make_batch(params))
     assert out.logprobs is None and out.ranks is None and out.top_logprobs is None
     assert len(out.token_ids) == 3
+
+
+def test_the_grammar_bitmask_kernel_matches_torch(monkeypatch):
+    """Structured outputs mask logits by llguidance's bitmask: tokenmill's kernel and the torch fallback agree."""
+    from tokenmill.executor import sampler as sampler_module
+
+    torch.manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word is partial
+    logits = torch.randn(5, vocab)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32)
+    bitmask[1] = -1  # every token allowed
+    rows = torch.tensor([4, 0, 2])
+    kernel = logits.clone()
+    sampler_module._mask_by_bitmask(kernel, rows, bitmask)
+    monkeypatch.setattr(sampler_module, "lowbit", lambda: None)
+    fallback = logits.clone()
+    sampler_module._mask_by_bitmask(fallback, rows, bitmask)
+    assert torch.equal(kernel, fallback)
+    bit = lambda i, t: (int(bitmask[i, t // 32]) >> (t % 32)) & 1  # noqa: E731
+    for i, row in enumerate(rows.tolist()):
+        assert [torch.isneginf(kernel[row, t]).item() for t in range(vocab)] == [not bit(i, t) for t in range(vocab)]
+    assert torch.equal(kernel[[1, 3]], logits[[1, 3]])  # rows without a grammar are untouched

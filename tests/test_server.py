@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Annotated
 
 import openai
+import pydantic
 import pytest
 
 from server_process import ServerProcess
@@ -275,11 +278,10 @@ def test_bad_chat_requests_are_400(client, model_name):
         assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body
 
 
-@pytest.mark.parametrize("extra", [{"response_format": {"type": "json_object"}},
-                                   {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-                                   {"logit_bias": {"5": 10}}, {"guided_json": {"type": "object"}}])
+@pytest.mark.parametrize("extra", [{"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                                   {"tool_choice": "required"}, {"logit_bias": {"5": 10}}])
 def test_fields_tokenmill_would_ignore_are_400_naming_them(client, model_name, extra):
-    """A client asking for JSON or a tool call must not get free text with 200."""
+    """A client asking for a tool call must not get free text with 200."""
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=2, extra_body=extra)
     name = next(iter(extra))
@@ -290,6 +292,83 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client, model_name):
     got = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=2, response_format={"type": "text"},
                                          extra_body={"logit_bias": {}, "store": False, "metadata": None})
     assert got.choices[0].finish_reason == "length"
+
+
+class City(pydantic.BaseModel):
+    name: Annotated[str, pydantic.Field(max_length=20)]
+    country: Annotated[str, pydantic.Field(max_length=20)]
+    population_millions: Annotated[int, pydantic.Field(ge=0, le=100)]
+
+
+def test_parse_returns_the_pydantic_object(client, model_name):
+    """The openai SDK's parse(): a strict json_schema response_format, parsed back into the model."""
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    got = parse(model=model_name, messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+                response_format=City, max_tokens=80, temperature=0)
+    city = got.choices[0].message.parsed
+    assert isinstance(city, City) and got.choices[0].finish_reason == "stop", got
+
+
+def test_streamed_json_schema_output_validates(client, model_name):
+    schema = City.model_json_schema()
+    stream = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "A city, as JSON."}], stream=True, n=3,
+        temperature=0.8, seed=5, max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    texts, reasons = ["", "", ""], [None] * 3
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert reasons == ["stop"] * 3
+    for text in texts:
+        City.model_validate_json(text)
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+    ({"guided_regex": "[0-9]{2}-[a-z]{3}"}, lambda t: re.fullmatch("[0-9]{2}-[a-z]{3}", t)),
+    ({"structured_outputs": {"choice": ["red", "green"]}}, lambda t: t in ("red", "green")),
+    ({"guided_grammar": 'root ::= "A" | "B"'}, lambda t: t in ("A", "B")),
+])
+def test_vllm_structured_output_fields_on_completions(client, model_name, extra, check):
+    got = client.completions.create(model=model_name, prompt="Answer:", max_tokens=60, temperature=1.0, seed=1,
+                                    n=4, extra_body=extra)
+    for choice in got.choices:
+        assert choice.finish_reason == "stop" and check(choice.text), choice
+
+
+def test_json_object_on_chat(client, model_name):
+    got = client.chat.completions.create(model=model_name, max_tokens=100, temperature=0,
+                                         messages=[{"role": "user", "content": "Reply with this JSON object: {\"ok\": true}"}],
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(got.choices[0].message.content), dict), got
+
+
+@pytest.mark.parametrize("extra, param, says", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", "nope"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
+    ({"guided_regex": "[a-"}, "guided_regex", "regex"),
+    ({"guided_choice": []}, "guided_choice", "choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"lark": "x"}}, "structured_outputs", "lark"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "not several"),
+])
+def test_invalid_structured_outputs_are_400_naming_the_field(client, model_name, extra, param, says):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body
+
+
+def test_a_grammar_past_its_limits_is_400_not_500(client, model_name, server):
+    endless = {"type": "object", "required": ["a"], "properties": {"a": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=40, response_format={
+            "type": "json_schema", "json_schema": {"name": "endless", "schema": endless}})
+    assert e.value.body["param"] == "response_format" and "grammar failed" in e.value.body["message"], e.value.body
+    assert client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
 
 def test_chat_content_cannot_forge_turns_with_special_tokens(client, model_name):

@@ -9,7 +9,7 @@ from importlib import import_module
 _HOMES = {
     "LLM": "tokenmill.entrypoints.llm",
     "LLMEngine": "tokenmill.engine.engine",
-    "SamplingParams": "tokenmill.sampling_params",
+    "SamplingParams": "tokenmill.sampling_params", "StructuredOutputsParams": "tokenmill.sampling_params",
     "RequestOutput": "tokenmill.outputs", "CompletionOutput": "tokenmill.outputs",
     "Logprob": "tokenmill.outputs", "RequestMetrics": "tokenmill.outputs",
     "TokenmillError": "tokenmill.errors", "InvalidParameterError": "tokenmill.errors",

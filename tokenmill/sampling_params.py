@@ -23,6 +23,44 @@ _FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A grammar the output must follow (vLLM's fields): exactly one of a JSON schema, any JSON
+    object, a regular expression, a choice of strings, or a Lark / GBNF grammar. `field` is the
+    request field it came from, which an error names."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    field: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if len(given) != 1:
+            raise InvalidParameterError(self.field, "give exactly one of json, json_object, regex, choice, grammar; "
+                                                    f"got {', '.join(given) or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        ok = {"json": isinstance(value, (dict, str)), "json_object": True,
+              "regex": isinstance(value, str) and value, "grammar": isinstance(value, str) and value,
+              "choice": isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)}[kind]
+        if not ok:
+            raise InvalidParameterError(self.field, {
+                "json": "json must be a JSON schema (an object, or its text)",
+                "regex": "regex must be a non-empty string", "grammar": "grammar must be a non-empty string",
+                "choice": "choice must be a non-empty list of non-empty strings"}[kind])
+        for text in [value] if isinstance(value, str) else value if kind == "choice" else []:
+            require_unicode(self.field, text)
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object is True else next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+
+
+@dataclass
 class SamplingParams:
     """Per-request generation settings, named and defaulted as in vLLM."""
 
@@ -43,6 +81,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0: sampled token only)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrains the output to a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -115,6 +154,8 @@ class SamplingParams:
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))  # order kept, repeats dropped
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(self.stop_token_ids)}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
         if self.seed is not None:
             low, high = SEED_RANGE
             if not low <= self.seed <= high - (self.n - 1):

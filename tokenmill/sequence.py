@@ -47,6 +47,7 @@ class Sequence:
     first_token_time: float | None = None
     text: str = ""  # detokenized output so far (stop strings cut off)
     detokenizer: object | None = None  # IncrementalDetokenizer, when the model has a tokenizer
+    grammar: object | None = None  # GrammarState, when the output is constrained (structured outputs)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -247,11 +247,12 @@ class AsyncLLMEngine:
                                                "the server log has the details"))
                 self.observer("error", request_id)
             return
-        for request_id in self.engine.pop_failed():  # it failed a step by itself; the others went on
+        for request_id, error in self.engine.pop_failed().items():  # it failed by itself; the others went on
             stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.put(EngineStepError("this request failed the engine step and was ended; the other "
-                                           "requests go on; the server log has the details"))
+            if stream is not None:  # its own bad input (a grammar past its limits) says so; a bug does not
+                stream.put(error if isinstance(error, TokenmillError) else EngineStepError(
+                    "this request failed the engine step and was ended; the other requests go on; the server "
+                    "log has the details"))
             self.observer("error", request_id)
         for output in outputs:
             stream = self._streams.get(output.request_id)

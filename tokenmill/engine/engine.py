@@ -119,6 +119,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, ckpt.weights(packed=self.quant is not None), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
         self.accountant.sizes = self.runner.model_bytes()
+        self._grammar_compiler = None  # made by the first request with structured outputs
         self.speculator = None
         if spec_config is not None:
             draft = None
@@ -129,7 +130,7 @@ class LLMEngine:
                                    quantization_group_size=quantization_group_size, seed=seed)
             self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self.requests: dict[str, Request] = {}
-        self._failed: dict[str, str] = {}  # request id -> why it failed a step by itself
+        self._failed: dict[str, Exception] = {}  # request id -> why it failed a step by itself
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
             self.model_config.kv_bytes_per_token(self.kv_cache_dtype), capacity)
@@ -204,6 +205,7 @@ class LLMEngine:
         if params.min_tokens and len(set(self.eos_token_ids) | set(params.stop_token_ids)) >= vocab:
             raise InvalidParameterError("stop_token_ids", "with EOS they cover the whole vocabulary, so no token "
                                                           f"is left to sample before min_tokens ({params.min_tokens})")
+        grammar = self._grammar(params.structured_outputs) if params.structured_outputs is not None else None
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -214,6 +216,8 @@ class LLMEngine:
                            priority=priority, tenant=tenant or "")
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            if grammar is not None:
+                seq.grammar = self._grammar_compiler.state(grammar)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival))
         self.scheduler.add(seqs[0], forks=seqs[1:])  # the prompt is computed once, for all n
@@ -321,6 +325,9 @@ class LLMEngine:
             if seq.is_finished:
                 request.finished_seqs += 1
             touched[request.request_id] = request
+        for request_id in [r for r in touched if r in self._failed]:  # ended by their grammar above
+            self.abort_request(request_id)
+            del touched[request_id]
         outputs = []
         for request in touched.values():
             if request.finished:
@@ -350,7 +357,7 @@ class LLMEngine:
         for request_id, error in culprits.items():
             log.error("request %s failed the engine step by itself (%s: %s); ending it, the others go on",
                       request_id, type(error).__name__, error)
-            self._failed[request_id] = f"{type(error).__name__}: {error}"
+            self._failed[request_id] = error
             self.abort_request(request_id)
         chunks = [c for c in chunks if c.seq.request_id not in culprits]
         if not chunks:
@@ -372,7 +379,7 @@ class LLMEngine:
     def _blocked(self, chunks: list[ScheduledChunk]) -> list[list[list[int]]]:
         return [[self._blocked_tokens(c.seq, j) for j in range(len(c.draft) + 1)] for c in chunks if c.sample]
 
-    def pop_failed(self) -> dict[str, str]:
+    def pop_failed(self) -> dict[str, Exception]:
         """Requests that failed a step by themselves since the last call, and why (already ended)."""
         failed, self._failed = self._failed, {}
         return failed
@@ -384,6 +391,17 @@ class LLMEngine:
         seq.num_computed_tokens += chunk.num_known + accepted
         self.kv_cache.trim(seq)
         self.kv_cache.cache_full_blocks(seq)
+
+    def _grammar(self, spec) -> str:
+        """The request's grammar, compiled (an InvalidParameterError naming its field if it does not)."""
+        if self.tokenizer is None:
+            raise InvalidParameterError(spec.field, "structured outputs need a tokenizer; this model has none")
+        if self._grammar_compiler is None:
+            from tokenmill.grammar import GrammarCompiler  # llguidance loads with the first constrained request
+
+            self._grammar_compiler = GrammarCompiler(self.tokenizer.hf, self.model_config.vocab_size,
+                                                     self.eos_token_ids)
+        return self._grammar_compiler.compile(spec)
 
     def _blocked_tokens(self, seq: Sequence, drafts_before: int = 0) -> list[int]:
         """Tokens the sampler must not pick for `seq`'s next token after `drafts_before` draft tokens."""
@@ -405,6 +423,13 @@ class LLMEngine:
         delta = seq.detokenizer.step(token) if seq.detokenizer is not None else ""
         seq.text += delta
         reason = None
+        if seq.grammar is not None and token not in self.eos_token_ids and not seq.grammar.advance(token):
+            # the grammar hit llguidance's work limits (a schema that recurses without end, say): its fault
+            self._failed[seq.request_id] = InvalidParameterError(params.structured_outputs.field, (
+                f"the grammar failed at output token {seq.num_output_tokens}: {seq.grammar.error}"))
+            seq.finish_reason = "abort"
+            self._finish(seq)
+            return
         if not params.ignore_eos and token in self.eos_token_ids:
             reason, seq.stop_reason = "stop", None
         elif token in params.stop_token_ids:
@@ -412,6 +437,8 @@ class LLMEngine:
         elif params.stop and delta and seq.num_output_tokens >= params.min_tokens \
                 and self._cut_stop_string(seq, len(delta)):
             reason = "stop"  # as in vLLM, stop strings wait for min_tokens too
+        elif seq.grammar is not None and seq.grammar.done:
+            reason, seq.stop_reason = "stop", None  # the grammar is complete: nothing may follow
         elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
                 or seq.num_tokens >= self.max_model_len:
             reason = "length"

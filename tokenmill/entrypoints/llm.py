@@ -76,8 +76,11 @@ class LLM:
                         bar.update(1)
                 failed = {rid: why for rid, why in self.engine.pop_failed().items() if rid in ids}
                 if failed:
+                    rid, error = next(iter(failed.items()))
+                    if isinstance(error, InvalidParameterError):
+                        raise error
                     raise RequestFailedError(
-                        f"prompt {ids.index(next(iter(failed)))} failed the engine step: {next(iter(failed.values()))}")
+                        f"prompt {ids.index(rid)} failed the engine step: {type(error).__name__}: {error}")
         finally:
             bar.close()
             for request_id in ids:

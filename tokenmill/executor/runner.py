@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.kernels import lowbit
+from tokenmill.grammar import fill_bitmask
 from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.metering.roofline import ModelBytes
@@ -69,6 +70,10 @@ class ModelRunner:
             output_token_ids=[c.seq.output_token_ids + c.draft[:j] for c, j in positions],
             blocked_token_ids=[row for chunk_rows in blocked_token_ids for row in chunk_rows],
         )
+        constrained = [(i, c.seq.grammar) for i, (c, _) in enumerate(positions) if c.seq.grammar is not None]
+        if constrained:  # such sequences never draft: one row each
+            batch.grammar_rows = [i for i, _ in constrained]
+            batch.grammar_bitmask = fill_bitmask([g for _, g in constrained], logits.shape[1]).to(logits.device)
         if len(rows) == len(sampled):  # no drafts: one token per chunk
             return StepResult(sampled, self.sampler(logits, batch), [1] * len(sampled))
         probs = draft_probs or {}

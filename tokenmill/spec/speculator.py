@@ -53,7 +53,10 @@ class Speculator:
         self.propose_seconds = 0.0  # what this step's proposing took
 
     def _cap(self, seq: Sequence) -> int:
-        """Most drafts worth verifying: the step emits drafts + 1 tokens, within max_tokens and the context."""
+        """Most drafts worth verifying: the step emits drafts + 1 tokens, within max_tokens and the context.
+        A sequence held to a grammar does not draft (its mask is computed for one next token only)."""
+        if seq.grammar is not None:
+            return 0
         room = self.max_model_len - seq.num_tokens
         if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - seq.num_output_tokens)

@@ -2,9 +2,8 @@
 
 Ranges live in the field constraints so that a bad value is a 400 naming the parameter and
 the OpenAPI document (which the fuzz test reads) states them. A field tokenmill does not act on
-is refused by name (`unhonoured_field`) unless its value asks for nothing (null, false, empty,
-`response_format` text): a client that asks for JSON or a tool call must not get free text with
-200. Known fields with the wrong type are rejected, booleans strictly (`"stream": "yes"` is not true).
+is refused by name (`unhonoured_field`) unless its value asks for nothing (null, false, empty):
+a client that asks for a tool call must not get free text with 200. Known fields with the wrong type are rejected, booleans strictly (`"stream": "yes"` is not true).
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SkipValidation, StrictBool, ValidationInfo,
                       field_validator, model_validator)
 
-from tokenmill.sampling_params import SEED_RANGE, SamplingParams
+from tokenmill.errors import InvalidParameterError
+from tokenmill.sampling_params import SEED_RANGE, SamplingParams, StructuredOutputsParams
 
 MAX_CHOICES = 128  # choices one request may ask for: n, and prompts x n on /v1/completions
 MAX_USER_CHARS = 256  # `user` names a tenant (a metrics label under fair scheduling), not a document
@@ -32,6 +32,30 @@ Real = Annotated[float, BeforeValidator(_not_bool)]
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # `schema` would shadow BaseModel.schema
+    strict: StrictBool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` object: one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: StrictBool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Sampling(BaseModel):
@@ -63,6 +87,13 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -82,7 +113,32 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop, stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, structured_outputs=self._structured_outputs())
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one grammar the body asks for, whichever field it used (two are an error)."""
+        asked = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked["response_format"] = dict(json_object=True)
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidParameterError("response_format", "type json_schema needs a json_schema object")
+            asked["response_format"] = dict(json=fmt.json_schema.schema_)
+        if self.structured_outputs is not None:
+            body = self.structured_outputs
+            asked["structured_outputs"] = dict(json=body.json_, json_object=body.json_object, regex=body.regex,
+                                               choice=body.choice, grammar=body.grammar)
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked[name] = {kind: getattr(self, name)}
+        if len(asked) > 1:
+            raise InvalidParameterError(sorted(asked)[1], f"give one of {', '.join(sorted(asked))}, not several")
+        if not asked:
+            return None
+        (field, kwargs), = asked.items()
+        return StructuredOutputsParams(**kwargs, field=field)
 
     @property
     def include_usage(self) -> bool:
@@ -103,9 +159,9 @@ class _Sampling(BaseModel):
 
 
 def _asks_nothing(name: str, value) -> bool:
-    """A value of an unsupported field that asks for nothing: null, false, empty, or text output."""
+    """A value of an unsupported field that asks for nothing: null, false or empty."""
     if isinstance(value, (list, dict, str)):
-        return not value or (name == "response_format" and value == {"type": "text"})
+        return not value
     return value is None or value is False
 
 

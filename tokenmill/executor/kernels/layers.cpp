@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "lowbit.h"
@@ -360,12 +361,39 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList params, const at
   return x;
 }
 
+// Structured outputs: rows[i] of x keeps only the tokens whose bit is set in bitmask[i] (int32
+// words, token t at bit t % 32 of word t / 32, as llguidance writes it); the rest become -inf.
+void mask_logits_(at::Tensor x, const at::Tensor& rows, const at::Tensor& bitmask) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "mask_logits_: x must be float32 2-D");
+  TORCH_CHECK(bitmask.scalar_type() == at::kInt && bitmask.is_contiguous() && bitmask.size(0) == rows.size(0),
+              "mask_logits_: bitmask must be int32 [rows, words]");
+  const int64_t V = x.size(1), W = bitmask.size(1), R = rows.size(0);
+  TORCH_CHECK(W * 32 >= V, "mask_logits_: the bitmask is narrower than the vocabulary");
+  const int64_t* rp = rows.const_data_ptr<int64_t>();
+  const uint32_t* bp = reinterpret_cast<const uint32_t*>(bitmask.const_data_ptr<int32_t>());
+  float* xp = x.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < R; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < x.size(0), "mask_logits_: row out of range");
+    float* row = xp + rp[i] * V;
+    const uint32_t* words = bp + i * W;
+    for (int64_t w = 0; w * 32 < V; ++w) {
+      const uint32_t word = words[w];
+      if (word == 0xffffffffu) continue;
+      const int64_t end = std::min<int64_t>(32, V - w * 32);
+      for (int64_t b = 0; b < end; ++b)
+        if (!((word >> b) & 1u)) row[w * 32 + b] = ninf;
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("mask_logits_(Tensor(a!) x, Tensor rows, Tensor bitmask) -> ()");
   m.def("row_attention(Tensor q, Tensor cache, Tensor tables, Tensor lens, int block_size, int window, float scale) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] params, Tensor cos, Tensor sin, Tensor slots, Tensor tables, Tensor lens, "
         "int block_size, int heads, int kv_heads, int head_dim, int intermediate, float eps, int window, float scale) -> Tensor");
@@ -376,5 +404,6 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("rope_", rope_);
   m.impl("silu_mul", silu_mul);
   m.impl("row_attention", row_attention);
+  m.impl("mask_logits_", mask_logits_);
   m.impl("decode_layers", decode_layers);
 }
