@@ -6,6 +6,7 @@ exactly the chunks it is handed, and samples for the chunks that end a sequence'
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ class StepResult:
     sampled: list[ScheduledChunk]  # the chunks that sampled
     samples: SamplerOutput | None  # their emitted tokens, in order: counts[i] rows for sampled[i]
     counts: list[int]  # tokens each sampled chunk emits: 1, or accepted drafts + 1 after a verification
+
+
+_mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")  # masks while the model runs
 
 
 class ModelRunner:
@@ -56,6 +60,8 @@ class ModelRunner:
         sampling chunk in order, one list per row: len(draft) + 1 rows. `draft_probs` holds the
         proposer's distributions [k, vocab] by seq_id, for drafts a model sampled."""
         sampled = [c for c in chunks if c.sample]
+        grammars = [c.seq.grammar for c in sampled if c.seq.grammar is not None]  # such sequences never draft
+        masks = _mask_pool.submit(fill_bitmask, grammars, self.cfg.vocab_size) if grammars else None
         hidden = self._forward([c for c in chunks if c.num_tokens])
         if not sampled:
             return StepResult([], None, [])
@@ -70,10 +76,9 @@ class ModelRunner:
             output_token_ids=[c.seq.output_token_ids + c.draft[:j] for c, j in positions],
             blocked_token_ids=[row for chunk_rows in blocked_token_ids for row in chunk_rows],
         )
-        constrained = [(i, c.seq.grammar) for i, (c, _) in enumerate(positions) if c.seq.grammar is not None]
-        if constrained:  # such sequences never draft: one row each
-            batch.grammar_rows = [i for i, _ in constrained]
-            batch.grammar_bitmask = fill_bitmask([g for _, g in constrained], logits.shape[1]).to(logits.device)
+        if masks is not None:  # computed by llguidance while the model ran
+            batch.grammar_rows = [i for i, (c, _) in enumerate(positions) if c.seq.grammar is not None]
+            batch.grammar_bitmask = masks.result().to(logits.device)
         if len(rows) == len(sampled):  # no drafts: one token per chunk
             return StepResult(sampled, self.sampler(logits, batch), [1] * len(sampled))
         probs = draft_probs or {}

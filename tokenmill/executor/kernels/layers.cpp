@@ -381,6 +381,10 @@ void mask_logits_(at::Tensor x, const at::Tensor& rows, const at::Tensor& bitmas
       const uint32_t word = words[w];
       if (word == 0xffffffffu) continue;
       const int64_t end = std::min<int64_t>(32, V - w * 32);
+      if (word == 0) {  // the common case under a grammar: nothing in these 32 tokens is allowed
+        std::fill(row + w * 32, row + w * 32 + end, ninf);
+        continue;
+      }
       for (int64_t b = 0; b < end; ++b)
         if (!((word >> b) & 1u)) row[w * 32 + b] = ninf;
     }
