@@ -5,9 +5,10 @@
 For each batch size, one request with n = batch samples (temperature 0.8, engine seed 0) runs to
 the end twice: constrained by a 20-field JSON schema, and unconstrained with the same number of
 steps (ignore_eos, max_tokens = the constrained run's longest answer). Timed inside the
-constrained run: llguidance's batched bitmask call (`fill_bitmask`), the mask applied to the
-logits (`_mask_by_bitmask`) and the matchers' token updates (`GrammarState.advance`); their sum
-per step is given against the whole step, the issue's goal being < 5%. Also the grammar's compile
+constrained run, on the step's critical path: the wait for llguidance's bitmasks (computed in a
+worker thread while the model runs), the mask applied to the logits (`_mask_by_bitmask`) and the
+matchers' token updates (`GrammarState.advance`); their sum per step is given against the whole
+step, the issue's goal being < 5%. Also the grammar's compile
 time (median of 20). benchmarks/grammar_backends.py compares llguidance with xgrammar outside
 the engine. Medians over --repeats; run it on a quiet machine (the load average is printed).
 """
@@ -62,11 +63,15 @@ class Timers:
     """Seconds spent in the wrapped functions while installed."""
 
     def __init__(self):
-        self.seconds = {"fill_bitmask": 0.0, "apply_mask": 0.0, "advance": 0.0}
+        self.seconds = {"mask_wait": 0.0, "apply_mask": 0.0, "advance": 0.0}
         self._saved = []
 
     def _wrap(self, owner, name: str, key: str) -> None:
         inner = getattr(owner, name)
+        if name == "_mask_pool":  # time the wait for the masks, not the worker thread's work
+            self._saved.append((owner, name, inner))
+            setattr(owner, name, _TimedPool(inner, self.seconds, key))
+            return
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
@@ -79,7 +84,7 @@ class Timers:
         setattr(owner, name, timed)
 
     def __enter__(self):
-        self._wrap(runner_module, "fill_bitmask", "fill_bitmask")
+        self._wrap(runner_module, "_mask_pool", "mask_wait")
         self._wrap(sampler_module, "_mask_by_bitmask", "apply_mask")
         self._wrap(GrammarState, "advance", "advance")
         return self
@@ -87,6 +92,25 @@ class Timers:
     def __exit__(self, *exc):
         for owner, name, inner in self._saved:
             setattr(owner, name, inner)
+
+
+class _TimedPool:
+    """The runner's mask pool, whose futures add the time spent waiting on them to `seconds[key]`."""
+
+    def __init__(self, pool, seconds: dict, key: str):
+        self.pool, self.seconds, self.key = pool, seconds, key
+
+    def submit(self, *args):
+        future, seconds, key = self.pool.submit(*args), self.seconds, self.key
+
+        class Timed:
+            def result(self):
+                started = time.perf_counter()
+                try:
+                    return future.result()
+                finally:
+                    seconds[key] += time.perf_counter() - started
+        return Timed()
 
 
 def run(llm: LLM, params: SamplingParams) -> tuple[float, int, int]:
@@ -136,7 +160,7 @@ def main() -> None:
     llm = LLM(seed=0)
     result = {"compile_20_fields_ms": compile_ms(llm), "batches": []}
     print(f"compile of the 20-field schema (to a ready matcher): {result['compile_20_fields_ms']:.2f} ms")
-    print("| batch | steps | step ms (constrained) | step ms (plain) | bitmask ms | apply ms | advance ms | share of step |")
+    print("| batch | steps | step ms (constrained) | step ms (plain) | mask wait ms | apply ms | advance ms | share of step |")
     print("|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
         runs = [measure(llm, batch) for _ in range(args.repeats)]
@@ -148,7 +172,7 @@ def main() -> None:
         result["batches"].append(row)
         g = row["grammar_ms_per_step"]
         print(f"| {batch} | {row['steps']:.0f} | {row['step_ms']:.2f} | {row['plain_step_ms']:.2f} | "
-              f"{g['fill_bitmask']:.3f} | {g['apply_mask']:.3f} | {g['advance']:.3f} | {100 * row['grammar_share']:.1f}% |")
+              f"{g['mask_wait']:.3f} | {g['apply_mask']:.3f} | {g['advance']:.3f} | {100 * row['grammar_share']:.1f}% |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))

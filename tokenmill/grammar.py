@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import torch
 
@@ -22,8 +21,9 @@ from tokenmill.sampling_params import StructuredOutputsParams
 # JSON on one line, separators as Python's json.dumps writes them: with free whitespace small models
 # ramble in newlines and spaces until max_tokens. A schema's own "x-guidance" settings win.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# llguidance's own pool; the masks are computed between model steps, so all cores are free then
-_MASK_THREADS = max(1, min(8, os.cpu_count() or 1))
+# llguidance's own pool. The runner computes the masks beside the model's forward pass, which
+# already uses every core: one thread, so that the two share the machine rather than fight.
+_MASK_THREADS = 1
 
 
 class GrammarCompiler:

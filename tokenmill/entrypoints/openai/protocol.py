@@ -3,7 +3,8 @@
 Ranges live in the field constraints so that a bad value is a 400 naming the parameter and
 the OpenAPI document (which the fuzz test reads) states them. A field tokenmill does not act on
 is refused by name (`unhonoured_field`) unless its value asks for nothing (null, false, empty):
-a client that asks for a tool call must not get free text with 200. Known fields with the wrong type are rejected, booleans strictly (`"stream": "yes"` is not true).
+a client that asks for a tool call must not get free text with 200. Known fields with the wrong
+type are rejected, booleans strictly (`"stream": "yes"` is not true, nor is `true` the number 1).
 """
 
 from __future__ import annotations
