@@ -15,6 +15,7 @@ GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM): logits
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_GRAMMAR_CHOICES = 1024  # 100k choices held the engine thread ~12 s for one 20-token answer
 
 _INTEGERS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTEGERS = ("max_tokens", "logprobs", "seed")
@@ -46,6 +47,8 @@ class StructuredOutputsParams:
         ok = {"json": isinstance(value, (dict, str)), "json_object": True,
               "regex": isinstance(value, str) and value, "grammar": isinstance(value, str) and value,
               "choice": isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)}[kind]
+        if kind == "choice" and ok and len(value) > MAX_GRAMMAR_CHOICES:
+            raise InvalidParameterError(self.field, f"at most {MAX_GRAMMAR_CHOICES} choices, got {len(value)}")
         if not ok:
             raise InvalidParameterError(self.field, {
                 "json": "json must be a JSON schema (an object, or its text)",
