@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from typing import Annotated
 
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -278,10 +279,11 @@ def test_bad_chat_requests_are_400(client, model_name):
         assert e.value.body["param"] == param and says in e.value.body["message"], e.value.body
 
 
-@pytest.mark.parametrize("extra", [{"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-                                   {"tool_choice": "required"}, {"logit_bias": {"5": 10}}])
+@pytest.mark.parametrize("extra", [{"functions": [{"name": "f", "parameters": {}}]}, {"function_call": "auto"},
+                                   {"logit_bias": {"5": 10}}, {"prediction": {"type": "content", "content": "x"}}])
 def test_fields_tokenmill_would_ignore_are_400_naming_them(client, model_name, extra):
-    """A client asking for a tool call must not get free text with 200."""
+    """A client asking for what tokenmill does not do (here the legacy form of tool calls) must not
+    get an answer that ignores it with 200."""
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=2, extra_body=extra)
     name = next(iter(extra))
@@ -370,6 +372,132 @@ def test_a_grammar_past_its_limits_is_400_not_500(client, model_name, server):
             "type": "json_schema", "json_schema": {"name": "endless", "schema": endless}})
     assert e.value.body["param"] == "response_format" and "grammar failed" in e.value.body["message"], e.value.body
     assert client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a city now",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _streamed_message(stream) -> tuple[str, list[dict], str]:
+    """(content, calls, finish reason) of a streamed chat answer, joined as a client joins the deltas."""
+    content, calls, reason = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                joined = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
+                joined["name"] += call.function.name or ""
+                joined["arguments"] += call.function.arguments or ""
+            reason = choice.finish_reason or reason
+    return content, [calls[i] for i in sorted(calls)], reason
+
+
+def test_required_tool_calls_from_the_small_model_parse_and_follow_the_schema(client, model_name):
+    """Sampled hot, one call each (parallel calls from a hot small model may go on to max_tokens)."""
+    got = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, tools=TOOLS, tool_choice="required",
+                                         parallel_tool_calls=False, n=4, temperature=1.0, seed=3, max_tokens=120)
+    for choice in got.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        assert len(choice.message.tool_calls) == 1, choice
+        for call in choice.message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            assert call.function.name in ("get_weather", "get_time") and isinstance(arguments, dict)
+            if call.function.name == "get_weather":
+                jsonschema.validate(arguments, WEATHER)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_round_trip(client, model_name, stream):
+    """Call (a named function), the tool's result, then the answer; streamed calls equal whole ones."""
+    ask = dict(model=model_name, tools=TOOLS, temperature=0, max_tokens=60)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(messages=WEATHER_CHAT, tool_choice=named, **ask).choices[0]
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_weather" and whole.finish_reason == "tool_calls"
+    if stream:
+        content, calls, reason = _streamed_message(client.chat.completions.create(
+            messages=WEATHER_CHAT, tool_choice=named, stream=True, **ask))
+        assert (content, reason) == ("", "tool_calls")
+        assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", call.function.arguments)]
+        assert calls[0]["id"].startswith("call_")
+    conversation = WEATHER_CHAT + [whole.message.model_dump(exclude_none=True),
+                                   {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    if stream:
+        content, calls, reason = _streamed_message(client.chat.completions.create(
+            messages=conversation, stream=True, **ask))
+    else:
+        answer = client.chat.completions.create(messages=conversation, **ask).choices[0]
+        content, calls, reason = answer.message.content, answer.message.tool_calls or [], answer.finish_reason
+    assert content and not calls and reason in ("stop", "length")
+
+
+def test_auto_tool_choice_parses_a_call_in_the_text(client, model_name):
+    """Free text that holds a call in the template's format comes back as a tool call (the small model
+    would not write one unasked: a regex makes it)."""
+    text = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    got = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, tools=TOOLS, max_tokens=60,
+                                         extra_body={"guided_regex": re.escape(text)}).choices[0]
+    assert got.finish_reason == "tool_calls" and got.message.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in got.message.tool_calls] == [
+        ("get_time", {"city": "Oslo"})]
+
+
+def test_tool_choice_none_leaves_the_tools_out(client, model_name):
+    with_tools = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, tools=TOOLS, max_tokens=1)
+    without = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, tools=TOOLS, tool_choice="none",
+                                             max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, max_tokens=8, temperature=0)
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert without.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("extra, param, says", [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
+    ({"tools": TOOLS + TOOLS[:1]}, "tools", "share a name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+      "tool_choice": "required"}, "tools", "nope"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "<|im_end|>"}}]}, "tools", "special"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages", "assistant"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}, "messages", "JSON object"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs", "'messages'"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(server, extra, param, says):
+    body = {"messages": WEATHER_CHAT, "max_tokens": 4, **extra}
+    status, answer = server.post("/v1/chat/completions", json.dumps(body).encode(), {"Authorization": f"Bearer {KEY}"})
+    assert status == 400 and answer["error"]["param"] == param and says in answer["error"]["message"], answer
+
+
+def test_reasoning_parser_splits_thinking_from_the_answer(default_model_available):
+    """--reasoning-parser qwen3: text in <think> comes back as reasoning_content, streamed and not (a
+    regex makes the small model think)."""
+    thought = r"<think>[a-z ]{4,30}</think>\n[A-Z][a-z ]{4,30}\."
+    with ServerProcess(["--reasoning-parser", "qwen3", *ENGINE_FLAGS]) as reasoning_server:
+        client = openai.OpenAI(base_url=reasoning_server.url + "/v1", api_key="none", max_retries=0)
+        ask = dict(model=client.models.list().data[0].id, messages=CHAT, max_tokens=60, temperature=0,
+                   extra_body={"guided_regex": thought})
+        whole = client.chat.completions.create(**ask).choices[0].message
+        plain = client.completions.create(model=ask["model"], prompt="x", max_tokens=1)  # the server still serves text
+        assert plain.choices[0].text is not None
+        stream = client.chat.completions.create(stream=True, **ask)
+        reasoning, content = "", ""
+        for chunk in stream:
+            for choice in chunk.choices:
+                reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+                content += choice.delta.content or ""
+    whole_reasoning = whole.model_extra["reasoning_content"]
+    assert re.fullmatch("[a-z ]{4,30}", whole_reasoning) and re.fullmatch("[A-Z][a-z ]{4,30}\\.", whole.content), whole
+    assert (reasoning, content) == (whole_reasoning, whole.content)
 
 
 def test_chat_content_cannot_forge_turns_with_special_tokens(client, model_name):

@@ -34,12 +34,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
+        """The conversation as the model reads it; `tools` (OpenAI's function definitions) and
+        `template_kwargs` (e.g. enable_thinking) are handed to the template."""
         if not self.chat_template:
             raise InvalidParameterError("messages", "this model has no chat template; use generate() with plain prompts")
         return self.hf.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            tools=tools, **(template_kwargs or {}))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes any BOS itself, so the rendered text is encoded without adding specials.

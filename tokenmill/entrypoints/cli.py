@@ -26,6 +26,8 @@ from typing import Callable
 from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, parse_memory
 from tokenmill.engine.policy import POLICIES
 from tokenmill.errors import InvalidParameterError, TokenmillError
+from tokenmill.entrypoints.openai.reasoning import REASONING_PARSERS
+from tokenmill.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 # ---- shared flags ---------------------------------------------------------------------------
 
@@ -278,6 +280,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-tenant-labels", action="store_true",
                    help="show the fair policy's per-tenant series (tenant names) on /metrics to everyone; "
                         "without it only requests with the API key see them")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="the format of the model's tool calls (default: the chat template's; hermes when the "
+                        "template knows no tools, which then get written into the system message)")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="return a reasoning model's <think> text as reasoning_content (default: none, it stays "
+                        "in the content)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -296,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InvalidParameterError(name, f"must be non-negative, got {value}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions(args.api_key, args.max_queue, parse_memory(args.max_request_bytes, "max_request_bytes"),
-                            args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels)
+                            args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels,
+                            args.tool_call_parser, args.reasoning_parser)
     serve(lambda: make_engine(args), args.host, args.port, options, args.served_model_name, args.log_level)
     return 0
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import InvalidParameterError, RequestFailedError
+from tokenmill.entrypoints.openai.tool_parsers import render_chat
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -41,15 +42,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, priority: int | Seq[int] = 0,
-             user: str | Seq[str] | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+             user: str | Seq[str] | None = None, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them. `tools`:
+        OpenAI function definitions the template shows the model (the server parses the calls);
+        `chat_template_kwargs`: more template variables, e.g. {"enable_thinking": False}."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise InvalidParameterError("messages", "this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         items = []
         for conv in conversations:
-            text = tokenizer.render_chat(conv, add_generation_prompt)
+            text = render_chat(tokenizer, conv, add_generation_prompt, tools, chat_template_kwargs)
             items.append((tokenizer.encode(text, add_special_tokens=False), text))
         return self._run(items, sampling_params, use_tqdm, priority, user)
 

@@ -58,6 +58,8 @@ class ServerOptions:
     max_request_tokens: int | None = None  # None: MAX_REQUEST_CONTEXTS x max_model_len
     shutdown_timeout: float = 30.0
     metrics_tenant_labels: bool = False
+    tool_call_parser: str | None = None  # None: the chat template's format
+    reasoning_parser: str | None = None
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -99,7 +101,8 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
     app = FastAPI(title="tokenmill", summary="OpenAI-compatible LLM server", lifespan=_workers)
     app.add_middleware(BodyLimit, limit=options.max_request_bytes)
     app.state.draining = False  # set on SIGTERM: new work is refused, the work in flight finishes
-    serving = OpenAIServing(engine, served_model_names, options.max_request_tokens)
+    serving = OpenAIServing(engine, served_model_names, options.max_request_tokens, options.tool_call_parser,
+                            options.reasoning_parser)
     app.state.body_parser = BodyParser(serving.max_model_len)
     _install_error_handlers(app)
 

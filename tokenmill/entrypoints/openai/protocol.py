@@ -3,12 +3,13 @@
 Ranges live in the field constraints so that a bad value is a 400 naming the parameter and
 the OpenAPI document (which the fuzz test reads) states them. A field tokenmill does not act on
 is refused by name (`unhonoured_field`) unless its value asks for nothing (null, false, empty):
-a client that asks for a tool call must not get free text with 200. Known fields with the wrong
+a client that asks for something tokenmill cannot do must not get an answer that ignores it. Known fields with the wrong
 type are rejected, booleans strictly (`"stream": "yes"` is not true, nor is `true` the number 1).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SkipValidation, StrictBool, ValidationInfo,
@@ -19,6 +20,7 @@ from tokenmill.sampling_params import SEED_RANGE, SamplingParams, StructuredOutp
 
 MAX_CHOICES = 128  # choices one request may ask for: n, and prompts x n on /v1/completions
 MAX_USER_CHARS = 256  # `user` names a tenant (a metrics label under fair scheduling), not a document
+MAX_TOOLS = 128  # OpenAI's limit on tools in one request
 
 
 def _not_bool(value):
@@ -231,12 +233,38 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's form)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError as e:
+            raise ValueError(f"must be a JSON object as text: {e}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"must be a JSON object as text, got a JSON {type(parsed).__name__}")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant turn made."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -256,11 +284,52 @@ class ChatMessage(BaseModel):
                 raise ValueError("a text part needs a string 'text'")
         return content
 
-    def as_template_input(self) -> dict:
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_only(cls, tool_calls, info: ValidationInfo):
+        if tool_calls and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool calls")
+        return tool_calls
+
+    @property
+    def text(self) -> str:
         content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return "".join(part.text for part in content) if isinstance(content, list) else content or ""
+
+    def as_template_input(self) -> dict:
+        """The message as chat templates read it (Hugging Face's convention: a call's arguments
+        as an object, not text)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object; none: no arguments
+    strict: StrictBool | None = None  # forced calls always follow the schema, strict or not
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Sampling):
@@ -271,6 +340,39 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict | None = None  # more variables for the template, e.g. {"enable_thinking": false}
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto if tools, else none
+    parallel_tool_calls: StrictBool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools):
+        names = [tool.function.name for tool in tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError(f"two tools share a name: {sorted(n for n in set(names) if names.count(n) > 1)[0]!r}")
+        return tools
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved(cls, kwargs):
+        """The request's own fields say these; a template variable must not override them."""
+        reserved = {"messages", "tools", "add_generation_prompt", "chat_template", "tokenize"} & set(kwargs or {})
+        if reserved:
+            raise ValueError(f"{sorted(reserved)[0]!r} is set by the request itself, not by chat_template_kwargs")
+        return kwargs
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "required" | "named", the named function): what the answer may hold."""
+        choice = self.tool_choice if self.tool_choice is not None else "auto" if self.tools else "none"
+        if choice != "none" and not self.tools:
+            raise InvalidParameterError("tool_choice", "needs tools to choose from")
+        if isinstance(choice, NamedToolChoice):
+            name = choice.function.name
+            if name not in {tool.function.name for tool in self.tools}:
+                raise InvalidParameterError("tool_choice", f"names the function {name!r}, which is not among tools")
+            return "named", name
+        return choice, None
 
     @property
     def max_output_tokens(self) -> int | None:

@@ -8,6 +8,7 @@ vLLM's servers. Streaming sends each choice's new text (and logprobs) as it grow
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -18,10 +19,13 @@ from jinja2 import TemplateError
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError
 from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
+from tokenmill.entrypoints.openai.chat_output import AssistantMessage
 from tokenmill.entrypoints.openai.protocol import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, _Sampling,
                                                   prompt_too_long)
+from tokenmill.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
+from tokenmill.entrypoints.openai.tool_parsers import ToolParser, parser_for, render_chat
 from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class ModelNotFoundError(TokenmillError):
@@ -41,9 +45,15 @@ MAX_REQUEST_CONTEXTS = 64
 class OpenAIServing:
     """The completions and chat completions endpoints' logic, free of HTTP."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], max_request_tokens: int | None = None):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], max_request_tokens: int | None = None,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+        """`tool_call_parser`: the format of tool calls (default: the chat template's); `reasoning_parser`:
+        how reasoning models mark their thinking (default: none, thinking stays in the content)."""
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
+        template = self.tokenizer.chat_template if self.tokenizer is not None else None
+        self.tool_parser = parser_for(template, tool_call_parser)
+        self.reasoning_parser = REASONING_PARSERS[reasoning_parser]() if reasoning_parser else None
         self.max_model_len = engine.engine.max_model_len
         self.max_request_tokens = max_request_tokens or MAX_REQUEST_CONTEXTS * self.max_model_len
         self.served_model_names = served_model_names
@@ -78,12 +88,16 @@ class OpenAIServing:
         model = self._model_name(req)
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameterError("top_logprobs", "needs logprobs set to true")
-        prompts = [await asyncio.to_thread(self._chat_prompt, req)]
+        tool_mode, function = req.tool_mode()
+        prompts = [await asyncio.to_thread(self._chat_prompt, req, tool_mode != "none")]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, prompts, req.max_output_tokens, logprobs)
+        tools = self.tool_parser if tool_mode != "none" else None
+        if tools is not None:
+            params = self._tool_params(req, params, tool_mode, function)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add(request_id, prompts, params, req.priority, req.user or tenant)
-        fmt = _ChatFormat(self, request_id, model, req.logprobs, req.top_logprobs or 0)
+        fmt = _ChatFormat(self, request_id, model, req.logprobs, req.top_logprobs or 0, self.reasoning_parser, tools)
         if req.stream:
             return self._stream(streams, fmt, req.n, req.include_usage)
         return await self._collect(streams, fmt, req.n)
@@ -112,22 +126,44 @@ class OpenAIServing:
             return _Prompt(self.tokenizer.encode(prompt), prompt)
         return _Prompt(list(prompt), None)
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+    def _chat_prompt(self, req: ChatCompletionRequest, with_tools: bool = True) -> _Prompt:
+        """The rendered conversation; with its tools unless `with_tools` is false (tool_choice none)."""
         if self.tokenizer is None or not self.tokenizer.chat_template:
             raise InvalidParameterError("messages", "this model has no chat template; use /v1/completions")
         messages = [m.as_template_input() for m in req.messages]
         specials = self.tokenizer.special_tokens_pattern
         for i, message in enumerate(messages):
-            found = specials.search(message["content"]) if specials else None
+            found = specials.search(json.dumps(message, ensure_ascii=False)) if specials else None
             if found:  # in the rendered text it would be that token: a message could forge turns
                 raise InvalidParameterError("messages", f"message {i} holds the special token {found.group()!r}, "
                                                         "which would act as one; remove it")
+        tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if with_tools and req.tools else None
+        found = specials.search(json.dumps(tools, ensure_ascii=False)) if specials and tools else None
+        if found:
+            raise InvalidParameterError("tools", f"the tools hold the special token {found.group()!r}; remove it")
         try:
-            text = self.tokenizer.render_chat(messages, req.add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
         except TemplateError as e:
             raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
         self._check_text("messages", text)
         return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+
+    def _tool_params(self, req: ChatCompletionRequest, params: SamplingParams, mode: str,
+                     function: str | None) -> SamplingParams:
+        """A forced call ("required", or a named function) is generated under a grammar of the
+        parser's format whose arguments follow the function's schema, so it always parses."""
+        keep_specials = {"skip_special_tokens": False} if self.tool_parser.keeps_special_tokens else {}
+        if mode == "auto":
+            return dataclasses.replace(params, **keep_specials)
+        if params.structured_outputs is not None:
+            raise InvalidParameterError("tool_choice", f"a forced tool call has its own grammar; drop "
+                                                       f"{params.structured_outputs.field} or set tool_choice to auto")
+        allowed = [t.function for t in req.tools if mode == "required" or t.function.name == function]
+        schemas = [self.tool_parser.call_schema(f.name, f.parameters or {"type": "object", "properties": {}})
+                   for f in allowed]
+        grammar = self.tool_parser.grammar(schemas, parallel=mode == "required" and req.parallel_tool_calls)
+        return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar, field="tools"),
+                                   **keep_specials)
 
     def _check_text(self, param: str, text: str) -> None:
         """Before tokenizing: text that cannot fit the context by its length alone, or that holds
@@ -213,7 +249,9 @@ class OpenAIServing:
                         continue
                     if o.finished():
                         ended.add(index)
-                    choices.append(fmt.delta(index, o, text_from, tokens_from))
+                    choice = fmt.delta(index, o, text_from, tokens_from)
+                    if choice is not None:  # None: nothing settled to send yet (see AssistantMessage)
+                        choices.append(choice)
                     sent_text[index], sent_tokens[index] = max(text_from, len(o.text)), len(o.token_ids)
                 if choices:
                     yield _sse(fmt.chunk(choices) | usage_field)
@@ -363,24 +401,35 @@ class _ChatFormat(_Format):
     chunk_object_name = "chat.completion.chunk"
 
     def __init__(self, serving: OpenAIServing, request_id: str, model: str, with_logprobs: bool,
-                 top_logprobs: int):
+                 top_logprobs: int, reasoning: ReasoningParser | None = None, tools: ToolParser | None = None):
         super().__init__(serving, request_id, model)
         self.with_logprobs = with_logprobs
         self.top_logprobs = top_logprobs
+        self.reasoning, self.tools = reasoning, tools
+        self.messages: dict[int, AssistantMessage] = {}  # per choice
+
+    def _message(self, index: int) -> AssistantMessage:
+        if index not in self.messages:
+            self.messages[index] = AssistantMessage(self.reasoning, self.tools)
+        return self.messages[index]
 
     def choice(self, index: int, output: CompletionOutput) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": output.text},
+        message = self._message(index)
+        return {"index": index, "message": message.message(output.text),
                 "logprobs": self._logprobs(output, 0) if self.with_logprobs else None,
-                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+                "finish_reason": _finish_reason(output, message), "stop_reason": output.stop_reason}
 
     def first_delta(self, index: int) -> dict:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict:
-        text = output.text[text_from:]
-        return {"index": index, "delta": {"content": text} if text else {},
+    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict | None:
+        message = self._message(index)
+        delta = message.delta(output.text, output.finished())
+        if not delta and not output.finished() and not self.with_logprobs:
+            return None
+        return {"index": index, "delta": delta,
                 "logprobs": self._logprobs(output, tokens_from) if self.with_logprobs else None,
-                "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+                "finish_reason": _finish_reason(output, message), "stop_reason": output.stop_reason}
 
     def _logprobs(self, output: CompletionOutput, tokens_from: int) -> dict:
         content = []
@@ -392,3 +441,8 @@ class _ChatFormat(_Format):
     @staticmethod
     def _token(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _finish_reason(output: CompletionOutput, message: AssistantMessage) -> str | None:
+    """"tool_calls" for an answer that ended in calls (not one cut off by max_tokens)."""
+    return "tool_calls" if output.finish_reason == "stop" and message.called else output.finish_reason
