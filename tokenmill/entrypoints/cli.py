@@ -62,6 +62,9 @@ def engine_parent() -> argparse.ArgumentParser:
                         "(default: auto)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes computed before (default: on)")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a jinja chat template, or the path of a file holding one, to use instead of the "
+                        "checkpoint's; one that does not parse stops the start (default: the checkpoint's)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", choices=POLICIES, default=None,
                    help="who runs first: fcfs (arrival), priority (the request's priority, lower first; preempts), "
@@ -99,7 +102,7 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
+                "seed", "enable_prefix_caching", "chat_template", "quantization", "quantization_group_size", "kv_cache_dtype",
                 "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
                 "sjf_prompt_token_weight", "sjf_long_prefill_tokens", "tenant_weights",
                 "speculative_config",
