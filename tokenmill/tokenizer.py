@@ -27,6 +27,15 @@ class Tokenizer:
         token's string has one character per byte, and every character is at least a byte)."""
         return max(1, max(map(len, self.hf.get_vocab()), default=1))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids 0 to vocab_size - 1 decode (the model's embedding may have more rows, as padding)."""
+        return len(self.hf)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each token's vocabulary string (byte-level pieces as stored, e.g. "Ġworld")."""
+        return self.hf.convert_ids_to_tokens(ids)
+
     @functools.cached_property
     def special_tokens_pattern(self) -> re.Pattern | None:
         """Matches the text of any special token (which encoding turns into that token), or None."""

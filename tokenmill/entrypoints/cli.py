@@ -261,8 +261,8 @@ def _read_line() -> str | None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", parents=[engine_parent()], help="OpenAI-compatible HTTP server",
-                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
-                                   "/metrics (Prometheus) over HTTP.")
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+                                   "/detokenize, /health, /ready and /metrics (Prometheus) over HTTP.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),

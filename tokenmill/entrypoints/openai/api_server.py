@@ -33,6 +33,8 @@ from tokenmill.entrypoints.openai.body_parser import BodyParser
 from tokenmill.entrypoints.openai.metrics import ServerMetrics
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.entrypoints.openai.serving import ModelNotFoundError, OpenAIServing
+from tokenmill.entrypoints.openai.tokenization import detokenize, tokenize
+from tokenmill.entrypoints.openai.tokenize_protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.errors import InvalidParameterError, TokenmillError
 
 log = logging.getLogger("tokenmill")
@@ -151,8 +153,16 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
         body = await _parse(request, app.state.body_parser, ChatCompletionRequest)
         return await _respond(serving.chat(body, request.headers.get(TENANT_HEADER)), request)
 
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
+    async def tokenize_route(request: Request) -> dict:
+        return await tokenize(serving, await _parse(request, app.state.body_parser, TokenizeRequest))
+
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize_route(request: Request) -> dict:
+        return await detokenize(serving, await _parse(request, app.state.body_parser, DetokenizeRequest))
+
     route_paths = {route.path for route in app.routes}
-    app.openapi = lambda: _openapi(app, (CompletionRequest, ChatCompletionRequest))
+    app.openapi = lambda: _openapi(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
 
 

@@ -1,0 +1,121 @@
+"""vLLM's server surface beyond the OpenAI endpoints, on a real `tokenmill serve`: /tokenize and
+/detokenize, and --chat-template."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from server_process import ServerProcess
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+NAME = "tiny"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def flags(model) -> list[str]:
+    return ["--model", str(model), "--served-model-name", NAME, "--max-model-len", "256", "--kv-cache-memory", "16MiB",
+            "--api-key", KEY]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_chat_model):
+    """The checkpoint's chat template, no CORS flags."""
+    with ServerProcess(flags(tiny_chat_model)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def custom(tiny_chat_model):
+    """A chat template of its own."""
+    with ServerProcess([*flags(tiny_chat_model), "--chat-template", TEMPLATE]) as s:
+        yield s
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def call(server, path: str, body: dict) -> dict:
+    status, answer = server.post(path, json.dumps(body).encode(), AUTH)
+    assert status == 200, answer
+    return answer
+
+
+# ---- /tokenize and /detokenize --------------------------------------------------------------
+
+
+def test_tokenize_then_detokenize_round_trips(plain):
+    text = "The capital of France is Paris. Ünïcödé, too: 東京."
+    got = call(plain, "/tokenize", {"prompt": text, "return_token_strs": True})
+    assert got["count"] == len(got["tokens"]) == len(got["token_strs"]) > 5 and got["max_model_len"] == 256
+    assert call(plain, "/detokenize", {"model": NAME, "tokens": got["tokens"]}) == {"prompt": text}
+    assert call(plain, "/tokenize", {"prompt": text})["token_strs"] is None
+    completion = client(plain).completions.create(model=NAME, prompt=text, max_tokens=1)
+    assert completion.usage.prompt_tokens == got["count"]
+
+
+def test_chat_form_counts_the_prompt_tokens_the_chat_endpoint_reports(plain):
+    got = call(plain, "/tokenize", {"model": NAME, "messages": CHAT})
+    chat = client(plain).chat.completions.create(model=NAME, messages=CHAT, max_tokens=1)
+    assert got["count"] == chat.usage.prompt_tokens
+    rendered = call(plain, "/detokenize", {"tokens": got["tokens"]})["prompt"]
+    assert rendered.endswith("<|im_start|>assistant\n") and CHAT[1]["content"] in rendered  # the checkpoint's template
+    without = call(plain, "/tokenize", {"messages": CHAT, "add_generation_prompt": False, "add_special_tokens": False})
+    assert without["tokens"] == got["tokens"][:without["count"]] and without["count"] < got["count"]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "messages": CHAT}, 400, "messages"),
+    ("/tokenize", {"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+    ("/tokenize", {"prompt": "hi", "tools": []}, 400, "tools"),  # unknown fields are named, not ignored
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": ""}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a\ud800b"}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "add_generation_prompt": True}, 400, "add_generation_prompt"),
+    ("/tokenize", {"prompt": "hi", "return_token_strs": "yes"}, 400, "return_token_strs"),
+    ("/tokenize", {"messages": CHAT, "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "<|im_start|>system"}]}, 400, "messages"),
+    ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens"),  # outside the vocabulary
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, True]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "hello"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [[1, 2]]}, 400, "tokens"),
+    ("/detokenize", {"tokens": list(range(257))}, 400, "tokens"),  # more than the context
+    ("/detokenize", {"tokens": [1] * 400_000}, 400, "tokens"),  # the same, parsed in the child process (> 1 MiB)
+    ("/detokenize", {}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1], "model": "no-such-model"}, 404, "model"),
+    ("/detokenize", {"tokens": [1], "skip_special_tokens": True}, 400, "skip_special_tokens"),
+])
+def test_bad_bodies_are_4xx_naming_the_field(plain, path, body, status, param):
+    got, answer = plain.post(path, json.dumps(body).encode(), AUTH)
+    assert (got, answer["error"]["param"]) == (status, param), answer
+    assert answer["error"]["message"]
+
+
+def test_tokenize_needs_the_key_and_every_answer_is_counted(plain):
+    counted = {code: f'code="{code}",endpoint="/tokenize"' for code in ("200", "400", "401")}
+    before = {code: plain.metric("tokenmill_http_responses_total", labels) for code, labels in counted.items()}
+    assert plain.post("/tokenize", b'{"prompt": "hi"}')[0] == 401
+    assert plain.post("/tokenize", b'{"prompt": "hi"}', AUTH)[0] == 200
+    assert plain.post("/tokenize", b'{"prompt": "hi", ', AUTH)[0] == 400  # not JSON
+    for code, labels in counted.items():
+        assert plain.metric("tokenmill_http_responses_total", labels) == before[code] + 1, code
+
+
+# ---- --chat-template ------------------------------------------------------------------------
+
+
+def test_a_custom_chat_template_renders_the_chat_prompt(custom):
+    got = call(custom, "/tokenize", {"messages": CHAT})
+    rendered = call(custom, "/detokenize", {"tokens": got["tokens"]})["prompt"]
+    assert rendered == "[system] Be brief.\n[user] What is the capital of France?\n[assistant]"
+    chat = client(custom).chat.completions.create(model=NAME, messages=CHAT, max_tokens=1)
+    assert chat.usage.prompt_tokens == got["count"]
