@@ -1,20 +1,24 @@
 """vLLM's server surface beyond the OpenAI endpoints, on a real `tokenmill serve`: /tokenize and
-/detokenize, and --chat-template."""
+/detokenize, --chat-template and CORS (--allowed-origins ...)."""
 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
 
 from server_process import ServerProcess
+from tokenmill.entrypoints import cli
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+ORIGIN = "https://app.example"
 
 
 def flags(model) -> list[str]:
@@ -31,8 +35,9 @@ def plain(tiny_chat_model):
 
 @pytest.fixture(scope="module")
 def custom(tiny_chat_model):
-    """A chat template of its own."""
-    with ServerProcess([*flags(tiny_chat_model), "--chat-template", TEMPLATE]) as s:
+    """A chat template of its own; CORS for ORIGIN (a JSON list) and one more origin (a value)."""
+    with ServerProcess([*flags(tiny_chat_model), "--chat-template", TEMPLATE,
+                        "--allowed-origins", json.dumps([ORIGIN]), "--allowed-origins", "https://two.example"]) as s:
         yield s
 
 
@@ -119,3 +124,44 @@ def test_a_custom_chat_template_renders_the_chat_prompt(custom):
     assert rendered == "[system] Be brief.\n[user] What is the capital of France?\n[assistant]"
     chat = client(custom).chat.completions.create(model=NAME, messages=CHAT, max_tokens=1)
     assert chat.usage.prompt_tokens == got["count"]
+
+
+# ---- CORS -----------------------------------------------------------------------------------
+
+
+def preflight(server, origin: str) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+
+
+def test_cors_answers_allowed_origins_only(custom, plain):
+    for origin in (ORIGIN, "https://two.example"):
+        status, headers = preflight(custom, origin)
+        assert status == 200 and headers["access-control-allow-origin"] == origin, headers
+        assert "POST" in headers["access-control-allow-methods"]
+    status, headers = preflight(custom, "https://evil.example")
+    assert "access-control-allow-origin" not in headers, headers
+    # an actual cross-origin request gets the header too, its error answers included
+    status, answer = custom.post("/tokenize", b'{"prompt": "hi"}', {"Origin": ORIGIN})
+    assert status == 401  # the key is still required
+    request = urllib.request.Request(custom.url + "/tokenize", data=b'{"prompt": "hi"}', method="POST",
+                                     headers={"Origin": ORIGIN, "Content-Type": "application/json", **AUTH})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.headers["access-control-allow-origin"] == ORIGIN
+    # without --allowed-origins: no CORS headers at all, as before
+    status, headers = preflight(plain, ORIGIN)
+    assert not any(name.startswith("access-control-") for name in headers), headers
+
+
+def test_cors_flags_are_checked_before_the_start(capsys):
+    assert cli.main(["serve", "--allowed-methods", "GET"]) == 2  # nothing to apply them to
+    assert "allowed_methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--allowed-origins", '["https://a.example", 5]'])
+    assert e.value.code == 2 and "list of strings" in capsys.readouterr().err

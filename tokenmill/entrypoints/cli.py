@@ -19,6 +19,7 @@ Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Callable
@@ -37,6 +38,25 @@ def memory_size(text: str) -> str:
     except InvalidParameterError as e:
         raise argparse.ArgumentTypeError(e.message) from None
     return text
+
+
+class ListFlag(argparse.Action):
+    """A list flag as vLLM's server takes it: values, or a JSON list of strings, given once or repeated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        for value in values:
+            if not value.lstrip().startswith("["):
+                items.append(value)
+                continue
+            try:
+                parsed = json.loads(value)
+            except ValueError as e:
+                parser.error(f"{option_string}: {value!r} is not a JSON list: {e}")
+            if not all(isinstance(item, str) for item in parsed):
+                parser.error(f"{option_string}: {value!r} must be a list of strings")
+            items.extend(parsed)
+        setattr(namespace, self.dest, items)
 
 
 def engine_parent() -> argparse.ArgumentParser:
@@ -283,6 +303,16 @@ def _add_serve(sub) -> None:
                         "without it only requests with the API key see them")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
+    g = p.add_argument_group("CORS (browsers calling the server from web pages of other origins)")
+    g.add_argument("--allowed-origins", action=ListFlag, nargs="+", default=None, metavar="ORIGIN",
+                   help='origins allowed, e.g. https://app.example.com, or "*" for any; values or a JSON list, '
+                        "repeatable (default: none, and no CORS headers at all)")
+    g.add_argument("--allowed-methods", action=ListFlag, nargs="+", default=None, metavar="METHOD",
+                   help="with --allowed-origins: methods allowed (default: *)")
+    g.add_argument("--allowed-headers", action=ListFlag, nargs="+", default=None, metavar="HEADER",
+                   help="with --allowed-origins: request headers allowed (default: *)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="with --allowed-origins: allow cookies and Authorization on cross-origin requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default: info)")
     p.set_defaults(func=cmd_serve)
@@ -297,9 +327,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise InvalidParameterError(name, f"must be non-negative, got {value}")
+    cors_only = next((name for name in ("allowed_methods", "allowed_headers", "allow_credentials")
+                      if getattr(args, name)), None)
+    if cors_only is not None and args.allowed_origins is None:
+        raise InvalidParameterError(cors_only, "applies to cross-origin requests; give --allowed-origins too")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions(args.api_key, args.max_queue, parse_memory(args.max_request_bytes, "max_request_bytes"),
-                            args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels)
+                            args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels,
+                            args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
     serve(lambda: make_engine(args), args.host, args.port, options, args.served_model_name, args.log_level)
     return 0
 

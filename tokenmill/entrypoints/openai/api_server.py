@@ -27,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, ServerShutdownError
 from tokenmill.entrypoints.openai.body_parser import BodyParser
@@ -60,6 +61,10 @@ class ServerOptions:
     max_request_tokens: int | None = None  # None: MAX_REQUEST_CONTEXTS x max_model_len
     shutdown_timeout: float = 30.0
     metrics_tenant_labels: bool = False
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS headers at all
+    allowed_methods: list[str] | None = None  # None: all ("*")
+    allowed_headers: list[str] | None = None  # None: all ("*")
+    allow_credentials: bool = False
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -161,6 +166,10 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
     async def detokenize_route(request: Request) -> dict:
         return await detokenize(serving, await _parse(request, app.state.body_parser, DetokenizeRequest))
 
+    if options.allowed_origins is not None:  # outermost: a preflight needs no API key; errors get the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods or ["*"],
+                           allow_headers=options.allowed_headers or ["*"], allow_credentials=options.allow_credentials)
     route_paths = {route.path for route in app.routes}
     app.openapi = lambda: _openapi(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
