@@ -1,5 +1,5 @@
 """vLLM's server surface beyond the OpenAI endpoints, on a real `tokenmill serve`: /tokenize and
-/detokenize, --chat-template and CORS (--allowed-origins ...)."""
+/detokenize, --chat-template, CORS (--allowed-origins ...) and the vllm:* metric names."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import urllib.request
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server_process import ServerProcess
 from tokenmill.entrypoints import cli
@@ -165,3 +166,61 @@ def test_cors_flags_are_checked_before_the_start(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--allowed-origins", '["https://a.example", 5]'])
     assert e.value.code == 2 and "list of strings" in capsys.readouterr().err
+
+
+# ---- vllm:* metrics -------------------------------------------------------------------------
+
+# vLLM's sample (model_name and engine labels aside) -> tokenmill's own
+VLLM_SAMPLES = {
+    ("vllm:num_requests_running", ()): ("tokenmill_num_requests_running", ()),
+    ("vllm:num_requests_waiting", ()): ("tokenmill_num_requests_waiting", ()),
+    ("vllm:kv_cache_usage_perc", ()): ("tokenmill_kv_cache_usage_ratio", ()),
+    ("vllm:gpu_cache_usage_perc", ()): ("tokenmill_kv_cache_usage_ratio", ()),
+    ("vllm:prompt_tokens_total", ()): ("tokenmill_prompt_tokens_total", ()),
+    ("vllm:generation_tokens_total", ()): ("tokenmill_generation_tokens_total", ()),
+    ("vllm:request_success_total", (("finished_reason", "length"),)): ("tokenmill_requests_total",
+                                                                        (("status", "length"),)),
+    ("vllm:prefix_cache_queries_total", ()): ("tokenmill_prefix_cache_queries_tokens_total", ()),
+    ("vllm:prefix_cache_hits_total", ()): ("tokenmill_prefix_cache_hits_tokens_total", ()),
+    ("vllm:num_preemptions_total", ()): ("tokenmill_num_preemptions_total", ()),
+    **{(f"vllm:{vllm}_{part}", ()): (f"tokenmill_{own}_{part}", ())
+       for vllm, own in (("time_to_first_token_seconds", "time_to_first_token_seconds"),
+                         ("time_per_output_token_seconds", "time_per_output_token_seconds"),
+                         ("request_time_per_output_token_seconds", "time_per_output_token_seconds"),
+                         ("e2e_request_latency_seconds", "e2e_request_latency_seconds"))
+       for part in ("count", "sum")},
+    ("vllm:e2e_request_latency_seconds_bucket", (("le", "+Inf"),)): ("tokenmill_e2e_request_latency_seconds_bucket",
+                                                                      (("le", "+Inf"),)),
+}
+
+
+def scrape(server) -> dict:
+    """(sample name, labels) -> value; a vLLM sample's labels without model_name and engine (checked here)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            if s.name.startswith("vllm:"):
+                assert (labels.pop("model_name"), labels.pop("engine")) == (NAME, "0"), s
+            samples[s.name, tuple(sorted(labels.items()))] = s.value
+    return samples
+
+
+def test_vllm_metric_names_show_tokenmills_own_readings(plain):
+    prompt = "Here is a shared prompt. " * 6
+    for _ in range(2):  # the second finds the first's prompt blocks in the prefix cache
+        client(plain).completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    samples = scrape(plain)
+    for vllm, own in VLLM_SAMPLES.items():
+        assert samples[vllm] == samples[own], (vllm, own)
+    value = {name: samples[name, labels] for name, labels in VLLM_SAMPLES}
+    assert value["vllm:generation_tokens_total"] >= 10 and value["vllm:prompt_tokens_total"] >= 2 * 30
+    assert samples["vllm:request_success_total", (("finished_reason", "length"),)] >= 2
+    assert 0 <= value["vllm:kv_cache_usage_perc"] <= 1
+    assert value["vllm:num_requests_running"] == value["vllm:num_requests_waiting"] == 0
+    assert 0 < value["vllm:prefix_cache_hits_total"] <= value["vllm:prefix_cache_queries_total"]
+    assert value["vllm:e2e_request_latency_seconds_count"] >= 2
+    assert 0 < value["vllm:time_to_first_token_seconds_sum"] <= value["vllm:e2e_request_latency_seconds_sum"]

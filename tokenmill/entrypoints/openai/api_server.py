@@ -301,8 +301,8 @@ def serve(engine, host: str, port: int, options: ServerOptions, served_model_nam
 
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_queue=options.max_queue, observer=metrics.observe)
-    metrics.bind_engine(async_engine)
     names = served_model_names or [async_engine.engine.model_name]
+    metrics.bind_engine(async_engine, names[0])
     app = build_app(async_engine, metrics, names, options)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
 
