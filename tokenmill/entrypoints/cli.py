@@ -122,7 +122,8 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "chat_template", "quantization", "quantization_group_size", "kv_cache_dtype",
+                "seed", "enable_prefix_caching", "chat_template", "quantization", "quantization_group_size",
+                "kv_cache_dtype",
                 "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
                 "sjf_prompt_token_weight", "sjf_long_prefill_tokens", "tenant_weights",
                 "speculative_config",
