@@ -90,6 +90,35 @@ def test_bad_parameter_and_missing_template_exit_2(stories_path, capsys):
     assert "chat template" in err and "Traceback" not in err
 
 
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def test_chat_template_flag_replaces_the_checkpoints(stories_path, tmp_path):
+    """stories260k has no template of its own; given one (inline or in a file), --chat and LLM.chat use it."""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(str(stories_path), chat_template=TEMPLATE, kv_cache_memory="4MiB")
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    assert llm.get_tokenizer().render_chat(messages) == "[user] Once upon a time\n[assistant]"
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0].text
+    path = tmp_path / "chat.jinja"
+    path.write_text(TEMPLATE)
+    for template in (TEMPLATE, str(path)):
+        proc = run_cli("generate", "Once upon a time", "--chat", "--chat-template", template, "--model",
+                       str(stories_path), "--temperature", "0", "--max-tokens", "12", "--kv-cache-memory", "4MiB")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want + "\n"
+
+
+@pytest.mark.parametrize("template, says", [("{% for m in messages %}", "does not parse"),
+                                            ("{{ messages | no_such_filter }}", "no_such_filter"),
+                                            ("no-such-file.jinja", "no-such-file.jinja")])
+def test_a_chat_template_that_does_not_parse_stops_the_start(stories_path, capsys, template, says):
+    assert cli.main(["generate", "hi", "--chat", "--chat-template", template, "--model", str(stories_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmill: error: chat_template:") and says in err and len(err.splitlines()) == 1, err
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([])

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
+
+from jinja2 import TemplateSyntaxError
 
 from tokenmill.errors import InvalidParameterError
+
+JINJA_CHARS = "{}\n"  # a chat template given holding none of these is a file's path (as vLLM takes it)
 
 
 class Tokenizer:
@@ -21,6 +26,15 @@ class Tokenizer:
         """The most characters one token can stand for: its vocabulary string's length (a byte-level
         token's string has one character per byte, and every character is at least a byte)."""
         return max(1, max(map(len, self.hf.get_vocab()), default=1))
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids 0 to vocab_size - 1 decode (the model's embedding may have more rows, as padding)."""
+        return len(self.hf)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each token's vocabulary string (byte-level pieces as stored, e.g. "Ġworld")."""
+        return self.hf.convert_ids_to_tokens(ids)
 
     @functools.cached_property
     def special_tokens_pattern(self) -> re.Pattern | None:
@@ -47,6 +61,28 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes any BOS itself, so the rendered text is encoded without adding specials.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def custom_chat_template(hf_tokenizer, value: str) -> str:
+    """The template `value` gives (a file's path, or the jinja text itself, as vLLM takes it), checked
+    at start-up: one that does not parse would otherwise fail every chat request."""
+    template = value
+    if not any(c in value for c in JINJA_CHARS):
+        try:
+            template = Path(value).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidParameterError("chat_template", f"{value!r} is not a jinja template, nor a readable "
+                                                         f"file: {e}") from None
+    if hf_tokenizer is None:
+        raise InvalidParameterError("chat_template", "this model has no tokenizer to render a chat template with")
+    try:  # transformers' own environment compiles it (its filters, extensions and globals)
+        hf_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, tokenize=False)
+    except TemplateSyntaxError as e:
+        raise InvalidParameterError("chat_template", f"the template does not parse: {e.message} "
+                                                     f"(line {e.lineno})") from None
+    except Exception:  # noqa: BLE001  (it parses; what it does with real messages shows per request)
+        pass
+    return template
 
 
 class IncrementalDetokenizer:

@@ -36,7 +36,7 @@ from tokenmill.sequence import Sequence
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.draft_model import DraftModel
 from tokenmill.spec.speculator import Speculator
-from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer, custom_chat_template
 
 log = logging.getLogger("tokenmill")
 
@@ -88,7 +88,7 @@ class LLMEngine:
                  energy_meter: str = EnergyConfig.energy_meter,
                  cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
                  price_per_hour: float | None = None, energy_price: float | None = None,
-                 speculative_config: SpeculativeConfig | dict | str | None = None):
+                 speculative_config: SpeculativeConfig | dict | str | None = None, chat_template: str | None = None):
         self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
                                    parse_memory(kv_cache_memory), kv_cache_fraction, enable_prefix_caching)
         _check_engine_args(self.config)
@@ -104,7 +104,8 @@ class LLMEngine:
         self.quant = resolve_quantization(quantization, ckpt.native_forms, quantization_group_size)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.eos_token_ids = _eos_ids(ckpt)
-        self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
+        template = ckpt.chat_template if chat_template is None else custom_chat_template(ckpt.tokenizer, chat_template)
+        self.tokenizer = Tokenizer(ckpt.tokenizer, template, self.eos_token_ids) if ckpt.tokenizer else None
         self.accountant = make_accountant(
             EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
             self.model_config, self.dtype, self.device)

@@ -19,6 +19,7 @@ Adding a subcommand: write `_add_<name>(subparsers)` that builds its parser (usu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Callable
@@ -39,6 +40,25 @@ def memory_size(text: str) -> str:
     except InvalidParameterError as e:
         raise argparse.ArgumentTypeError(e.message) from None
     return text
+
+
+class ListFlag(argparse.Action):
+    """A list flag as vLLM's server takes it: values, or a JSON list of strings, given once or repeated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        for value in values:
+            if not value.lstrip().startswith("["):
+                items.append(value)
+                continue
+            try:
+                parsed = json.loads(value)
+            except ValueError as e:
+                parser.error(f"{option_string}: {value!r} is not a JSON list: {e}")
+            if not all(isinstance(item, str) for item in parsed):
+                parser.error(f"{option_string}: {value!r} must be a list of strings")
+            items.extend(parsed)
+        setattr(namespace, self.dest, items)
 
 
 def engine_parent() -> argparse.ArgumentParser:
@@ -64,6 +84,9 @@ def engine_parent() -> argparse.ArgumentParser:
                         "(default: auto)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV of prompt prefixes computed before (default: on)")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a jinja chat template, or the path of a file holding one, to use instead of the "
+                        "checkpoint's; one that does not parse stops the start (default: the checkpoint's)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduling-policy", choices=POLICIES, default=None,
                    help="who runs first: fcfs (arrival), priority (the request's priority, lower first; preempts), "
@@ -101,7 +124,8 @@ def engine_parent() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "quantization", "quantization_group_size", "kv_cache_dtype",
+                "seed", "enable_prefix_caching", "chat_template", "quantization", "quantization_group_size",
+                "kv_cache_dtype",
                 "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
                 "sjf_prompt_token_weight", "sjf_long_prefill_tokens", "tenant_weights",
                 "speculative_config",
@@ -260,8 +284,8 @@ def _read_line() -> str | None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", parents=[engine_parent()], help="OpenAI-compatible HTTP server",
-                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
-                                   "/metrics (Prometheus) over HTTP.")
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+                                   "/detokenize, /health, /ready and /metrics (Prometheus) over HTTP.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
@@ -288,6 +312,16 @@ def _add_serve(sub) -> None:
                         "in the content)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) clients send (default: the model's name)")
+    g = p.add_argument_group("CORS (browsers calling the server from web pages of other origins)")
+    g.add_argument("--allowed-origins", action=ListFlag, nargs="+", default=None, metavar="ORIGIN",
+                   help='origins allowed, e.g. https://app.example.com, or "*" for any; values or a JSON list, '
+                        "repeatable (default: none, and no CORS headers at all)")
+    g.add_argument("--allowed-methods", action=ListFlag, nargs="+", default=None, metavar="METHOD",
+                   help="with --allowed-origins: methods allowed (default: *)")
+    g.add_argument("--allowed-headers", action=ListFlag, nargs="+", default=None, metavar="HEADER",
+                   help="with --allowed-origins: request headers allowed (default: *)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="with --allowed-origins: allow cookies and Authorization on cross-origin requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default: info)")
     p.set_defaults(func=cmd_serve)
@@ -302,10 +336,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise InvalidParameterError(name, f"must be non-negative, got {value}")
+    cors_only = next((name for name in ("allowed_methods", "allowed_headers", "allow_credentials")
+                      if getattr(args, name)), None)
+    if cors_only is not None and args.allowed_origins is None:
+        raise InvalidParameterError(cors_only, "applies to cross-origin requests; give --allowed-origins too")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions(args.api_key, args.max_queue, parse_memory(args.max_request_bytes, "max_request_bytes"),
                             args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels,
-                            args.tool_call_parser, args.reasoning_parser)
+                            args.tool_call_parser, args.reasoning_parser,
+                            args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
     serve(lambda: make_engine(args), args.host, args.port, options, args.served_model_name, args.log_level)
     return 0
 

@@ -27,12 +27,15 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, ServerShutdownError
 from tokenmill.entrypoints.openai.body_parser import BodyParser
 from tokenmill.entrypoints.openai.metrics import ServerMetrics
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.entrypoints.openai.serving import ModelNotFoundError, OpenAIServing
+from tokenmill.entrypoints.openai.tokenization import detokenize, tokenize
+from tokenmill.entrypoints.openai.tokenize_protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.errors import InvalidParameterError, TokenmillError
 
 log = logging.getLogger("tokenmill")
@@ -60,6 +63,10 @@ class ServerOptions:
     metrics_tenant_labels: bool = False
     tool_call_parser: str | None = None  # None: the chat template's format
     reasoning_parser: str | None = None
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS headers at all
+    allowed_methods: list[str] | None = None  # None: all ("*")
+    allowed_headers: list[str] | None = None  # None: all ("*")
+    allow_credentials: bool = False
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -154,8 +161,20 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
         body = await _parse(request, app.state.body_parser, ChatCompletionRequest)
         return await _respond(serving.chat(body, request.headers.get(TENANT_HEADER)), request)
 
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
+    async def tokenize_route(request: Request) -> dict:
+        return await tokenize(serving, await _parse(request, app.state.body_parser, TokenizeRequest))
+
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize_route(request: Request) -> dict:
+        return await detokenize(serving, await _parse(request, app.state.body_parser, DetokenizeRequest))
+
+    if options.allowed_origins is not None:  # outermost: a preflight needs no API key; errors get the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods or ["*"],
+                           allow_headers=options.allowed_headers or ["*"], allow_credentials=options.allow_credentials)
     route_paths = {route.path for route in app.routes}
-    app.openapi = lambda: _openapi(app, (CompletionRequest, ChatCompletionRequest))
+    app.openapi = lambda: _openapi(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
 
 
@@ -285,8 +304,8 @@ def serve(engine, host: str, port: int, options: ServerOptions, served_model_nam
 
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_queue=options.max_queue, observer=metrics.observe)
-    metrics.bind_engine(async_engine)
     names = served_model_names or [async_engine.engine.model_name]
+    metrics.bind_engine(async_engine, names[0])
     app = build_app(async_engine, metrics, names, options)
     log.info("tokenmill: serving %s on http://%s:%d", ", ".join(names), host, port)
 

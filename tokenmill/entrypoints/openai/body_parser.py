@@ -10,6 +10,7 @@ the context are refused in the child (see CompletionRequest._prompt_shape).
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import subprocess
@@ -18,8 +19,6 @@ import threading
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-
-from tokenmill.entrypoints.openai import protocol
 
 CHILD_PARSE_BYTES = 1 << 20  # a thread parses a body below this: at most about 15 ms of GIL
 
@@ -34,11 +33,12 @@ class BodyParser:
 
     def parse(self, model: type[BaseModel], raw: bytes) -> BaseModel:
         """The checked model, or RequestValidationError with pydantic's errors."""
+        name = f"{model.__module__}:{model.__qualname__}"  # what the child imports
         if len(raw) < CHILD_PARSE_BYTES:
-            outcome = _checked(model.__name__, raw, self.context)
+            outcome = _checked(name, raw, self.context)
         else:
             with self._lock:
-                outcome = self._in_child(model.__name__, raw)
+                outcome = self._in_child(name, raw)
         if isinstance(outcome, BaseModel):
             return outcome
         raise RequestValidationError(outcome)
@@ -64,7 +64,8 @@ class BodyParser:
 
 def _checked(model_name: str, raw: bytes, context: dict) -> BaseModel | list[dict]:
     """The model, or the errors a 400 lists (plain data: they cross the process boundary)."""
-    model = getattr(protocol, model_name)
+    module, _, name = model_name.partition(":")
+    model = getattr(importlib.import_module(module), name)
     try:
         return model.model_validate_json(raw, context=context)
     except ValidationError as e:

@@ -2,13 +2,14 @@
 
 Request-level figures are observed from the engine thread when a request ends; gauges
 (running, waiting, KV blocks, roofline fractions) and the energy total are read from the
-engine at scrape time.
+engine at scrape time. Some series are shown a second time under vLLM's names (VLLM_ALIASES),
+so that gateways, autoscalers and dashboards built for vLLM read tokenmill unchanged.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from tokenmill.metering.roofline import calibration_error
 from tokenmill.outputs import RequestOutput
@@ -19,11 +20,33 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 JOULES_PER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
+# tokenmill's series -> the vLLM (v1) names they are also shown under, with vLLM's labels model_name
+# and engine; vLLM's finished_reason is tokenmill's status. The readings are the same samples.
+VLLM_ALIASES = {
+    "tokenmill_num_requests_running": ("vllm:num_requests_running",),
+    "tokenmill_num_requests_waiting": ("vllm:num_requests_waiting",),
+    "tokenmill_kv_cache_usage_ratio": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),  # 0..1 both
+    "tokenmill_prefix_cache_queries_tokens": ("vllm:prefix_cache_queries",),
+    "tokenmill_prefix_cache_hits_tokens": ("vllm:prefix_cache_hits",),
+    "tokenmill_num_preemptions": ("vllm:num_preemptions",),
+    "tokenmill_prompt_tokens": ("vllm:prompt_tokens",),
+    "tokenmill_generation_tokens": ("vllm:generation_tokens",),
+    "tokenmill_requests": ("vllm:request_success",),
+    "tokenmill_time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    # one mean per finished sequence, as vLLM's request_time_per_output_token_seconds; dashboards read the
+    # older name, which vLLM observes per token
+    "tokenmill_time_per_output_token_seconds": ("vllm:time_per_output_token_seconds",
+                                                "vllm:request_time_per_output_token_seconds"),
+    "tokenmill_e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+}
+VLLM_LABELS = {"status": "finished_reason"}
+
 
 class ServerMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.tenant_registry: CollectorRegistry | None = None
+        self.model_name: str | None = None  # set by bind_engine
         self.requests = Counter("tokenmill_requests", "Requests that ended, by how they ended: stop, "
                                 "length (any of its n samples hit a limit), abort, error", ["status"], registry=r)
         self.http_responses = Counter("tokenmill_http_responses", "HTTP responses by endpoint and status code",
@@ -43,8 +66,9 @@ class ServerMetrics:
             "estimated=\"true\" when the meter is a power model, not a counter", ["meter", "estimated"],
             buckets=JOULES_PER_TOKEN_BUCKETS, registry=r)
 
-    def bind_engine(self, async_engine) -> None:
-        """Gauges that read the engine's state whenever /metrics is scraped."""
+    def bind_engine(self, async_engine, model_name: str) -> None:
+        """Gauges that read the engine's state whenever /metrics is scraped; `model_name` labels the vLLM aliases."""
+        self.model_name = model_name
         r, pool = self.registry, async_engine.engine.block_pool
         Gauge("tokenmill_num_requests_running", "Sequences in the running batch",
               registry=r).set_function(lambda: async_engine.num_running)
@@ -124,10 +148,38 @@ class ServerMetrics:
 
     def render(self, tenant_labels: bool = False) -> bytes:
         """The exposition text; `tenant_labels` adds the series labelled with tenant names (the fair policy's)."""
-        text = generate_latest(self.registry)
+        families = list(self.registry.collect())  # read once: each alias shows its series' very reading
+        text = generate_latest(_Collected(families + _vllm_aliases(families, self.model_name)))
         if tenant_labels and self.tenant_registry is not None:
             text += generate_latest(self.tenant_registry)
         return text
+
+
+class _Collected:
+    """Families already collected, for generate_latest."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def _vllm_aliases(families: list[Metric], model_name: str | None) -> list[Metric]:
+    """The VLLM_ALIASES copies of these families (none before bind_engine names the model)."""
+    if model_name is None:
+        return []
+    aliases = []
+    for family in families:
+        for name in VLLM_ALIASES.get(family.name, ()):
+            alias = Metric(name, family.documentation, family.type)
+            for sample in family.samples:
+                labels = {"model_name": model_name, "engine": "0"}
+                labels.update((VLLM_LABELS.get(k, k), v) for k, v in sample.labels.items())
+                alias.add_sample(name + sample.name[len(family.name):], labels, sample.value, sample.timestamp,
+                                 sample.exemplar)
+            aliases.append(alias)
+    return aliases
 
 
 def _fraction(value: float | None) -> float:

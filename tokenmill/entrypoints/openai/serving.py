@@ -109,21 +109,25 @@ class OpenAIServing:
         if field is not None:
             raise InvalidParameterError(field, f"tokenmill does not support '{field}' (yet); remove it rather "
                                                "than get an answer that ignores it")
-        if req.model is None:
-            return self.served_model_names[0]
-        if req.model not in self.served_model_names:
-            raise ModelNotFoundError(f"the model {req.model!r} does not exist; this server serves "
-                                     f"{', '.join(self.served_model_names)}")
-        return req.model
+        return self.served_model(req.model)
 
-    def _completion_prompt(self, prompt: str | list[int]) -> _Prompt:
+    def served_model(self, model: str | None) -> str:
+        """The served model a request names (the first when it names none), else ModelNotFoundError."""
+        if model is None:
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; this server serves "
+                                     f"{', '.join(self.served_model_names)}")
+        return model
+
+    def _completion_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> _Prompt:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidParameterError("prompt", "this model has no tokenizer; send token ids")
             if not prompt:
                 raise InvalidParameterError("prompt", "the prompt is empty")
             self._check_text("prompt", prompt)
-            return _Prompt(self.tokenizer.encode(prompt), prompt)
+            return _Prompt(self.tokenizer.encode(prompt, add_special_tokens), prompt)
         return _Prompt(list(prompt), None)
 
     def _chat_prompt(self, req: ChatCompletionRequest, with_tools: bool = True) -> _Prompt:
