@@ -108,6 +108,8 @@ class LLMEngine:
         # --generation-config auto); checked now, so that a bad file fails the start, not each request
         self.generation_defaults = generation_defaults(ckpt.generation_config)
         SamplingParams(**self.generation_defaults)
+        if self.generation_defaults:
+            log.info("tokenmill: defaults from the model's generation_config.json: %s", self.generation_defaults)
         self.tokenizer = Tokenizer(ckpt.tokenizer, ckpt.chat_template, self.eos_token_ids) if ckpt.tokenizer else None
         self.accountant = make_accountant(
             EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
