@@ -192,7 +192,8 @@ class SamplingParams:
         low, high = LOGIT_BIAS_RANGE
         for token, value in bias.items():
             if isinstance(token, bool) or not isinstance(token, Integral) or token < 0:
-                raise InvalidParameterError("logit_bias", f"keys must be token ids (non-negative integers), got {token!r}")
+                raise InvalidParameterError("logit_bias",
+                                            f"keys must be token ids (non-negative integers), got {token!r}")
             if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
                 raise InvalidParameterError("logit_bias", f"the bias of token {token} must be a number in "
                                                           f"[{low:g}, {high:g}], got {value!r}")

@@ -91,7 +91,8 @@ class ModelRunner:
                                  [probs.get(c.seq.seq_id) for c in sampled])
         return StepResult(sampled, samples, counts, prompt_logprobs)
 
-    def _prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[tuple[Sequence, SamplerOutput]]:
+    def _prompt_logprobs(self, chunks: list[ScheduledChunk],
+                         hidden: torch.Tensor) -> list[tuple[Sequence, SamplerOutput]]:
         """For sequences that asked for prompt logprobs, the raw logprobs of each prompt token of
         the chunk after the tokens before it: every position's logits, where sampling needs only the
         last. Positions already recorded (a sequence recomputed after a preemption) are skipped."""

@@ -128,7 +128,8 @@ class _Sampling(BaseModel):
         """`defaults`: the model's generation_config values, for the fields the body leaves out."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repetition_penalty)
-        fields |= {name: value for name, value in defaults.items() if name in fields and name not in self.model_fields_set}
+        fields |= {name: value for name, value in defaults.items()
+                   if name in fields and name not in self.model_fields_set}
         return SamplingParams(
             n=self.n, **fields, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
