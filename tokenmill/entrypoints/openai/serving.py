@@ -374,6 +374,7 @@ class _CompletionFormat(_Format):
         self.with_logprobs = with_logprobs
         self.echo = echo
         self.generate = generate
+        self._prompt_entries: dict[str, dict] = {}  # request id -> its prompt's logprob lists, shared by its n choices
 
     def choice(self, index: int, output: CompletionOutput, request: RequestOutput) -> dict:
         return self.delta(index, output, 0, 0, request)
@@ -385,7 +386,11 @@ class _CompletionFormat(_Format):
         text = (prompt if first else "") + (output.text[text_from:] if self.generate else "")
         logprobs = None
         if self.with_logprobs:
-            logprobs = self._prompt_logprobs(request) if self.echo and first else _logprob_lists()
+            logprobs = _logprob_lists()
+            if self.echo and first:
+                if request.request_id not in self._prompt_entries:
+                    self._prompt_entries[request.request_id] = self._prompt_logprobs(request)
+                logprobs = {key: list(values) for key, values in self._prompt_entries[request.request_id].items()}
             if self.generate:
                 generated = self._logprobs(output, tokens_from, len(prompt) + text_from)
                 for key, values in generated.items():
