@@ -48,6 +48,14 @@ def llm(tiny_models):
     ({"repetition_penalty": float("nan")}, "repetition_penalty"),
     ({"top_p": "0.5"}, "top_p"),
     ({"ignore_eos": 1}, "ignore_eos"),
+    ({"logit_bias": {5: 101}}, "logit_bias"),
+    ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": [5]}, "logit_bias"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
 ])
 def test_invalid_sampling_params(kwargs, param):
     with pytest.raises(InvalidParameterError) as e:
@@ -68,6 +76,12 @@ def test_prompt_longer_than_max_model_len(llm):
 def test_token_ids_outside_vocabulary(llm):
     with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
         llm.generate([[1, 2, 999]], use_tqdm=False)
+
+
+def test_logit_bias_outside_vocabulary_is_refused_before_any_step(llm):
+    with pytest.raises(InvalidParameterError, match="outside the vocabulary") as e:
+        llm.generate([[5, 6]], SamplingParams(logit_bias={3: 1.0, 999_999: 5.0}), use_tqdm=False)
+    assert e.value.param == "logit_bias" and not llm.engine.requests
 
 
 def test_stop_token_ids_outside_vocabulary_are_refused_before_any_step(llm):

@@ -143,3 +143,41 @@ def test_request_metrics_are_ordered(tiny_llm):
     m = out.metrics
     assert m.arrival_time <= m.first_token_time <= m.finished_time
     assert m.ttft >= 0 and m.e2e >= m.ttft
+
+
+def test_logit_bias_forces_or_bans_tokens_and_leaves_other_rows_alone(tiny_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7], [40, 41], [90, 91, 92, 93]]
+    alone = [tokens(o) for o in tiny_llm.generate(prompts, greedy, use_tqdm=False)]
+    forced = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={77: 100})
+    banned = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={alone[1][0]: -100})
+    mixed = tiny_llm.generate(prompts, [forced, banned, greedy], use_tqdm=False)
+    assert tokens(mixed[0]) == [77] * 6
+    assert tokens(mixed[1])[0] != alone[1][0] and alone[1][0] not in tokens(mixed[1])
+    assert tokens(mixed[2]) == alone[2]
+    sampled = SamplingParams(temperature=1.0, seed=4, max_tokens=6, ignore_eos=True, logit_bias={77: 100})
+    assert tokens(tiny_llm.generate(prompts[:1], sampled, use_tqdm=False)[0]) == [77] * 6
+
+
+def test_truncate_prompt_tokens_keeps_the_last_ones(tiny_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    cut = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=3)
+    long = list(range(10, 40))
+    out = tiny_llm.generate([long], cut, use_tqdm=False)[0]
+    assert out.prompt_token_ids == long[-3:]
+    assert tokens(out) == tokens(tiny_llm.generate([long[-3:]], greedy, use_tqdm=False)[0])
+
+
+def test_generation_config_gives_the_defaults_of_offline_generate(tmp_path):
+    import json
+    from conftest import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "m", "llama")
+    (path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5, "top_k": 1, "temperature": 0.7,
+                                                             "do_sample": True, "eos_token_id": 2}))
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="4MiB")
+    assert llm.engine.generation_defaults == {"max_tokens": 5, "top_k": 1, "temperature": 0.7}
+    out = llm.generate([[5, 6, 7]], use_tqdm=False)[0].outputs[0]
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy.token_ids  # top_k 1 samples the argmax
+    assert len(out.token_ids) == 5 or out.finish_reason == "stop"

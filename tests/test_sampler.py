@@ -287,3 +287,25 @@ def test_the_grammar_bitmask_kernel_matches_torch(monkeypatch):
     for i, row in enumerate(rows.tolist()):
         assert [torch.isneginf(kernel[row, t]).item() for t in range(vocab)] == [not bit(i, t) for t in range(vocab)]
     assert torch.equal(kernel[[1, 3]], logits[[1, 3]])  # rows without a grammar are untouched
+
+
+def test_logit_bias_is_added_to_its_rows_before_sampling_and_logprobs_stay_raw():
+    logits = torch.randn(3, 20, generator=gen(5))
+    worst = int(logits[0].argmin())
+    best = int(logits[2].argmax())
+    params = [SamplingParams(temperature=0, logit_bias={worst: 100.0}, logprobs=1),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={best: -100.0, 3: 0.5})]
+    out = Sampler(seed=0)(logits, make_batch(params))
+    assert out.token_ids[0] == worst
+    assert out.token_ids[1] == int(logits[1].argmax())  # a row without a bias is untouched
+    assert out.token_ids[2] != best
+    raw = torch.log_softmax(logits, -1)
+    assert out.logprobs[0] == pytest.approx(raw[0, worst].item(), abs=1e-6)  # raw, as for grammar masks
+    assert out.ranks[0] == 20
+    processed = Sampler().processed(logits, make_batch(params))
+    expected = logits.clone()
+    expected[0, worst] += 100
+    expected[2, best] -= 100
+    expected[2, 3] += 0.5
+    assert torch.equal(processed, expected)

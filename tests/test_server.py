@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import re
@@ -18,6 +19,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+import torch
 
 from server_process import ServerProcess
 from tokenmill import LLM, SamplingParams
@@ -280,7 +282,7 @@ def test_bad_chat_requests_are_400(client, model_name):
 
 
 @pytest.mark.parametrize("extra", [{"functions": [{"name": "f", "parameters": {}}]}, {"function_call": "auto"},
-                                   {"logit_bias": {"5": 10}}, {"prediction": {"type": "content", "content": "x"}}])
+                                   {"prediction": {"type": "content", "content": "x"}}])
 def test_fields_tokenmill_would_ignore_are_400_naming_them(client, model_name, extra):
     """A client asking for what tokenmill does not do (here the legacy form of tool calls) must not
     get an answer that ignores it with 200."""
@@ -719,3 +721,93 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name)
     assert cached == min(n // 16 * 16, n - 1)  # every full block; the last prompt token is always computed
     assert server.metric("tokenmill_prefix_cache_hits_tokens_total") - hits_before >= cached
     assert 0 < server.metric("tokenmill_prefix_cache_hit_rate") <= 1
+
+
+def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """log_softmax in float32 of the engine's logits for every position of `ids`, in one forward pass."""
+    from tokenmill.engine.scheduler import ScheduledChunk
+    from tokenmill.sequence import Sequence
+
+    seq = Sequence("reference", 0, ids, SamplingParams(), 0.0)
+    try:
+        assert engine.kv_cache.grow(seq, len(ids))
+        return torch.log_softmax(engine.runner.logits_for([ScheduledChunk(seq, 0, len(ids))]).float(), -1)
+    finally:
+        engine.block_pool.free(seq.block_table)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_gives_the_prompt_and_its_teacher_forced_logprobs(client, offline, model_name, max_tokens):
+    """What lm-evaluation-harness's loglikelihood sends: echo, logprobs=k, max_tokens 0 or 1."""
+    text = "The capital of France is Paris, and the capital of Italy is Rome."
+    ids = offline.get_tokenizer().encode(text)
+    want = full_forward_logprobs(offline.engine, ids)
+    # alone, then among other requests (one of them echoing the same prompt, whose cached blocks must not be used)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        alone = client.completions.create(model=model_name, prompt=text, echo=True, logprobs=2, max_tokens=max_tokens,
+                                          temperature=0)
+        crowd = list(pool.map(lambda p: client.completions.create(
+            model=model_name, prompt=p, echo=p == text, logprobs=2, max_tokens=max_tokens if p == text else 8,
+            temperature=0),
+            [PROMPT, text, "Once upon a time", text]))
+    for got in (alone, crowd[1], crowd[3]):
+        choice = got.choices[0]
+        lp = choice.logprobs
+        assert choice.text.startswith(text) and (choice.text == text) == (max_tokens == 0)
+        assert len(lp.tokens) == len(ids) + max_tokens == len(lp.token_logprobs) == len(lp.top_logprobs)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert "".join(lp.tokens[:len(ids)]) == text
+        assert lp.text_offset[:len(ids)] == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+        expected = [want[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+        for i in range(1, len(ids)):
+            top = lp.top_logprobs[i]
+            assert len(top) in (2, 3) and max(top.values()) == pytest.approx(want[i - 1].max().item(), abs=1e-4)
+    assert crowd[0].choices[0].text == offline.generate(PROMPT, greedy(8), use_tqdm=False)[0].outputs[0].text
+
+
+def test_echo_streams_the_prompt_first_and_token_id_prompts_echo_their_decoding(client, offline, model_name):
+    ids = offline.get_tokenizer().encode(PROMPT)
+    want = offline.generate(PROMPT, greedy(5), use_tqdm=False)[0].outputs[0].text
+    chunks = list(client.completions.create(model=model_name, prompt=ids, echo=True, max_tokens=5, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT + want
+    plain = client.completions.create(model=model_name, prompt=PROMPT, echo=True, max_tokens=5, temperature=0)
+    assert plain.choices[0].text == PROMPT + want and plain.choices[0].logprobs is None
+
+
+def test_max_tokens_0_needs_echo(client, model_name):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt=PROMPT, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo" in e.value.body["message"]
+
+
+def test_logit_bias_forces_and_bans_tokens_and_other_requests_keep_their_output(client, offline, model_name):
+    tokenizer = offline.get_tokenizer()
+    forced = tokenizer.encode(" banana")[0]
+    first = offline.generate(PROMPT, greedy(6), use_tqdm=False)[0].outputs[0]
+    bodies = [dict(prompt=PROMPT, logit_bias={str(forced): 100}), dict(prompt=PROMPT),
+              dict(prompt=PROMPT, logit_bias={str(first.token_ids[0]): -100}), dict(prompt="Once upon a time")]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda body: client.completions.create(model=model_name, max_tokens=6, temperature=0,
+                                                                    **body), bodies))
+    assert got[0].choices[0].text == tokenizer.decode([forced] * 6)
+    assert got[1].choices[0].text == first.text
+    assert not got[2].choices[0].text.startswith(tokenizer.decode(first.token_ids[:1]))
+    assert got[3].choices[0].text == offline.generate("Once upon a time", greedy(6), use_tqdm=False)[0].outputs[0].text
+    chat = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=3, temperature=0,
+                                          logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == tokenizer.decode([forced] * 3)
+
+
+@pytest.mark.parametrize("logit_bias, says", [
+    ({"999999999": 5}, "outside the vocabulary"), ({"abc": 5}, "token ids"), ({"5": 101}, "100"),
+    ({"5": -100.5}, "-100"), ({str(i): 1 for i in range(301)}, "300"), ({"5": "x"}, "number"), ({"1.5": 1}, "token ids"),
+])
+def test_bad_logit_bias_is_400_naming_it(client, model_name, logit_bias, says):
+    for create, kwargs in ((client.completions.create, {"prompt": PROMPT}), (client.chat.completions.create,
+                                                                            {"messages": CHAT})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model=model_name, max_tokens=2, logit_bias=logit_bias, **kwargs)
+        assert e.value.body["param"] == "logit_bias" and says in e.value.body["message"], e.value.body

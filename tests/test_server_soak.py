@@ -254,7 +254,7 @@ MALFORMED = [  # (path, raw body)
     ("/v1/completions", b'{"prompt": [[]]}'),
     ("/v1/completions", b'{"prompt": 5}'),
     ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}'),
-    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "echo": true}'),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "echo": "yes"}'),
     ("/v1/completions", b"[" * 50_000 + b"]" * 50_000),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 3'),
     ("/v1/chat/completions", b'{"messages": "hi"}'),

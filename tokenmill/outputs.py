@@ -70,6 +70,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: None for the first prompt token (nothing precedes it), then per
+    # prompt token its Logprob and the top ones', token id -> Logprob, from the raw logits as for outputs
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def energy_per_output_token(self) -> float | None:

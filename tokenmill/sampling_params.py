@@ -16,9 +16,15 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_GRAMMAR_CHOICES = 1024  # 100k choices held the engine thread ~12 s for one 20-token answer
+MAX_LOGIT_BIAS = 300  # entries of logit_bias, OpenAI's cap
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGPROBS = 20  # top logprobs per token, generated or prompt
+# generation_config.json keys that become defaults of the fields a request leaves out (vLLM's set)
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 _INTEGERS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INTEGERS = ("max_tokens", "logprobs", "seed")
+_OPTIONAL_INTEGERS = ("max_tokens", "logprobs", "seed", "prompt_logprobs", "truncate_prompt_tokens")
 _REALS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
@@ -85,6 +91,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0: sampled token only)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # constrains the output to a grammar
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (0: the prompt token only)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -143,8 +152,13 @@ class SamplingParams:
             bad("min_tokens", f"must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                bad(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            bad("truncate_prompt_tokens", f"must be at least 1, got {self.truncate_prompt_tokens}")
+        self._validate_logit_bias()
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
@@ -165,6 +179,33 @@ class SamplingParams:
                 bad("seed", f"must be an integer in [{low}, {high - (self.n - 1)}] (sample i of n uses seed + i), "
                             f"got {self.seed!r}")
 
+    def _validate_logit_bias(self) -> None:
+        """Token ids (non-negative integers; the engine checks them against its vocabulary) to finite
+        biases in [-100, 100], at most MAX_LOGIT_BIAS of them: every step adds each one."""
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise InvalidParameterError("logit_bias", f"must be a map of token id to bias, got {type(bias).__name__}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameterError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        low, high = LOGIT_BIAS_RANGE
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, Integral) or token < 0:
+                raise InvalidParameterError("logit_bias",
+                                            f"keys must be token ids (non-negative integers), got {token!r}")
+            if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
+                raise InvalidParameterError("logit_bias", f"the bias of token {token} must be a number in "
+                                                          f"[{low:g}, {high:g}], got {value!r}")
+        self.logit_bias = {int(t): float(v) for t, v in bias.items()} or None
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def generation_defaults(generation_config: dict) -> dict:
+    """The SamplingParams fields a checkpoint's generation_config.json sets (as vLLM's
+    `--generation-config auto` reads it): they replace tokenmill's defaults where a request is silent."""
+    return {field: generation_config[key] for key, field in GENERATION_CONFIG_FIELDS.items()
+            if generation_config.get(key) is not None}

@@ -31,7 +31,7 @@ from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
 from tokenmill.loader import load_checkpoint
 from tokenmill.metering.accounting import make_accountant
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, generation_defaults
 from tokenmill.sequence import Sequence
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.draft_model import DraftModel
@@ -104,6 +104,12 @@ class LLMEngine:
         self.quant = resolve_quantization(quantization, ckpt.native_forms, quantization_group_size)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.eos_token_ids = _eos_ids(ckpt)
+        # generation_config.json's sampling fields: the defaults of what a request leaves out (vLLM's
+        # --generation-config auto); checked now, so that a bad file fails the start, not each request
+        self.generation_defaults = generation_defaults(ckpt.generation_config)
+        SamplingParams(**self.generation_defaults)
+        if self.generation_defaults:
+            log.info("tokenmill: defaults from the model's generation_config.json: %s", self.generation_defaults)
         template = ckpt.chat_template if chat_template is None else custom_chat_template(ckpt.tokenizer, chat_template)
         self.tokenizer = Tokenizer(ckpt.tokenizer, template, self.eos_token_ids) if ckpt.tokenizer else None
         self.accountant = make_accountant(
@@ -189,10 +195,10 @@ class LLMEngine:
         `priority` (lower runs first) matters to the priority and aging policies, `tenant`
         (who sent it: the OpenAI `user` field) to the fair policy and sjf's length estimates.
         """
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.generation_defaults)
         if request_id in self.requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} already exists")
-        token_ids, text = self._tokenize(prompt)
+        token_ids, text = self._tokenize(prompt, params.truncate_prompt_tokens)
         if prompt_text is not None:
             text = prompt_text
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -203,6 +209,9 @@ class LLMEngine:
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidParameterError("stop_token_ids", f"token ids {[t for t in params.stop_token_ids if t >= vocab][:5]} "
                                                           f"are outside the vocabulary (size {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidParameterError("logit_bias", f"token ids {[t for t in params.logit_bias if t >= vocab][:5]} "
+                                                      f"are outside the vocabulary (size {vocab})")
         if params.min_tokens and len(set(self.eos_token_ids) | set(params.stop_token_ids)) >= vocab:
             raise InvalidParameterError("stop_token_ids", "with EOS they cover the whole vocabulary, so no token "
                                                           f"is left to sample before min_tokens ({params.min_tokens})")
@@ -223,7 +232,9 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival))
         self.scheduler.add(seqs[0], forks=seqs[1:])  # the prompt is computed once, for all n
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+    def _tokenize(self, prompt: str | list[int], keep_last: int | None = None) -> tuple[list[int], str | None]:
+        """Token ids and text of the prompt; with `keep_last` (truncate_prompt_tokens), only its last
+        tokens, and no text (the text of the kept tokens is their decoding)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidParameterError("prompt", "the prompt is empty")
@@ -240,6 +251,8 @@ class LLMEngine:
             if bad:
                 raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
             ids = [int(t) for t in ids]
+        if keep_last is not None and len(ids) > keep_last:
+            ids, text = ids[-keep_last:], None
         if len(ids) >= self.max_model_len:
             raise InvalidParameterError(
                 "prompt", f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
@@ -300,6 +313,8 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         now = time.time()
+        for seq, logprobs in result.prompt_logprobs:
+            seq.prompt_logprobs += [_logprob_entry(logprobs, i) for i in range(len(logprobs.token_ids))]
         touched: dict[str, Request] = {}
         samples = result.samples
         row = 0
@@ -416,9 +431,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         if seq.logprobs is not None:
-            entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(samples.top_logprobs[row])}
-            entry[token] = Logprob(samples.logprobs[row], samples.ranks[row])
-            seq.logprobs.append(entry)
+            seq.logprobs.append(_logprob_entry(samples, row))
             seq.cumulative_logprob += samples.logprobs[row]
         params = seq.params
         delta = seq.detokenizer.step(token) if seq.detokenizer is not None else ""
@@ -470,7 +483,15 @@ class LLMEngine:
                 logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.finished, request.metrics, request.seqs[0].num_cached_tokens or 0)
+                             request.finished, request.metrics, request.seqs[0].num_cached_tokens or 0,
+                             request.seqs[0].prompt_logprobs)
+
+
+def _logprob_entry(samples, row: int) -> dict[int, Logprob]:
+    """Row `row`'s token and top tokens, token id -> Logprob (rank 1 = most likely)."""
+    entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(samples.top_logprobs[row])}
+    entry[samples.token_ids[row]] = Logprob(samples.logprobs[row], samples.ranks[row])
+    return entry
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:

@@ -59,7 +59,8 @@ class LLM:
 
     def _run(self, items: list[tuple[Prompt, str | None]], sampling_params, use_tqdm: bool,
              priority: int | Seq[int] = 0, user: str | Seq[str] | None = None) -> list[RequestOutput]:
-        params = _per_prompt("sampling_params", sampling_params or SamplingParams(), len(items))
+        default = SamplingParams(**self.engine.generation_defaults)  # the model's generation_config values
+        params = _per_prompt("sampling_params", sampling_params or default, len(items))
         priorities = _per_prompt("priority", priority, len(items))
         users = _per_prompt("user", user, len(items))
         ids = [f"offline-{next(self._ids)}" for _ in items]

@@ -7,7 +7,7 @@ exactly the chunks it is handed, and samples for the chunks that end a sequence'
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,8 +19,9 @@ from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.metering.roofline import ModelBytes
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.rejection_sampler import verify
-from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch
+from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch, token_logprobs
 from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.sequence import Sequence
 
 
 @dataclass
@@ -28,9 +29,12 @@ class StepResult:
     sampled: list[ScheduledChunk]  # the chunks that sampled
     samples: SamplerOutput | None  # their emitted tokens, in order: counts[i] rows for sampled[i]
     counts: list[int]  # tokens each sampled chunk emits: 1, or accepted drafts + 1 after a verification
+    # (sequence, logprobs of its next prompt tokens) for the sequences that asked for prompt logprobs
+    prompt_logprobs: list[tuple[Sequence, SamplerOutput]] = field(default_factory=list)
 
 
 _mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")  # masks while the model runs
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs take the logits of this many positions at a time (memory: rows x vocab)
 
 
 class ModelRunner:
@@ -63,8 +67,9 @@ class ModelRunner:
         grammars = [c.seq.grammar for c in sampled if c.seq.grammar is not None]  # such sequences never draft
         masks = _mask_pool.submit(fill_bitmask, grammars, self.cfg.vocab_size) if grammars else None
         hidden = self._forward([c for c in chunks if c.num_tokens])
+        prompt_logprobs = self._prompt_logprobs(chunks, hidden)
         if not sampled:
-            return StepResult([], None, [])
+            return StepResult([], None, [], prompt_logprobs)
         ends = [end for end, c in zip(chunks_ends(chunks), chunks) if c.sample]
         rows = [r for end, c in zip(ends, sampled) for r in range(end - len(c.draft), end + 1)]
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
@@ -80,11 +85,30 @@ class ModelRunner:
             batch.grammar_rows = [i for i, (c, _) in enumerate(positions) if c.seq.grammar is not None]
             batch.grammar_bitmask = masks.result().to(logits.device)
         if len(rows) == len(sampled):  # no drafts: one token per chunk
-            return StepResult(sampled, self.sampler(logits, batch), [1] * len(sampled))
+            return StepResult(sampled, self.sampler(logits, batch), [1] * len(sampled), prompt_logprobs)
         probs = draft_probs or {}
         counts, samples = verify(self.sampler, logits, batch, [c.draft for c in sampled],
                                  [probs.get(c.seq.seq_id) for c in sampled])
-        return StepResult(sampled, samples, counts)
+        return StepResult(sampled, samples, counts, prompt_logprobs)
+
+    def _prompt_logprobs(self, chunks: list[ScheduledChunk],
+                         hidden: torch.Tensor) -> list[tuple[Sequence, SamplerOutput]]:
+        """For sequences that asked for prompt logprobs, the raw logprobs of each prompt token of
+        the chunk after the tokens before it: every position's logits, where sampling needs only the
+        last. Positions already recorded (a sequence recomputed after a preemption) are skipped."""
+        results = []
+        for chunk, end in zip(chunks, chunks_ends(chunks)):
+            seq = chunk.seq
+            if not chunk.num_known or not seq.needs_prompt_logits:
+                continue
+            first_row = end - chunk.num_tokens + 1 - chunk.start  # the flat row of position 0
+            stop = min(chunk.start + chunk.num_known, seq.num_prompt_tokens - 1)
+            for begin in range(max(chunk.start, len(seq.prompt_logprobs) - 1), stop, PROMPT_LOGITS_ROWS):
+                end_pos = min(begin + PROMPT_LOGITS_ROWS, stop)
+                logits = self.model.compute_logits(hidden[first_row + begin:first_row + end_pos])
+                targets = torch.tensor(seq.prompt_token_ids[begin + 1:end_pos + 1], device=self.device)
+                results.append((seq, token_logprobs(logits, targets, [seq.params.prompt_logprobs] * len(targets))))
+        return results
 
     @torch.inference_mode()
     def logits_for(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -48,13 +48,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         params = batch.params
         want_logprobs = any(p.logprobs is not None for p in params)
-        penalized = [i for i, p in enumerate(params) if _has_penalty(p)]
-        blocked = any(batch.blocked_token_ids) or bool(batch.grammar_rows)
-        if not (want_logprobs or penalized or blocked) and all(p.greedy for p in params):
+        transformed = any(_has_penalty(p) or p.logit_bias for p in params)
+        transformed = transformed or any(batch.blocked_token_ids) or bool(batch.grammar_rows)
+        if not (want_logprobs or transformed) and all(p.greedy for p in params):
             # The common greedy decode step: nothing to transform, one kernel.
             return SamplerOutput(logits.argmax(-1).tolist(), None, None, None)
 
-        x = self.processed(logits, batch) if penalized or blocked else logits.float()
+        x = self.processed(logits, batch) if transformed else logits.float()
 
         tokens = torch.empty(len(params), dtype=torch.long, device=x.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -73,8 +73,12 @@ class Sampler:
         return logprobs_of(logits, tokens, params)
 
     def processed(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """float32 logits after the penalties and the blocked tokens (a copy: `logits` is untouched)."""
+        """float32 logits after the logit biases, the penalties and the blocked tokens (a copy:
+        `logits` is untouched). Biases come first, as in vLLM; logprobs are still those of the raw
+        logits (`logprobs_of`), like the grammar masks."""
         x = logits.to(torch.float32, copy=True)
+        if any(p.logit_bias for p in batch.params):
+            _add_logit_bias(x, batch.params)
         penalized = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
         if penalized:
             _apply_penalties(x, penalized, batch)
@@ -129,6 +133,14 @@ class Sampler:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _add_logit_bias(x: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Adds every row's logit_bias, in place, with one scatter-add over the batch."""
+    biases = [p.logit_bias or {} for p in params]
+    rows, cols = _flat_indices([list(b) for b in biases], x.device)
+    values = torch.tensor([v for b in biases for v in b.values()], dtype=x.dtype, device=x.device)
+    x.index_put_((rows, cols), values, accumulate=True)
 
 
 def _mask_by_bitmask(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -220,16 +232,20 @@ def target_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
     """Logprobs of the raw logits (vLLM's default): the sampled token's, its rank, and the requested top lists."""
-    token_ids = tokens.tolist()
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    sampled = logprobs.gather(1, tokens.unsqueeze(1))
-    ranks = (logprobs >= sampled).sum(-1)  # counts ties as better, as vLLM does
+    return token_logprobs(logits, tokens, [p.logprobs or 0 for p in params])
 
-    top: list[list[tuple[int, float]]] = [[] for _ in params]
-    wanted = [i for i, p in enumerate(params) if p.logprobs]
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: list[int]) -> SamplerOutput:
+    """Per row of the raw logits: log_softmax in float32 of `tokens`, their ranks and the row's
+    top_n best (token, logprob); for sampled tokens and for a prompt's own tokens alike."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    ranks = (logprobs >= chosen).sum(-1)  # counts ties as better, as vLLM does
+
+    top: list[list[tuple[int, float]]] = [[] for _ in top_n]
+    wanted = [i for i, n in enumerate(top_n) if n]
     if wanted:
-        n = max(params[i].logprobs for i in wanted)
-        values, indices = logprobs[torch.tensor(wanted, device=logits.device)].topk(n, dim=-1)
+        values, indices = logprobs[torch.tensor(wanted, device=logits.device)].topk(max(top_n), dim=-1)
         for i, vals, ids in zip(wanted, values.tolist(), indices.tolist()):
-            top[i] = list(zip(ids, vals))[: params[i].logprobs]
-    return SamplerOutput(token_ids, sampled.squeeze(1).tolist(), ranks.tolist(), top)
+            top[i] = list(zip(ids, vals))[: top_n[i]]
+    return SamplerOutput(tokens.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), top)

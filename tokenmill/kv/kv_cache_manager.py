@@ -64,7 +64,7 @@ class KVCacheManager:
         logits of the first sample. When every block is cached, that token's block is the
         last hit, which `allocate` replaces by a private copy before it is written.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logits:  # prompt logprobs need every position's logits
             return PrefixHit()
         bs = self.block_size
         hit = PrefixHit()

@@ -16,7 +16,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 
 from tokenmill.errors import InvalidParameterError
-from tokenmill.sampling_params import SEED_RANGE, SamplingParams, StructuredOutputsParams
+from tokenmill.sampling_params import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, SEED_RANGE, SamplingParams,
+                                       StructuredOutputsParams)
 
 MAX_CHOICES = 128  # choices one request may ask for: n, and prompts x n on /v1/completions
 MAX_USER_CHARS = 256  # `user` names a tenant (a metrics label under fair scheduling), not a document
@@ -80,6 +81,9 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None  # the tenant, for the fair scheduling policy and per-tenant length estimates
+    # token id (as a string, JSON keys being strings) -> bias added to its logit
+    logit_bias: Annotated[dict[str, Annotated[Real, Field(ge=LOGIT_BIAS_RANGE[0], le=LOGIT_BIAS_RANGE[1])]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # extensions
     priority: Integer = 0  # lower runs first under the priority and aging policies (vLLM's field)
     top_k: Annotated[Integer, Field(ge=-1)] = 0
@@ -90,6 +94,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    truncate_prompt_tokens: Annotated[Integer, Field(ge=1)] | None = None  # keep the prompt's last k tokens
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -109,14 +114,32 @@ class _Sampling(BaseModel):
             return stop
         raise ValueError("must be a non-empty string or a list of non-empty strings")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias):
+        """JSON keys are strings: each must be a token id; the ids' range is the engine's to check."""
+        if bias is None:
+            return None
+        try:
+            return {int(key): value for key, value in bias.items()}
+        except ValueError:
+            raise ValueError(f"keys must be token ids (integers as strings), got {list(bias)[:5]}") from None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """`defaults`: the model's generation_config values, for the fields the body leaves out."""
+        fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                      repetition_penalty=self.repetition_penalty)
+        fields |= {name: value for name, value in defaults.items()
+                   if name in fields and name not in self.model_fields_set}
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            n=self.n, **fields, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop, stop_token_ids=self.stop_token_ids,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, structured_outputs=self._structured_outputs())
+            skip_special_tokens=self.skip_special_tokens, structured_outputs=self._structured_outputs(),
+            logit_bias=self.logit_bias, prompt_logprobs=prompt_logprobs,
+            truncate_prompt_tokens=self.truncate_prompt_tokens)
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """The one grammar the body asks for, whichever field it used (two are an error)."""
@@ -176,9 +199,9 @@ class CompletionRequest(_Sampling):
     # Checked by _prompt_shape alone: pydantic's own check of the union took 2.4 s for a 10 MB
     # list of token ids (it tries every shape and collects an error per element of each).
     prompt: SkipValidation[str | list[str] | TokenIds | list[TokenIds]]
-    max_tokens: Annotated[Integer, Field(ge=1)] | None = 16
+    max_tokens: Annotated[Integer, Field(ge=0)] | None = 16  # 0 only with echo: the prompt's logprobs alone
     logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
+    echo: StrictBool = False  # the text (and logprobs) start with the prompt's
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -212,6 +235,10 @@ class CompletionRequest(_Sampling):
         if all(type(p) in (int, float, bool) for p in prompt):
             raise ValueError(f"token ids must be non-negative integers, got {prompt[:8]}")
         raise ValueError(shapes)
+
+    def output_tokens(self, default: int | None) -> int | None:
+        """max_tokens, or when the body leaves it out the model's default, else OpenAI's 16."""
+        return default if "max_tokens" not in self.model_fields_set and default is not None else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (a string, strings, token ids or lists of them)."""
@@ -374,6 +401,8 @@ class ChatCompletionRequest(_Sampling):
             return "named", name
         return choice, None
 
-    @property
-    def max_output_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def output_tokens(self, default: int | None) -> int | None:
+        """max_completion_tokens or max_tokens; when the body gives neither, the model's default, else
+        the context."""
+        given = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return given if given is not None else default

@@ -58,6 +58,7 @@ class OpenAIServing:
         self.max_request_tokens = max_request_tokens or MAX_REQUEST_CONTEXTS * self.max_model_len
         self.served_model_names = served_model_names
         self.speculative = engine.engine.speculator is not None
+        self.generation_defaults = engine.engine.generation_defaults  # the model's generation_config values
 
     def models(self) -> dict:
         created = int(time.time())
@@ -76,10 +77,17 @@ class OpenAIServing:
         prompts = await asyncio.to_thread(lambda: [self._completion_prompt(p) for p in req.prompts()])
         if not prompts:
             raise InvalidParameterError("prompt", "the prompt list is empty")
-        params = self._params(req, prompts, req.max_tokens, req.logprobs)
+        prompts = _truncated(prompts, req.truncate_prompt_tokens)
+        max_tokens = self._max_tokens(req, prompts)
+        if max_tokens == 0 and not req.echo:
+            raise InvalidParameterError("max_tokens", "must be at least 1 (0 only with echo, for the prompt's logprobs)")
+        # echo with max_tokens 0 (lm-evaluation-harness's loglikelihood): the engine samples one token,
+        # which the response leaves out, as in vLLM
+        prompt_logprobs = req.logprobs if req.echo else None
+        params = self._params(req, prompts, 1 if max_tokens == 0 else max_tokens, req.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._add(request_id, prompts, params, req.priority, req.user or tenant)
-        fmt = _CompletionFormat(self, request_id, model, req.logprobs is not None)
+        fmt = _CompletionFormat(self, request_id, model, req.logprobs is not None, req.echo, max_tokens != 0)
         if req.stream:
             return self._stream(streams, fmt, req.n, req.include_usage)
         return await self._collect(streams, fmt, req.n)
@@ -89,9 +97,10 @@ class OpenAIServing:
         if req.top_logprobs and not req.logprobs:
             raise InvalidParameterError("top_logprobs", "needs logprobs set to true")
         tool_mode, function = req.tool_mode()
-        prompts = [await asyncio.to_thread(self._chat_prompt, req, tool_mode != "none")]
+        prompts = _truncated([await asyncio.to_thread(self._chat_prompt, req, tool_mode != "none")],
+                             req.truncate_prompt_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, prompts, req.max_output_tokens, logprobs)
+        params = self._params(req, prompts, self._max_tokens(req, prompts), logprobs)
         tools = self.tool_parser if tool_mode != "none" else None
         if tools is not None:
             params = self._tool_params(req, params, tool_mode, function)
@@ -179,8 +188,16 @@ class OpenAIServing:
                                                f"{self.tokenizer.max_token_chars} characters) fits this model's context")
         require_unicode(param, text)
 
+    def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[_Prompt]) -> int | None:
+        """What the body asks, or when it leaves it out the model's max_new_tokens (generation_config),
+        cut to the context the longest prompt leaves (as vLLM does), else the endpoint's default."""
+        default = self.generation_defaults.get("max_tokens")
+        if default is not None:
+            default = max(1, min(default, self.max_model_len - max(len(p.token_ids) for p in prompts)))
+        return req.output_tokens(default)
+
     def _params(self, req: _Sampling, prompts: list[_Prompt], max_tokens: int | None,
-                logprobs: int | None) -> SamplingParams:
+                logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= self.max_model_len:
             raise InvalidParameterError(req.prompt_field, prompt_too_long(longest, self.max_model_len))
@@ -194,7 +211,7 @@ class OpenAIServing:
                 f"the request could take {work} tokens of work ({len(prompts)} prompt(s), n={req.n}, up to "
                 f"{max_tokens or 'the context'} new tokens each), over this server's {self.max_request_tokens} "
                 "(--max-request-tokens); lower n or max_tokens"))
-        return req.sampling_params(max_tokens, logprobs)
+        return req.sampling_params(max_tokens, logprobs, self.generation_defaults, prompt_logprobs)
 
     async def _add(self, base_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
                    tenant: str | None) -> list[RequestStream]:
@@ -226,7 +243,7 @@ class OpenAIServing:
                 task.cancel()
             for stream in streams:  # a no-op for finished ones; frees the rest if the client left
                 stream.abort()
-        choices = [fmt.choice(p * n + o.index, o) for p, out in enumerate(finals) for o in out.outputs]
+        choices = [fmt.choice(p * n + o.index, o, out) for p, out in enumerate(finals) for o in out.outputs]
         return fmt.response(choices, _usage(finals, self.speculative))
 
     async def _stream(self, streams: list[RequestStream], fmt: "_Format", n: int,
@@ -253,7 +270,7 @@ class OpenAIServing:
                         continue
                     if o.finished():
                         ended.add(index)
-                    choice = fmt.delta(index, o, text_from, tokens_from)
+                    choice = fmt.delta(index, o, text_from, tokens_from, output)
                     if choice is not None:  # None: nothing settled to send yet (see AssistantMessage)
                         choices.append(choice)
                     sent_text[index], sent_tokens[index] = max(text_from, len(o.text)), len(o.token_ids)
@@ -278,6 +295,19 @@ class OpenAIServing:
         if self.tokenizer is None:
             return str(token_id)
         return self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+
+    def prompt_text(self, output: RequestOutput) -> str:
+        """The prompt as sent, or the decoding of its tokens (token ids sent, or a truncated prompt)."""
+        if output.prompt is not None:
+            return output.prompt
+        return self.tokenizer.decode(output.prompt_token_ids) if self.tokenizer is not None else ""
+
+
+def _truncated(prompts: list[_Prompt], keep_last: int | None) -> list[_Prompt]:
+    """truncate_prompt_tokens: each prompt's last `keep_last` tokens (their text is their decoding)."""
+    if keep_last is None:
+        return prompts
+    return [p if len(p.token_ids) <= keep_last else _Prompt(p.token_ids[-keep_last:], None) for p in prompts]
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -375,22 +405,44 @@ class _Format:
 
 
 class _CompletionFormat(_Format):
+    """`echo`: each choice's text and logprobs start with the prompt's (its first token has no
+    logprob, as in OpenAI's and vLLM's); `generate` False (echo with max_tokens 0): they hold only
+    the prompt (the one token the engine sampled is left out, and counted in usage, as in vLLM)."""
+
     object_name = chunk_object_name = "text_completion"
 
-    def __init__(self, serving: OpenAIServing, request_id: str, model: str, with_logprobs: bool):
+    def __init__(self, serving: OpenAIServing, request_id: str, model: str, with_logprobs: bool,
+                 echo: bool = False, generate: bool = True):
         super().__init__(serving, request_id, model)
         self.with_logprobs = with_logprobs
+        self.echo = echo
+        self.generate = generate
+        self._prompt_entries: dict[str, dict] = {}  # request id -> its prompt's logprob lists, shared by its n choices
 
-    def choice(self, index: int, output: CompletionOutput) -> dict:
-        return self.delta(index, output, 0, 0)
+    def choice(self, index: int, output: CompletionOutput, request: RequestOutput) -> dict:
+        return self.delta(index, output, 0, 0, request)
 
-    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict:
-        return {"index": index, "text": output.text[text_from:],
-                "logprobs": self._logprobs(output, tokens_from, text_from) if self.with_logprobs else None,
+    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int,
+              request: RequestOutput) -> dict:
+        prompt = self.serving.prompt_text(request) if self.echo else ""
+        first = text_from == tokens_from == 0  # a choice's first piece carries the echoed prompt
+        text = (prompt if first else "") + (output.text[text_from:] if self.generate else "")
+        logprobs = None
+        if self.with_logprobs:
+            logprobs = _logprob_lists()
+            if self.echo and first:
+                if request.request_id not in self._prompt_entries:
+                    self._prompt_entries[request.request_id] = self._prompt_logprobs(request)
+                logprobs = {key: list(values) for key, values in self._prompt_entries[request.request_id].items()}
+            if self.generate:
+                generated = self._logprobs(output, tokens_from, len(prompt) + text_from)
+                for key, values in generated.items():
+                    logprobs[key] += values
+        return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
 
     def _logprobs(self, output: CompletionOutput, tokens_from: int, offset: int) -> dict:
-        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        result = _logprob_lists()
         for text, logprob, top in self._entries(output, tokens_from):
             result["tokens"].append(text)
             result["token_logprobs"].append(logprob)
@@ -398,6 +450,24 @@ class _CompletionFormat(_Format):
             result["text_offset"].append(offset)
             offset += len(text)
         return result
+
+    def _prompt_logprobs(self, request: RequestOutput) -> dict:
+        """The prompt tokens' entries: special tokens shown, the first token's logprob and top null."""
+        result = _logprob_lists()
+        offset = 0
+        for token, entry in zip(request.prompt_token_ids, request.prompt_logprobs):
+            text = self.serving.token_text(token)
+            result["tokens"].append(text)
+            result["token_logprobs"].append(None if entry is None else entry[token].logprob)
+            result["top_logprobs"].append(None if entry is None else {
+                self.serving.token_text(t): lp.logprob for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank)})
+            result["text_offset"].append(offset)
+            offset += len(text)
+        return result
+
+
+def _logprob_lists() -> dict:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
 class _ChatFormat(_Format):
@@ -417,7 +487,7 @@ class _ChatFormat(_Format):
             self.messages[index] = AssistantMessage(self.reasoning, self.tools)
         return self.messages[index]
 
-    def choice(self, index: int, output: CompletionOutput) -> dict:
+    def choice(self, index: int, output: CompletionOutput, request: RequestOutput) -> dict:
         message = self._message(index)
         return {"index": index, "message": message.message(output.text),
                 "logprobs": self._logprobs(output, 0) if self.with_logprobs else None,
@@ -426,7 +496,8 @@ class _ChatFormat(_Format):
     def first_delta(self, index: int) -> dict:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int) -> dict | None:
+    def delta(self, index: int, output: CompletionOutput, text_from: int, tokens_from: int,
+              request: RequestOutput) -> dict | None:
         message = self._message(index)
         delta = message.delta(output.text, output.finished())
         if not delta and not output.finished() and not self.with_logprobs:
