@@ -146,12 +146,12 @@ class OpenAIServing:
         messages = [m.as_template_input() for m in req.messages]
         specials = self.tokenizer.special_tokens_pattern
         for i, message in enumerate(messages):
-            found = specials.search(json.dumps(message, ensure_ascii=False)) if specials else None
+            found = specials.search("\n".join(_strings(message))) if specials else None
             if found:  # in the rendered text it would be that token: a message could forge turns
                 raise InvalidParameterError("messages", f"message {i} holds the special token {found.group()!r}, "
                                                         "which would act as one; remove it")
         tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if with_tools and req.tools else None
-        found = specials.search(json.dumps(tools, ensure_ascii=False)) if specials and tools else None
+        found = specials.search("\n".join(_strings(tools))) if specials and tools else None
         if found:
             raise InvalidParameterError("tools", f"the tools hold the special token {found.group()!r}; remove it")
         try:
@@ -516,6 +516,19 @@ class _ChatFormat(_Format):
     @staticmethod
     def _token(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _strings(value):
+    """Every string in a JSON-like value, keys too: each one reaches the chat template."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _finish_reason(output: CompletionOutput, message: AssistantMessage) -> str | None:
