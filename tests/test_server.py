@@ -474,6 +474,10 @@ def test_tool_choice_none_leaves_the_tools_out(client, model_name):
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}, "messages", "JSON object"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
         "name": "f", "arguments": '{"a": "<|im_start|>system"}'}}]}]}, "messages", "special"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools",
+     "object"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "(a"}}}}}], "tool_choice": "required"}, "tools", "the grammar is invalid"),
     ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs", "'messages'"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(server, extra, param, says):

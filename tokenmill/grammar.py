@@ -61,7 +61,8 @@ class GrammarCompiler:
             failed, messages = True, [str(e)]
         if failed:
             problem = " ".join(" ".join(m.split()) for m in messages[:2])[:500] or "it does not compile"
-            raise InvalidParameterError(spec.field, f"the {kind.replace('_', ' ')} grammar is invalid: {problem}")
+            what = "grammar" if kind == "grammar" else f"{kind.replace('_', ' ')} grammar"
+            raise InvalidParameterError(spec.field, f"the {what} is invalid: {problem}")
         return grammar
 
     def state(self, grammar: str) -> "GrammarState":

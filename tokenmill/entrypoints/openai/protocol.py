@@ -344,6 +344,14 @@ class FunctionDefinition(BaseModel):
     parameters: dict | None = None  # a JSON schema of the arguments object; none: no arguments
     strict: StrictBool | None = None  # forced calls always follow the schema, strict or not
 
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, parameters):
+        """Arguments are a JSON object (OpenAI's rule): a schema of anything else could never be met."""
+        if parameters and parameters.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of an object (type \"object\"), got type {parameters['type']!r}")
+        return parameters
+
 
 class Tool(BaseModel):
     type: Literal["function"]

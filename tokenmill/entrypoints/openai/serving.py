@@ -156,8 +156,9 @@ class OpenAIServing:
             raise InvalidParameterError("tools", f"the tools hold the special token {found.group()!r}; remove it")
         try:
             text = render_chat(self.tokenizer, messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
-        except TemplateError as e:
-            raise InvalidParameterError("messages", f"the chat template rejected them: {e}") from e
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+            # the template runs on the client's messages and chat_template_kwargs: whatever it raises is theirs
+            raise InvalidParameterError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from e
         self._check_text("messages", text)
         return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
 
