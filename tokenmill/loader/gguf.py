@@ -38,7 +38,7 @@ from gguf.quants import dequantize
 
 from tokenmill.cache import cache_root
 from tokenmill.errors import ModelLoadError
-from tokenmill.executor.layers.quant import Int4Groups, Int8Blocks, LowBit
+from tokenmill.weight_formats import Int4Groups, Int8Blocks, LowBit
 
 Q = GGMLQuantizationType
 # Tensor types `weights` can dequantize; every other type is refused before any data is read.

@@ -24,9 +24,10 @@ from torch import nn
 from tokenmill.config import WeightQuant
 from tokenmill.executor.kernels.packed import PackedWeight, kernels_fit, pack_q4, pack_q8
 from tokenmill.executor.layers.quant import (
-    Int4Groups, Int8Blocks, LowBit, dense, int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale,
-    pack_int4, quantize_int4, quantize_int8, quantize_q8_blocks,
+    int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale, pack_int4, quantize_int4, quantize_int8,
+    quantize_q8_blocks,
 )
+from tokenmill.weight_formats import Int4Groups, Int8Blocks, LowBit, dense
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False, quant: WeightQuant | None = None,

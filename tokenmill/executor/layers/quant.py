@@ -1,9 +1,8 @@
 """Weight quantization for the low-bit linear layers, and PyTorch's weight-only kernels.
 
-int8: symmetric, one scale per output channel (w = q * scale) or per block of 32 inputs (`Int8Blocks`,
-w = d * q, llama.cpp's Q8_0). int4: asymmetric groups of `group` weights along the input axis
-(`Int4Groups`), in llama.cpp's convention: codes q in 0..15 and w = d * q + m, which holds Q4_0,
-Q4_1 and Q4_K's sub-blocks exactly. PyTorch's int4 kernels read w = (q - 8) * scale + zero, so
+int8: symmetric, one scale per output channel (w = q * scale) or per block of 32 inputs
+(`Int8Blocks`). int4: asymmetric groups of `group` weights along the input axis (`Int4Groups`);
+both forms are described in weight_formats.py. PyTorch's int4 kernels read w = (q - 8) * scale + zero, so
 their scale/zero pairs are made from (d, m) when they are packed.
 
 The kernels take [out, in] codes and bfloat16 activations and scales: on x86 CPUs only their
@@ -13,67 +12,12 @@ kernel takes nothing else. So the kernel calls here cast activations to bfloat16
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from tokenmill.config import INT4_GROUP_SIZES
+from tokenmill.weight_formats import Int4Groups, Int8Blocks
 
 COMPUTE_DTYPE = torch.bfloat16
-
-
-@dataclass
-class Int4Groups:
-    """An int4 weight [out, in]: codes q (uint8, 0..15) and per-group d and m [out, in // group], w = d * q + m."""
-
-    q: torch.Tensor
-    d: torch.Tensor
-    m: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def group(self) -> int:
-        return self.q.shape[1] // self.d.shape[1]
-
-    def dequantize(self) -> torch.Tensor:
-        rows, cols = self.q.shape
-        w = self.q.view(rows, -1, self.group).float() * self.d.float()[..., None] + self.m.float()[..., None]
-        return w.view(rows, cols)
-
-    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4Groups":
-        """The same weight with `fn` (a reordering of rows) applied to codes and scales alike."""
-        return Int4Groups(fn(self.q), fn(self.d), fn(self.m))
-
-
-@dataclass
-class Int8Blocks:
-    """An int8 weight [out, in]: codes q (int8) and one scale d per block of 32 inputs [out, in // 32], w = d * q."""
-
-    q: torch.Tensor
-    d: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    def dequantize(self) -> torch.Tensor:
-        rows, cols = self.q.shape
-        return (self.q.view(rows, -1, 32).float() * self.d.float()[..., None]).view(rows, cols)
-
-    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int8Blocks":
-        return Int8Blocks(fn(self.q), fn(self.d))
-
-
-LowBit = Int4Groups | Int8Blocks  # a checkpoint's low-bit tensor as it was stored
-
-
-def dense(weight: torch.Tensor | LowBit) -> torch.Tensor:
-    """The weight as a plain tensor (low-bit forms dequantized to float32)."""
-    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

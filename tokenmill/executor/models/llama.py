@@ -23,8 +23,8 @@ from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.executor.layers.linear import LinearBase, make_linear
-from tokenmill.executor.layers.quant import dense
 from tokenmill.executor.layers.rotary import RotaryEmbedding
+from tokenmill.weight_formats import dense
 
 # The output projection of a quantized model. It is the largest matrix of a small model (SmolLM2-135M:
 # 28M of 135M weights, 49k x 576), so leaving it float would cost most of the speed; int8 keeps next-token
