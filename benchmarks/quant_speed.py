@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                "prefill_tokens_per_s": tokenmill_prefill(llm, prompt, args.repeats),
                "decode_tokens_per_s": measure_tokenmill_decode(llm, prompt, args.new_tokens, args.repeats)
                .decode_tokens_per_s}
-        read = llm.engine.runner.model_bytes()  # a decode token reads the layers, the head and its KV
+        read = llm.engine.model_bytes  # a decode token reads the layers, the head and its KV
         row["bytes_per_token"] = read.layers + read.head + read.kv_per_token * (len(prompt) + args.new_tokens / 2)
         row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["bytes_per_token"], bandwidth)
         if args.profile:

@@ -8,7 +8,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import resolve_dtype
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.step_plan import ScheduledChunk
 from tokenmill.sequence import Sequence
 
 from conftest import TINY_VARIANTS
@@ -34,8 +34,8 @@ def run_chunks(engine: LLMEngine, seq: Sequence, spans: list[tuple[int, int]]) -
     """Compute `seq` span by span through the paged cache; logits of each span."""
     results = []
     for start, length in spans:
-        assert engine.kv_cache.grow(seq, start + length)
-        results.append(engine.runner.logits_for([ScheduledChunk(seq, start, length)]))
+        assert engine.kv_cache.grow(seq.seq_id, start, start + length)
+        results.append(engine.runner.logits_for([ScheduledChunk(seq, start, length, engine.kv_cache.block_table(seq.seq_id))]))
     return results
 
 

@@ -19,6 +19,8 @@ from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams as Params
 from tokenmill.sequence import Sequence, SequenceStatus
 
+from test_scheduler import EOS, fake_step
+
 MAX_MODEL_LEN = 4096
 
 
@@ -34,23 +36,16 @@ def seq(arrival: float, prompt_len: int = 4, max_tokens: int = 8, priority: int 
 def scheduler(policy, num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 4,
               max_num_batched_tokens: int = 64) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=False)
-    return Scheduler(kv, policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    return Scheduler(kv, policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                     eos_token_ids=[EOS])
 
 
 def step(sched: Scheduler, finished: list[Sequence] | None = None):
-    """What the engine does around the runner: count computed tokens, append a token, finish."""
-    plan = sched.schedule()
-    for chunk in plan.chunks:
-        s = chunk.seq
-        s.num_computed_tokens += chunk.num_tokens
-        if chunk.sample:
-            s.token_ids.append(0)
-            if s.num_output_tokens >= s.output_len:
-                s.finish_reason = "length" if s.num_output_tokens >= s.params.max_tokens else "stop"
-                sched.finish(s)
-                if finished is not None:
-                    finished.append(s)
-    return plan
+    """One engine step around a fake runner: a sequence emits EOS at its `output_len` (unless
+    max_tokens ends it there), else token 0."""
+    def next_token(s: Sequence) -> int:
+        return EOS if s.num_output_tokens + 1 == s.output_len < s.params.max_tokens else 0
+    return fake_step(sched, [] if finished is None else finished, next_token)
 
 
 def started(s: Sequence) -> bool:

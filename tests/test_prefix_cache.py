@@ -57,8 +57,8 @@ def test_pool_keeps_freed_cached_blocks_and_evicts_least_recently_used_first():
     pool = BlockPool(1 + 4)
     kv = KVCacheManager(pool, 4)
     a = computed(kv, [1, 2, 3, 4, 5, 6, 7, 8])  # two full blocks, both registered
-    head, tail = a.block_table
-    kv.free(a)
+    head, tail = kv.block_table(a.seq_id)
+    kv.free(a.seq_id)
     assert pool.num_free_blocks == 4 and pool.num_evictable_blocks == 2 and pool.num_used_blocks == 0
     assert_accounted(pool)
     fresh = pool.allocate(2)  # never-cached blocks go first: the cache survives
@@ -75,7 +75,7 @@ def test_pool_keeps_freed_cached_blocks_and_evicts_least_recently_used_first():
 def test_hits_need_equal_tokens_parent_and_salt():
     kv = KVCacheManager(BlockPool(1 + 16), 4)
     a = computed(kv, list(range(10)))  # blocks [0..3], [4..7]; 2 tokens left over
-    kv.free(a)
+    kv.free(a.seq_id)
     assert kv.lookup(seq_of(list(range(10)))).num_tokens == 8
     assert kv.lookup(seq_of(list(range(8)))).num_tokens == 7  # all cached: back off one token
     assert kv.lookup(seq_of(list(range(8)) + [99])).num_tokens == 8
@@ -83,7 +83,7 @@ def test_hits_need_equal_tokens_parent_and_salt():
     assert kv.lookup(seq_of([9, 9, 9, 9] + list(range(4, 10)))).num_tokens == 0  # same second block, other parent
     assert kv.lookup(seq_of(list(range(10)), salt="tenant-b")).num_tokens == 0
     salted = computed(kv, list(range(10)), salt="tenant-b")
-    kv.free(salted)
+    kv.free(salted.seq_id)
     assert kv.lookup(seq_of(list(range(10)), salt="tenant-b")).num_tokens == 8
 
 
@@ -93,8 +93,8 @@ def test_a_colliding_parent_hash_is_a_miss_not_wrong_kv(monkeypatch):
     monkeypatch.setattr(kv_cache_manager, "hash_block", lambda parent, tokens, extra: hash(tuple(sorted(tokens))))
     kv = KVCacheManager(BlockPool(1 + 16), 4)
     x, y, z, w = [1, 2, 3, 4], [5, 6, 7, 8], [4, 3, 2, 1], [9, 9, 9, 9]
-    kv.free(computed(kv, x + y + [0]))
-    kv.free(computed(kv, z + w + [0]))  # takes the hash of x's block over
+    kv.free(computed(kv, x + y + [0]).seq_id)
+    kv.free(computed(kv, z + w + [0]).seq_id)  # takes the hash of x's block over
     hit = kv.lookup(seq_of(z + y + [0]))
     # z's block is right; y's cached block follows x, not z: its KV would be wrong, so it misses.
     assert hit.num_tokens == 4
@@ -107,18 +107,18 @@ def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
     parent = computed(kv, list(range(6)))  # one full block, one holding 2 tokens
     children = [seq_of(list(range(6))) for _ in range(2)]
     for child in children:
-        kv.fork(parent, child)
+        kv.fork(parent.seq_id, child.seq_id)
         child.num_computed_tokens = 6
-    full, partial = parent.block_table
+    full, partial = kv.block_table(parent.seq_id)
     assert kv.pool.ref_count(full) == kv.pool.ref_count(partial) == 3
     for seq in [parent] + children:
-        assert kv.grow(seq, 7)
-    assert [s.block_table[0] for s in [parent] + children] == [full] * 3  # full blocks stay shared
-    lasts = [s.block_table[1] for s in [parent] + children]
+        assert kv.grow(seq.seq_id, seq.num_computed_tokens, 7)
+    assert [kv.block_table(s.seq_id)[0] for s in [parent] + children] == [full] * 3  # full blocks stay shared
+    lasts = [kv.block_table(s.seq_id)[1] for s in [parent] + children]
     assert len(set(lasts)) == 3 and lasts[2] == partial  # the last writer keeps the original
     assert kv.take_copies() == [(partial, lasts[0]), (partial, lasts[1])]
     for seq in [parent] + children:
-        kv.free(seq)
+        kv.free(seq.seq_id)
     assert kv.pool.num_used_blocks == 0
     assert_accounted(kv.pool)
 
@@ -130,11 +130,11 @@ def test_fully_cached_prompt_recomputes_its_last_token_in_a_private_copy():
     hit = kv.lookup(again)
     assert hit.num_tokens == 7 and len(hit.blocks) == 2
     assert kv.allocate(again, hit, 8)
-    assert again.block_table[0] == first.block_table[0]
-    assert again.block_table[1] != first.block_table[1]  # never write into a cached block
-    assert kv.take_copies() == [(first.block_table[1], again.block_table[1])]
-    kv.free(first)
-    kv.free(again)
+    assert kv.block_table(again.seq_id)[0] == kv.block_table(first.seq_id)[0]
+    assert kv.block_table(again.seq_id)[1] != kv.block_table(first.seq_id)[1]  # never write into a cached block
+    assert kv.take_copies() == [(kv.block_table(first.seq_id)[1], kv.block_table(again.seq_id)[1])]
+    kv.free(first.seq_id)
+    kv.free(again.seq_id)
     assert_accounted(kv.pool)
 
 
@@ -143,7 +143,7 @@ def test_reset_is_refused_while_blocks_are_in_use():
     a = computed(kv, list(range(9)))
     assert not kv.pool.reset_cache()
     assert kv.lookup(seq_of(list(range(9)))).num_tokens == 8
-    kv.free(a)
+    kv.free(a.seq_id)
     assert kv.pool.reset_cache()
     assert kv.pool.num_evictable_blocks == 0 and kv.lookup(seq_of(list(range(9)))).num_tokens == 0
     assert_accounted(kv.pool)

@@ -254,7 +254,7 @@ def run_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
     try:
         (logits,) = run_chunks(engine, seq, [(0, len(prompt))])
     finally:
-        engine.block_pool.free(seq.block_table)
+        engine.kv_cache.free(seq.seq_id)
     return logits
 
 
@@ -366,7 +366,7 @@ def test_quantized_kv_cache_is_chunking_invariant(tiny_models, kv_cache_dtype):
         try:
             results.append(torch.cat(run_chunks(engine, seq, spans)))
         finally:
-            engine.block_pool.free(seq.block_table)
+            engine.kv_cache.free(seq.seq_id)
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
 

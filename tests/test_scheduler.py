@@ -6,10 +6,14 @@ import random
 
 from tokenmill.engine.policy import FCFSPolicy
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.executor.sampler import SamplerOutput
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence, SequenceStatus
+from tokenmill.step_plan import StepResult
+
+EOS = 10_000  # the fake runner's end-of-sequence token
 
 
 def make_seq(prompt_len: int, max_tokens: int, arrival: float) -> Sequence:
@@ -19,23 +23,23 @@ def make_seq(prompt_len: int, max_tokens: int, arrival: float) -> Sequence:
 def make_scheduler(num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                    caching: bool = True) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=caching)
-    return Scheduler(kv, FCFSPolicy(), max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    return Scheduler(kv, FCFSPolicy(), max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                     eos_token_ids=[EOS])
 
 
-def fake_step(sched: Scheduler, finished: list[Sequence]) -> list:
-    """What the engine does around the runner: advance computed counts, cache full blocks, append a token, finish."""
+def fake_step(sched: Scheduler, finished: list[Sequence], next_token=lambda seq: 0):
+    """One engine step around a fake runner that emits `next_token(seq)` for each sampled sequence; the
+    bookkeeping after it is the scheduler's own (`update_from_output`), as in the engine."""
     plan = sched.schedule()
     for chunk in plan.chunks:
-        seq = chunk.seq
-        assert chunk.start == seq.num_computed_tokens
-        seq.num_computed_tokens += chunk.num_tokens
-        sched.kv.cache_full_blocks(seq)
-        assert len(seq.block_table) * sched.kv.block_size >= seq.num_computed_tokens
-        if chunk.sample:
-            seq.token_ids.append(0)
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                sched.finish(seq)
-                finished.append(seq)
+        assert chunk.start == chunk.seq.num_computed_tokens
+    sampled = [c for c in plan.chunks if c.sample]
+    tokens = [next_token(c.seq) for c in sampled]
+    updates = sched.update_from_output(plan, StepResult(sampled, SamplerOutput(tokens, None, None, None),
+                                                        [1] * len(sampled)))
+    for chunk in plan.chunks:
+        assert len(sched.kv.block_table(chunk.seq.seq_id)) * sched.kv.block_size >= chunk.seq.num_computed_tokens
+    finished += [u.seq for u in updates if u.seq.is_finished]
     return plan
 
 
@@ -104,7 +108,7 @@ def test_preempted_sequence_restarts_from_zero_with_its_output():
     finished: list[Sequence] = []
     while not any(p is b for p in fake_step(sched, finished).preempted):
         pass
-    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and not b.block_table
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and not sched.kv.block_table(b.seq_id)
     outputs_so_far = b.num_output_tokens
     tokens_at_preemption = b.num_tokens
     restarts = []
@@ -135,7 +139,7 @@ def test_random_workload_finishes_everything_and_frees_every_block():
         plan = fake_step(sched, finished)
         assert plan.num_tokens <= 32
         assert len(sched.running) <= 6
-        assert len({b for s in sched.running for b in s.block_table}) == pool.num_used_blocks
+        assert len({b for s in sched.running for b in sched.kv.block_table(s.seq_id)}) == pool.num_used_blocks
         assert pool.num_used_blocks + pool.num_free_blocks == pool.num_usable_blocks
         steps += 1
         assert steps < 10_000

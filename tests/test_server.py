@@ -731,15 +731,16 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name)
 
 def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
     """log_softmax in float32 of the engine's logits for every position of `ids`, in one forward pass."""
-    from tokenmill.engine.scheduler import ScheduledChunk
     from tokenmill.sequence import Sequence
+    from tokenmill.step_plan import ScheduledChunk
 
     seq = Sequence("reference", 0, ids, SamplingParams(), 0.0)
     try:
-        assert engine.kv_cache.grow(seq, len(ids))
-        return torch.log_softmax(engine.runner.logits_for([ScheduledChunk(seq, 0, len(ids))]).float(), -1)
+        assert engine.kv_cache.grow(seq.seq_id, 0, len(ids))
+        chunk = ScheduledChunk(seq, 0, len(ids), engine.kv_cache.block_table(seq.seq_id))
+        return torch.log_softmax(engine.runner.logits_for([chunk]).float(), -1)
     finally:
-        engine.block_pool.free(seq.block_table)
+        engine.kv_cache.free(seq.seq_id)
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])

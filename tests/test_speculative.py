@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.step_plan import ScheduledChunk
 from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.rejection_sampler import verify
 from tokenmill.executor.sampler import Sampler, SamplingBatch, target_probs
@@ -90,6 +90,27 @@ def test_greedy_output_is_unchanged_on_the_default_form(default_model_available)
     assert llm.engine.speculator.stats.accepted_tokens > 0
 
 
+def test_stop_strings_end_a_verified_step_at_their_token(stories_path):
+    """A stop string completed inside a verification's accepted drafts ends the output at that
+    token (the step's later tokens dropped), as with speculation off: same text, tokens and reasons."""
+    prompt = "The little dog ran to the park. The little dog ran to the park. The little dog"
+    plain = LLM(str(stories_path), dtype="float32", kv_cache_memory="32MiB")
+    spec = LLM(str(stories_path), dtype="float32", kv_cache_memory="32MiB",  # the draft is the target:
+               speculative_config={"method": "draft", "model": str(stories_path),  # every draft is accepted
+                                   "num_speculative_tokens": 4, "adaptive": False})
+    text = plain.generate([prompt], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)[0].outputs[0].text
+    stops = [text[i:i + 4] for i in range(6, len(text) - 4, 9)]
+    assert len(stops) >= 5
+    for stop in stops:
+        for include in (False, True):
+            params = SamplingParams(temperature=0, max_tokens=48, stop=[stop], include_stop_str_in_output=include)
+            want, got = (llm.generate([prompt], params, use_tqdm=False)[0].outputs[0] for llm in (plain, spec))
+            assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
+                   (want.text, want.token_ids, want.finish_reason, want.stop_reason)
+            assert want.stop_reason == stop
+    assert spec.engine.speculator.stats.accepted_tokens > 0
+
+
 def test_penalties_min_tokens_stops_and_logprobs_hold_under_speculation(tiny_models):
     path = str(tiny_models["llama"])
     params = [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, logprobs=2),
@@ -145,8 +166,8 @@ def tiny_logits(tiny_models):
         engine = LLMEngine(path, dtype="float32", kv_cache_memory="2MiB")
         seq = Sequence("x", 0, [5, 6, 7, 8], SamplingParams(), 0.0)
         engine.kv_cache.allocate(seq, engine.kv_cache.lookup(seq), 4)
-        logits = engine.runner.logits_for([ScheduledChunk(seq, 0, 4)])[-2:]
-        engine.kv_cache.free(seq)
+        logits = engine.runner.logits_for([ScheduledChunk(seq, 0, 4, engine.kv_cache.block_table(seq.seq_id))])[-2:]
+        engine.kv_cache.free(seq.seq_id)
         return logits
     return rows(str(tiny_models["llama"])), rows(str(tiny_models["llama-tied"]))
 
@@ -204,9 +225,9 @@ def test_rejected_drafts_leave_no_blocks_and_no_stale_kv(tiny_models, reference)
                 done[out.request_id] = out.outputs[0].token_ids
         running = engine.scheduler.running
         for seq in running:  # exactly the blocks of the computed tokens, none for rejected drafts
-            assert len(seq.block_table) == math.ceil(seq.num_computed_tokens / bs)
+            assert len(engine.kv_cache.block_table(seq.seq_id)) == math.ceil(seq.num_computed_tokens / bs)
             assert seq.num_computed_tokens == seq.num_tokens - 1 or seq.num_computed_tokens < seq.num_prompt_tokens
-        assert engine.block_pool.num_used_blocks == len({b for s in running for b in s.block_table})
+        assert engine.block_pool.num_used_blocks == len({b for s in running for b in engine.kv_cache.block_table(s.seq_id)})
         cached = draft.cached_tokens()
         assert draft.num_used_blocks == sum(math.ceil(n / bs) for n in cached.values())
         for seq in running:  # the draft cache holds a prefix of the real tokens, never a rejected one

@@ -34,8 +34,6 @@ class Sequence:
     priority: int = 0  # lower runs first under the priority and aging policies
     tenant: str = ""  # whose request it is (the `user` field), for the fair policy and per-tenant estimates
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full blocks (tokens only grow)
     draft_token_ids: list[int] = field(default_factory=list)  # speculative proposal for the next step only
     num_cached_tokens: int | None = None  # prompt tokens its first admission found in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
@@ -48,7 +46,6 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     text: str = ""  # detokenized output so far (stop strings cut off)
-    detokenizer: object | None = None  # IncrementalDetokenizer, when the model has a tokenizer
     grammar: object | None = None  # GrammarState, when the output is constrained (structured outputs)
 
     def __post_init__(self) -> None:

@@ -22,38 +22,26 @@ from tokenmill.config import (
     resolve_quantization,
 )
 from tokenmill.engine.policy import PolicyConfig, make_policy
-from tokenmill.engine.scheduler import ScheduledChunk, Scheduler
+from tokenmill.engine.output_processor import OutputProcessor, Request
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError, require_unicode
 from tokenmill.executor.models.registry import model_class
-from tokenmill.executor.runner import ModelRunner, StepResult
+from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
 from tokenmill.loader import load_checkpoint
 from tokenmill.metering.accounting import make_accountant
-from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tokenmill.metering.roofline import ModelBytes
+from tokenmill.outputs import RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams, generation_defaults
 from tokenmill.sequence import Sequence
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.draft_model import DraftModel
-from tokenmill.spec.speculator import Speculator
-from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer, custom_chat_template
+from tokenmill.spec.speculator import NoSpeculation, Speculator
+from tokenmill.step_plan import ScheduledChunk, StepResult
+from tokenmill.tokenizer import Tokenizer, custom_chat_template
 
 log = logging.getLogger("tokenmill")
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    finished_seqs: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.finished_seqs == len(self.seqs)
 
 
 @dataclass
@@ -121,13 +109,16 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(max_model_len, capacity)
         self.block_pool = BlockPool(num_blocks)
         self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, make_policy(policy_config, self.max_model_len), max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, make_policy(policy_config, self.max_model_len), max_num_seqs,
+                                   max_num_batched_tokens, self.eos_token_ids, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         # Quantized layers take a GGUF's low-bit blocks as they are (converting only where their form differs).
         self.runner = ModelRunner(self.model_config, ckpt.weights(packed=self.quant is not None), self.dtype, self.device,
                                   num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
-        self.accountant.sizes = self.runner.model_bytes()
+        self.model_bytes = ModelBytes(*self.runner.byte_sizes())  # what a step reads, for metering and benchmarks
+        self.accountant.sizes = self.model_bytes
         self._grammar_compiler = None  # made by the first request with structured outputs
-        self.speculator = None
+        self.speculator = NoSpeculation()
         if spec_config is not None:
             draft = None
             if spec_config.method == "draft":
@@ -136,7 +127,6 @@ class LLMEngine:
                                    max_model_len=self.max_model_len, quantization=quantization,
                                    quantization_group_size=quantization_group_size, seed=seed)
             self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
-        self.requests: dict[str, Request] = {}
         self._failed: dict[str, Exception] = {}  # request id -> why it failed a step by itself
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
@@ -224,12 +214,10 @@ class LLMEngine:
                 gen = torch.Generator(device="cpu").manual_seed(params.seed + i)
             seq = Sequence(request_id, i, token_ids, params, arrival, generator=gen, cache_salt=cache_salt,
                            priority=priority, tenant=tenant or "")
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             if grammar is not None:
                 seq.grammar = self._grammar_compiler.state(grammar)
             seqs.append(seq)
-        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival))
+        self.output_processor.add(Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival)))
         self.scheduler.add(seqs[0], forks=seqs[1:])  # the prompt is computed once, for all n
 
     def _tokenize(self, prompt: str | list[int], keep_last: int | None = None) -> tuple[list[int], str | None]:
@@ -259,8 +247,17 @@ class LLMEngine:
                           "which must leave room for at least one generated token")
         return ids, text
 
+    @property
+    def speculative(self) -> bool:
+        return not isinstance(self.speculator, NoSpeculation)
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """The unfinished requests by id (read-only: add_request and abort_request change them)."""
+        return self.output_processor.requests
+
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
+        request = self.output_processor.pop(request_id)
         if request is None:
             return
         for seq in request.seqs:
@@ -270,8 +267,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        if self.speculator is not None:
-            self.speculator.release(seq)
+        self.speculator.release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -288,76 +284,39 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; return the outputs of the requests that progressed."""
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+        """Run one engine step; return the outputs of the requests that sampled."""
+        self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if plan.copies:
             self.runner.copy_blocks(plan.copies)
         if not plan.chunks:
             return []
-        now = time.time()
+        scheduled_at = time.time()
         self.accountant.start()
         started = time.perf_counter()
-        chunks, result = self._execute(plan.chunks)
-        chunk_metrics = [self.requests[c.seq.request_id].metrics for c in chunks]
-        if self.speculator is not None and chunks:
-            self.speculator.record_step(chunks, time.perf_counter() - started, sum(result.counts))
-        self.accountant.end(chunks, chunk_metrics)
-        if not chunks:
+        plan.chunks, result = self._execute(plan.chunks)
+        self.speculator.record_step(plan.chunks, time.perf_counter() - started, result)
+        self.accountant.end(plan.chunks, [self.requests[c.seq.request_id].metrics for c in plan.chunks])
+        if not plan.chunks:
             return []
-        for chunk, metrics in zip(chunks, chunk_metrics):
-            if not chunk.draft:  # a verified chunk's computed tokens are known once the sampler decided
-                chunk.seq.num_computed_tokens += chunk.num_tokens
-                self.kv_cache.cache_full_blocks(chunk.seq)
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
+        updates = self.scheduler.update_from_output(plan, result)
         now = time.time()
-        for seq, logprobs in result.prompt_logprobs:
-            seq.prompt_logprobs += [_logprob_entry(logprobs, i) for i in range(len(logprobs.token_ids))]
-        touched: dict[str, Request] = {}
-        samples = result.samples
-        row = 0
-        for chunk, count in zip(result.sampled, result.counts):
-            seq = chunk.seq
-            request = self.requests[seq.request_id]
-            if chunk.draft:
-                self.speculator.observe(seq, len(chunk.draft), count - 1)
-                request.metrics.spec_draft_tokens += len(chunk.draft)
-                request.metrics.spec_accepted_tokens += count - 1
-            elif self.speculator is not None:
-                self.speculator.observe_token(seq, samples.token_ids[row])
-            for i in range(count):
-                self._append_token(seq, row + i, samples, now)
-                if seq.is_finished:
-                    break
-            if chunk.draft and not seq.is_finished:
-                self._keep_accepted(chunk, count - 1)
-            if self.speculator is not None:
-                self.speculator.after_step(seq)
-            row += count
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            if seq.is_finished:
-                request.finished_seqs += 1
-            touched[request.request_id] = request
-        for request_id in [r for r in touched if r in self._failed]:  # ended by their grammar above
+        failed = self.output_processor.process(plan.chunks, result, updates, scheduled_at, now)
+        for update in updates:
+            if update.seq.finish_reason is not None and not update.seq.is_finished:  # a stop string or grammar
+                self.scheduler.finish(update.seq)
+        self.speculator.update(updates)
+        for request_id, error in failed.items():
+            self._failed[request_id] = error
             self.abort_request(request_id)
-            del touched[request_id]
-        outputs = []
-        for request in touched.values():
-            if request.finished:
-                request.metrics.finished_time = now
-                del self.requests[request.request_id]
-            outputs.append(self._output(request))
-        return outputs
+        return self.output_processor.outputs(updates, now)
 
     def _execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], StepResult | None]:
         """Run the step's chunks. If that fails with several requests in the step, each request's
         chunks run alone (its generators put back after) to find the requests that fail by
         themselves: those end (`pop_failed` says why) and the rest run again, so one request's
         bad input fails no other. A failure no single request reproduces is raised."""
-        draft_probs = self.speculator.draft_probs if self.speculator else None
+        draft_probs = self.speculator.draft_probs
         try:
             return chunks, self.runner.execute(chunks, self._blocked(chunks), draft_probs)
         except Exception:
@@ -400,14 +359,6 @@ class LLMEngine:
         failed, self._failed = self._failed, {}
         return failed
 
-    def _keep_accepted(self, chunk, accepted: int) -> None:
-        """After a verification (its tokens appended): the known tokens and the accepted drafts are
-        computed; the blocks that held only rejected drafts go back to the pool."""
-        seq = chunk.seq
-        seq.num_computed_tokens += chunk.num_known + accepted
-        self.kv_cache.trim(seq)
-        self.kv_cache.cache_full_blocks(seq)
-
     def _grammar(self, spec) -> str:
         """The request's grammar, compiled (an InvalidParameterError naming its field if it does not)."""
         if self.tokenizer is None:
@@ -424,89 +375,6 @@ class LLMEngine:
         if seq.num_output_tokens + drafts_before < seq.params.min_tokens:
             return self.eos_token_ids + seq.params.stop_token_ids
         return []
-
-    def _append_token(self, seq: Sequence, row: int, samples, now: float) -> None:
-        token = samples.token_ids[row]
-        seq.token_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if seq.logprobs is not None:
-            seq.logprobs.append(_logprob_entry(samples, row))
-            seq.cumulative_logprob += samples.logprobs[row]
-        params = seq.params
-        delta = seq.detokenizer.step(token) if seq.detokenizer is not None else ""
-        seq.text += delta
-        reason = None
-        if seq.grammar is not None and token not in self.eos_token_ids and not seq.grammar.advance(token):
-            # the grammar hit llguidance's work limits (a schema that recurses without end, say): its fault
-            self._failed[seq.request_id] = InvalidParameterError(params.structured_outputs.field, (
-                f"the grammar failed at output token {seq.num_output_tokens}: {seq.grammar.error}"))
-            seq.finish_reason = "abort"
-            self._finish(seq)
-            return
-        if not params.ignore_eos and token in self.eos_token_ids:
-            reason, seq.stop_reason = "stop", None
-        elif token in params.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
-        elif params.stop and delta and seq.num_output_tokens >= params.min_tokens \
-                and self._cut_stop_string(seq, len(delta)):
-            reason = "stop"  # as in vLLM, stop strings wait for min_tokens too
-        elif seq.grammar is not None and seq.grammar.done:
-            reason, seq.stop_reason = "stop", None  # the grammar is complete: nothing may follow
-        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
-                or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            self._finish(seq)
-
-    @staticmethod
-    def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
-        """Find a stop string that the newest text completes (it ends inside the newest `delta_len`
-        characters: one met before min_tokens stays text); cut the text there."""
-        text = seq.text
-        hits = [(text.find(s, max(0, len(text) - delta_len - len(s) + 1)), s) for s in seq.params.stop]
-        hits = [(i, s) for i, s in hits if i != -1]
-        if not hits:
-            return False
-        index, stop = min(hits)
-        seq.text = text[: index + len(stop)] if seq.params.include_stop_str_in_output else text[:index]
-        seq.stop_reason = stop
-        return True
-
-    def _output(self, request: Request) -> RequestOutput:
-        outputs = []
-        for seq in request.seqs:
-            text = seq.text if seq.is_finished else seq.text[: len(seq.text) - _stop_holdback(seq.text, seq.params.stop)]
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.finished, request.metrics, request.seqs[0].num_cached_tokens or 0,
-                             request.seqs[0].prompt_logprobs)
-
-
-def _logprob_entry(samples, row: int) -> dict[int, Logprob]:
-    """Row `row`'s token and top tokens, token id -> Logprob (rank 1 = most likely)."""
-    entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(samples.top_logprobs[row])}
-    entry[samples.token_ids[row]] = Logprob(samples.logprobs[row], samples.ranks[row])
-    return entry
-
-
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    best = 0
-    for stop in stops:
-        tail = text[len(text) - min(len(stop) - 1, len(text)):] if len(stop) > 1 else ""
-        start = tail.find(stop[0])  # only tails that begin with the stop's first character can grow into it
-        while start != -1 and len(tail) - start > best:
-            if stop.startswith(tail[start:]):
-                best = len(tail) - start
-                break
-            start = tail.find(stop[0], start + 1)
-    return best
-
 
 def _eos_ids(ckpt) -> list[int]:
     ids: list[int] = []

@@ -17,57 +17,21 @@ prompt is computed once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from tokenmill.engine.policy import Policy
 from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixHit
 from tokenmill.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledChunk:
-    """Compute tokens seq.token_ids[start:start + num_known] then `draft`; sample after them if `sample`.
-
-    num_tokens counts both (what the step computes); draft tokens, proposed by speculative
-    decoding, are verified: the sampler keeps a prefix of them. A fork's chunk has no tokens:
-    it comes right after its parent's last prompt chunk and samples from that chunk's last row.
-    """
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    draft: list[int] = field(default_factory=list)
-    sample: bool = field(init=False)  # fixed at scheduling time: the chunk reaches the last known token
-
-    def __post_init__(self) -> None:
-        self.sample = self.start + self.num_known == self.seq.num_tokens
-
-    @property
-    def num_known(self) -> int:
-        return self.num_tokens - len(self.draft)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start:self.start + self.num_known] + self.draft
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks to copy (source, destination) first
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+from tokenmill.step_plan import ScheduledChunk, SchedulerOutput, SequenceUpdate, StepResult
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: list[int] | None = None, max_model_len: int | None = None):
         self.kv = kv
         self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = list(eos_token_ids or ())
+        self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -92,9 +56,50 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._forks.pop(seq.seq_id, None)  # an aborted request's unforked siblings are finished by the engine
-        self.kv.free(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.FINISHED
         self.policy.on_finish(seq)
+
+    def update_from_output(self, plan: SchedulerOutput, result: StepResult) -> list[SequenceUpdate]:
+        """The bookkeeping after the step ran `plan.chunks` (the chunks that ran): computed tokens
+        counted and full blocks cached; each sampled sequence's tokens appended up to the first stop
+        token or length limit, which ends it; after a verification, the accepted drafts counted and
+        the blocks of rejected ones given back. Returns what each sampled sequence got."""
+        for chunk in plan.chunks:
+            if not chunk.draft:  # a verified chunk's computed tokens are known once the sampler decided
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.kv.cache_full_blocks(chunk.seq)
+        updates = []
+        row = 0
+        for chunk, count in zip(result.sampled, result.counts):
+            seq = chunk.seq
+            tokens = self._append(seq, result.samples.token_ids[row:row + count])
+            if chunk.draft and not seq.is_finished:
+                seq.num_computed_tokens += chunk.num_known + count - 1
+                self.kv.trim(seq.seq_id, seq.num_computed_tokens)
+                self.kv.cache_full_blocks(seq)
+            updates.append(SequenceUpdate(seq, row, tokens, len(chunk.draft), count - 1 if chunk.draft else 0))
+            row += count
+        return updates
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """Append `tokens` up to the first that ends `seq` (then finished); return those appended."""
+        params = seq.params
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
+                    or (self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
+                seq.finish_reason = "length"
+            else:
+                continue
+            self.finish(seq)
+            return tokens[:i + 1]
+        return tokens
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -135,11 +140,11 @@ class Scheduler:
         """A seat, and the blocks for `seq`'s first chunk after the running sequences' chunks this step."""
         if len(self.running) + 1 + len(self._forks.get(seq.seq_id, ())) > self.max_num_seqs:
             return False
-        needed = self.kv.blocks_to_admit(seq, hit, hit.num_tokens + first_chunk)
+        needed = self.kv.blocks_to_admit(hit, hit.num_tokens + first_chunk)
         budget = self.max_num_batched_tokens - first_chunk
         for r in self.policy.preemption_order(self.running):  # as _serve_running will serve them
             num = min(r.num_uncomputed_tokens, budget)
-            needed += self.kv.blocks_to_grow(r, r.num_computed_tokens + num)
+            needed += self.kv.blocks_to_grow(r.seq_id, r.num_computed_tokens, r.num_computed_tokens + num)
             budget -= num
         return needed <= self.kv.pool.num_free_blocks
 
@@ -153,7 +158,7 @@ class Scheduler:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
             draft = self._fit_draft(seq, budget)
-            while not self.kv.grow(seq, seq.num_computed_tokens + num):
+            while not self.kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + num):
                 short_of_blocks = True
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -176,6 +181,9 @@ class Scheduler:
             num = min(seq.num_tokens - hit.num_tokens, budget)
             if not self.kv.allocate(seq, hit, hit.num_tokens + num):
                 break
+            seq.num_computed_tokens = hit.num_tokens
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = hit.num_tokens
             startable.remove(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -193,7 +201,7 @@ class Scheduler:
         if seq.num_uncomputed_tokens != 1:
             return []
         draft = draft[:budget - 1]
-        if draft and not self.kv.grow(seq, seq.num_computed_tokens + 1 + len(draft)):
+        if draft and not self.kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + 1 + len(draft)):
             return []
         return draft
 
@@ -201,7 +209,8 @@ class Scheduler:
                    draft: list[int] | None = None) -> list[Sequence]:
         """Schedule `num` tokens of `seq` (and its drafts); return it and the siblings forked onto its
         last prompt token."""
-        chunk = ScheduledChunk(seq, seq.num_computed_tokens, num + len(draft or ()), list(draft or ()))
+        chunk = ScheduledChunk(seq, seq.num_computed_tokens, num + len(draft or ()), self.kv.block_table(seq.seq_id),
+                               list(draft or ()))
         out.chunks.append(chunk)
         joined = [seq]
         forks = self._forks.pop(seq.seq_id, []) if chunk.sample else []
@@ -210,15 +219,16 @@ class Scheduler:
                 child.status = SequenceStatus.WAITING  # no seat: it prefills on its own later (from the prefix cache)
                 self.waiting.append(child)
                 continue
-            self.kv.fork(seq, child)
+            self.kv.fork(seq.seq_id, child.seq_id)
             child.num_computed_tokens = chunk.start + num
             child.status = SequenceStatus.RUNNING
-            out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0))
+            out.chunks.append(ScheduledChunk(child, child.num_computed_tokens, 0, self.kv.block_table(child.seq_id)))
             joined.append(child)
         return joined
 
     def _preempt(self, seq: Sequence) -> None:
-        self.kv.free(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

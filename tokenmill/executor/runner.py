@@ -7,31 +7,19 @@ exactly the chunks it is handed, and samples for the chunks that end a sequence'
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.kernels import lowbit
-from tokenmill.grammar import fill_bitmask
 from tokenmill.executor.layers.attention import build_metadata
 from tokenmill.executor.layers.kv_cache import KVCache
-from tokenmill.metering.roofline import ModelBytes
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.rejection_sampler import verify
 from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch, token_logprobs
-from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.grammar import fill_bitmask
 from tokenmill.sequence import Sequence
-
-
-@dataclass
-class StepResult:
-    sampled: list[ScheduledChunk]  # the chunks that sampled
-    samples: SamplerOutput | None  # their emitted tokens, in order: counts[i] rows for sampled[i]
-    counts: list[int]  # tokens each sampled chunk emits: 1, or accepted drafts + 1 after a verification
-    # (sequence, logprobs of its next prompt tokens) for the sequences that asked for prompt logprobs
-    prompt_logprobs: list[tuple[Sequence, SamplerOutput]] = field(default_factory=list)
-
+from tokenmill.step_plan import ScheduledChunk, StepResult
 
 _mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")  # masks while the model runs
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs take the logits of this many positions at a time (memory: rows x vocab)
@@ -126,10 +114,10 @@ class ModelRunner:
             cache.copy_slots(src, dst)
         self.num_copied_blocks += len(copies)
 
-    def model_bytes(self) -> ModelBytes:
-        """What a step reads: decoder-layer and output-head weights as held, KV bytes per token."""
-        return ModelBytes(_held_bytes(self.model.layers), _held_bytes(self.model.lm_head),
-                          self.cfg.kv_bytes_per_token(self.kv_cache_dtype))
+    def byte_sizes(self) -> tuple[int, int, int]:
+        """What a step reads, in bytes: decoder-layer weights and output-head weights as held, KV per token."""
+        return (_held_bytes(self.model.layers), _held_bytes(self.model.lm_head),
+                self.cfg.kv_bytes_per_token(self.kv_cache_dtype))
 
     def kernels_in_use(self) -> str:
         """Which kernels run the quantized linear layers, for the start-up log."""
@@ -146,7 +134,7 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Pack the chunks into one flat batch, run the model, return hidden states [tokens, hidden]."""
-        return self.forward([(c.token_ids, c.start, c.seq.block_table) for c in chunks])
+        return self.forward([(c.token_ids, c.start, c.block_table) for c in chunks])
 
     def forward(self, spans: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
         """Hidden states [tokens, hidden] of spans (token ids, first position, block table), flat."""

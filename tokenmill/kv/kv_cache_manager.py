@@ -49,13 +49,22 @@ class PrefixHit:
 
 
 class KVCacheManager:
+    """Owns every sequence's block table and chain hashes, by seq_id. The scheduler owns the counts
+    (a sequence's computed tokens) and passes them in; this class never writes a Sequence."""
+
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True):
         self.pool = pool
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
+        self._tables: dict[int, list[int]] = {}  # seq_id -> its blocks, in token order
+        self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its full blocks (tokens only grow)
         self._chains: dict[int, list[CachedBlock]] = {}  # seq_id -> entries of its leading full blocks
         self._copies: list[tuple[int, int]] = []  # (source, destination) blocks for the next step
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """The sequence's blocks (empty when it holds none); the runner reads it, only this class writes it."""
+        return self._tables.get(seq_id, [])
 
     def lookup(self, seq: Sequence) -> PrefixHit:
         """The longest cached prefix of full blocks; changes nothing.
@@ -69,7 +78,7 @@ class KVCacheManager:
         bs = self.block_size
         hit = PrefixHit()
         parent = None
-        for i, block_hash in enumerate(self._hashes(seq, seq.num_tokens // bs)):
+        for i, block_hash in enumerate(self._chain_hashes(seq, seq.num_tokens // bs)):
             entry = self.pool.lookup(block_hash)
             if entry is None or not entry.matches(parent, _block_tokens(seq, i, bs), seq.cache_salt):
                 break
@@ -78,38 +87,38 @@ class KVCacheManager:
         hit.num_tokens = min(len(hit.blocks) * bs, seq.num_tokens - 1)
         return hit
 
-    def blocks_to_admit(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> int:
+    def blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks `allocate(seq, hit, num_tokens)` would take (cached hits nobody holds included)."""
         hit_blocks = [e.block for e in hit.blocks]
         reclaimed = sum(1 for b in hit_blocks if self.pool.ref_count(b) == 0)  # taken out of the free ones
         recompute_cached = hit.num_tokens < len(hit_blocks) * self.block_size
         return reclaimed + self._blocks_needed(len(hit_blocks), recompute_cached, num_tokens)
 
-    def blocks_to_grow(self, seq: Sequence, num_tokens: int) -> int:
-        """Free blocks `grow(seq, num_tokens)` would take."""
-        return self._blocks_needed(len(seq.block_table), self._copy_needed(seq), num_tokens)
+    def blocks_to_grow(self, seq_id: int, num_computed: int, num_tokens: int) -> int:
+        """Free blocks `grow(seq_id, num_computed, num_tokens)` would take."""
+        table = self.block_table(seq_id)
+        return self._blocks_needed(len(table), self._copy_needed(table, num_computed), num_tokens)
 
     def allocate(self, seq: Sequence, hit: PrefixHit, num_tokens: int) -> bool:
-        """Admit `seq` on its cached prefix with room for `num_tokens` tokens; False (no change) if short."""
-        if self.blocks_to_admit(seq, hit, num_tokens) > self.pool.num_free_blocks:
+        """Admit `seq` on its cached prefix (it has computed hit.num_tokens) with room for `num_tokens`
+        tokens; False (no change) if short."""
+        if self.blocks_to_admit(hit, num_tokens) > self.pool.num_free_blocks:
             return False
         hit_blocks = [e.block for e in hit.blocks]
         self.pool.share(hit_blocks)
-        seq.block_table = hit_blocks
-        seq.num_computed_tokens = hit.num_tokens
+        self._tables[seq.seq_id] = hit_blocks
         self._chains[seq.seq_id] = list(hit.blocks)
         if self.enable_prefix_caching:
             self.stats.queries_tokens += seq.num_tokens
             self.stats.hit_tokens += hit.num_tokens
-        if seq.num_cached_tokens is None:
-            seq.num_cached_tokens = hit.num_tokens
-        return self.grow(seq, num_tokens)
+        return self.grow(seq.seq_id, hit.num_tokens, num_tokens)
 
-    def grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for `num_tokens` tokens, the next one written made private; False (no change) if short."""
-        table = seq.block_table
-        first = seq.num_computed_tokens // self.block_size  # the block the next token's KV goes to
-        copy = self._copy_needed(seq)
+    def grow(self, seq_id: int, num_computed: int, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` tokens, the next one written (after `num_computed`) made private;
+        False (no change) if short."""
+        table = self._tables.setdefault(seq_id, [])
+        first = num_computed // self.block_size  # the block the next token's KV goes to
+        copy = self._copy_needed(table, num_computed)
         if self._blocks_needed(len(table), copy, num_tokens) > self.pool.num_free_blocks:
             return False
         if copy:
@@ -120,28 +129,29 @@ class KVCacheManager:
         table.extend(self.pool.allocate(max(0, -(-num_tokens // self.block_size) - len(table))))
         return True
 
-    def trim(self, seq: Sequence) -> None:
+    def trim(self, seq_id: int, num_computed: int) -> None:
         """Give back the blocks past the computed tokens: after a verification they held only
         rejected draft tokens, so nothing stale stays reachable through the block table."""
-        keep = -(-seq.num_computed_tokens // self.block_size)
-        if len(seq.block_table) > keep:
-            self.pool.free(reversed(seq.block_table[keep:]))
-            del seq.block_table[keep:]
+        table = self.block_table(seq_id)
+        keep = -(-num_computed // self.block_size)
+        if len(table) > keep:
+            self.pool.free(reversed(table[keep:]))
+            del table[keep:]
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child` shares every block of `parent` (the same prompt); copy-on-write keeps them apart."""
-        self.pool.share(parent.block_table)
-        child.block_table = list(parent.block_table)
-        child.block_hashes = list(parent.block_hashes)
-        self._chains[child.seq_id] = list(self._chains.get(parent.seq_id, []))
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child shares every block of its parent (the same prompt); copy-on-write keeps them apart."""
+        table = self.block_table(parent_id)
+        self.pool.share(table)
+        self._tables[child_id] = list(table)
+        self._hashes[child_id] = list(self._hashes.get(parent_id, []))
+        self._chains[child_id] = list(self._chains.get(parent_id, []))
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq_id: int) -> None:
         """Give the sequence's blocks back; its full blocks stay cached until evicted."""
         # Last block first: the LRU list then evicts a prefix from its end, keeping its head reachable.
-        self.pool.free(reversed(seq.block_table))
-        seq.block_table = []
-        seq.num_computed_tokens = 0
-        self._chains.pop(seq.seq_id, None)
+        self.pool.free(reversed(self._tables.pop(seq_id, [])))
+        self._hashes.pop(seq_id, None)
+        self._chains.pop(seq_id, None)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that the last step filled with computed tokens (prompt or generated)."""
@@ -150,9 +160,10 @@ class KVCacheManager:
         bs = self.block_size
         chain = self._chains.setdefault(seq.seq_id, [])
         full = seq.num_computed_tokens // bs
-        hashes = self._hashes(seq, full)
+        hashes = self._chain_hashes(seq, full)
+        table = self.block_table(seq.seq_id)
         for i in range(len(chain), full):
-            chain.append(self.pool.cache(seq.block_table[i], hashes[i], _block_tokens(seq, i, bs),
+            chain.append(self.pool.cache(table[i], hashes[i], _block_tokens(seq, i, bs),
                                          chain[-1] if chain else None, seq.cache_salt))
 
     def take_copies(self) -> list[tuple[int, int]]:
@@ -160,17 +171,17 @@ class KVCacheManager:
         copies, self._copies = self._copies, []
         return copies
 
-    def _copy_needed(self, seq: Sequence) -> bool:
+    def _copy_needed(self, table: list[int], num_computed: int) -> bool:
         """Whether the block the next token's KV goes to is shared or cached, so must be copied first."""
-        table, first = seq.block_table, seq.num_computed_tokens // self.block_size
+        first = num_computed // self.block_size
         return first < len(table) and (self.pool.ref_count(table[first]) > 1 or self.pool.is_cached(table[first]))
 
     def _blocks_needed(self, num_blocks: int, copy: bool, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - num_blocks) + copy
 
-    def _hashes(self, seq: Sequence, count: int) -> list[int]:
+    def _chain_hashes(self, seq: Sequence, count: int) -> list[int]:
         """The chain hashes of the first `count` full blocks, computed once per sequence."""
-        hashes = seq.block_hashes
+        hashes = self._hashes.setdefault(seq.seq_id, [])
         while len(hashes) < count:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, _block_tokens(seq, i, self.block_size),

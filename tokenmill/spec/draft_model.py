@@ -37,12 +37,14 @@ CATCH_UP_TOKENS = 4  # per sequence: a propose that feeds more is a prefill, lef
 
 @dataclass(eq=False)
 class _DraftState:
-    """One sequence in the draft cache (the fields KVCacheManager reads, plus the tokens fed)."""
+    """One sequence in the draft cache (its blocks are the KV manager's, under the same seq_id)."""
 
     seq_id: int
-    block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
     fed: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds, in order
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return len(self.fed)
 
 
 class DraftModel:
@@ -104,14 +106,13 @@ class DraftModel:
                 break
             seqs = list(pending)
             states = [self._states[s.seq_id] for s in seqs]
-            hidden = self.runner.forward([(pending[s], st.num_computed_tokens, st.block_table)
+            hidden = self.runner.forward([(pending[s], st.num_computed_tokens, self.kv.block_table(st.seq_id))
                                           for s, st in zip(seqs, states)])
             ends = torch.tensor([end - 1 for end in accumulate(len(pending[s]) for s in seqs)], device=hidden.device)
             logits = self.runner.model.compute_logits(hidden[ends]).float()
             tokens = self._draw(logits, seqs, probs)
             for seq, state, token in zip(seqs, states, tokens):
                 state.fed += pending[seq]
-                state.num_computed_tokens = len(state.fed)
                 drafts[seq.seq_id].append(token)
                 if len(drafts[seq.seq_id]) < ks[seq]:
                     pending[seq] = [token]
@@ -137,7 +138,7 @@ class DraftModel:
 
     def _room(self, seq: Sequence, num_new: int) -> bool:
         state = self._states[seq.seq_id]
-        return self.kv.grow(state, state.num_computed_tokens + num_new)
+        return self.kv.grow(state.seq_id, state.num_computed_tokens, state.num_computed_tokens + num_new)
 
     def sync(self, seq: Sequence) -> _DraftState:
         """Cut the draft cache of `seq` back to the prefix it shares with the sequence's tokens."""
@@ -155,14 +156,13 @@ class DraftModel:
 
     def _cut(self, state: _DraftState, length: int) -> None:
         del state.fed[length:]
-        state.num_computed_tokens = length
-        self.kv.trim(state)
+        self.kv.trim(state.seq_id, length)
 
     def release(self, seq: Sequence) -> None:
         """Free the draft cache of a sequence that finished, was aborted, or found no room."""
         state = self._states.pop(seq.seq_id, None)
         if state is not None:
-            self.kv.free(state)
+            self.kv.free(state.seq_id)
 
     @property
     def num_used_blocks(self) -> int:

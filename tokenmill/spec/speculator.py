@@ -3,8 +3,9 @@
 Before each step `propose` gives every running sequence that decodes a draft (possibly empty)
 in `seq.draft_token_ids`: up to the controller's k for it, never past max_tokens or the context.
 The scheduler fits what it can into the step (drafts never preempt anyone), the runner
-verifies, and the engine reports each verification (`observe`) and each plain decode
-(`observe_token`), and times the step (`record_step`) for the controller's cost model.
+verifies, and the engine times the step (`record_step`, for the controller's cost model) and
+hands over what each sequence got (`update`: verifications, plain decodes, finished sequences).
+`NoSpeculation` is the same interface doing nothing, so that the engine's step has no branches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.sequence import Sequence
+from tokenmill.step_plan import ScheduledChunk, SequenceUpdate, StepResult
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.controller import SpecController
 from tokenmill.spec.draft_model import DraftModel
@@ -93,31 +95,54 @@ class Speculator:
                 by_id[sid].draft_token_ids = tokens
         self.propose_seconds = time.perf_counter() - started
 
-    def record_step(self, chunks, seconds: float, emitted: int) -> None:
-        """A step ran `chunks` in `seconds` and emitted `emitted` tokens."""
+    def record_step(self, chunks: list[ScheduledChunk], seconds: float, result: StepResult | None) -> None:
+        """A step ran `chunks` in `seconds` and gave `result`."""
+        if not chunks:
+            return
+        emitted = sum(result.counts)
         self.controller.target_cost.observe(sum(c.num_tokens for c in chunks), seconds)
         drafted = any(c.draft for c in chunks)
         steady = not drafted or self.draft is None or self.draft.steady  # a catch-up prefill is no typical step
         if steady and all(c.sample and c.num_known == 1 for c in chunks):  # a pure decode step: comparable rates
             self.controller.realized(len(chunks), drafted, emitted / (seconds + self.propose_seconds))
 
-    def observe(self, seq: Sequence, proposed: int, accepted: int) -> None:
-        """A verification of `proposed` drafts that kept `accepted` of them."""
-        self.stats.draft_tokens += proposed
-        self.stats.accepted_tokens += accepted
-        self.stats.verify_steps += 1
-        self.controller.observe(seq.seq_id, proposed, accepted)
-
-    def observe_token(self, seq: Sequence, token: int) -> None:
-        self.controller.observe_token(seq.seq_id, token)
-
-    def after_step(self, seq: Sequence) -> None:
-        """Bring the draft cache of a sequence that moved back in line with its tokens."""
-        if self.draft is not None and not seq.is_finished:
-            self.draft.sync(seq)
+    def update(self, updates: list[SequenceUpdate]) -> None:
+        """Learn from each verification (`proposed` drafts, `accepted` kept) and each plain decode;
+        bring the draft cache of a sequence that moved back in line with its tokens; forget finished ones."""
+        for u in updates:
+            if u.proposed:
+                self.stats.draft_tokens += u.proposed
+                self.stats.accepted_tokens += u.accepted
+                self.stats.verify_steps += 1
+                self.controller.observe(u.seq.seq_id, u.proposed, u.accepted)
+            else:
+                self.controller.observe_token(u.seq.seq_id, u.tokens[0])
+            if u.seq.is_finished:
+                self.release(u.seq)
+            elif self.draft is not None:
+                self.draft.sync(u.seq)
 
     def release(self, seq: Sequence) -> None:
         """A sequence finished or was aborted."""
         self.controller.forget(seq.seq_id)
         if self.draft is not None:
             self.draft.release(seq)
+
+
+class NoSpeculation:
+    """What the engine holds when speculative decoding is off: proposes nothing, learns nothing."""
+
+    draft_probs: dict[int, torch.Tensor] = {}
+    stats = None
+
+    def propose(self, running: list[Sequence]) -> None:
+        pass
+
+    def record_step(self, chunks: list[ScheduledChunk], seconds: float, result: StepResult | None) -> None:
+        pass
+
+    def update(self, updates: list[SequenceUpdate]) -> None:
+        pass
+
+    def release(self, seq: Sequence) -> None:
+        pass

@@ -92,7 +92,7 @@ class ServerMetrics:
         if isinstance(getattr(policy, "tokens", None), dict):  # tenant names: shown only to whom may see them
             self.tenant_registry = CollectorRegistry()
             self.tenant_registry.register(_TenantTokensCollector(policy.tokens))
-        if async_engine.engine.speculator is not None:
+        if async_engine.engine.speculative:
             spec = async_engine.engine.speculator.stats
             r.register(_SpecCollector(spec))
             Gauge("tokenmill_spec_decode_acceptance_rate", "Draft tokens kept over draft tokens verified, since start",

@@ -57,7 +57,7 @@ class OpenAIServing:
         self.max_model_len = engine.engine.max_model_len
         self.max_request_tokens = max_request_tokens or MAX_REQUEST_CONTEXTS * self.max_model_len
         self.served_model_names = served_model_names
-        self.speculative = engine.engine.speculator is not None
+        self.speculative = engine.engine.speculative
         self.generation_defaults = engine.engine.generation_defaults  # the model's generation_config values
 
     def models(self) -> dict:
