@@ -201,11 +201,11 @@ def test_shared_system_prompt_greedy_same_with_and_without_cache(tiny_models, qu
     # system prompt's 18 full blocks (288 tokens).
     cached = [o.num_cached_tokens for o in outs]
     assert set(cached) == {0, 288} and cached.count(288) >= 24
-    stats = on.engine.prefix_cache_stats
+    stats = on.engine.stats().prefix_cache
     assert stats.hit_tokens == sum(cached) and stats.queries_tokens == sum(map(len, prompts))
     assert stats.hit_rate == pytest.approx(sum(cached) / sum(map(len, prompts)))
     assert on.engine.runner.num_computed_tokens == off.engine.runner.num_computed_tokens - sum(cached)
-    assert off.engine.prefix_cache_stats.queries_tokens == 0
+    assert off.engine.stats().prefix_cache.queries_tokens == 0
 
 
 def test_conversation_replayed_turn_by_turn_reuses_earlier_replies(tiny_models):
@@ -272,7 +272,7 @@ def test_n_larger_than_max_num_seqs_still_completes(tiny_models):
     llm = tiny_llm(tiny_models, max_num_seqs=2)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert token_ids([out]) == expected
-    assert llm.engine.prefix_cache_stats.hit_tokens == 32  # the seatless third sample's lookup
+    assert llm.engine.stats().prefix_cache.hit_tokens == 32  # the seatless third sample's lookup
 
 
 def test_eviction_under_pressure_serves_a_stream_of_long_prompts(tiny_models):
@@ -335,7 +335,7 @@ def test_preemption_with_cache_keeps_greedy_output(tiny_models):
                    kv_cache_memory=32 * BS * kv_bytes(off))
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == expected
     assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    assert llm.engine.prefix_cache_stats.hit_tokens > 0
+    assert llm.engine.stats().prefix_cache.hit_tokens > 0
     assert_accounted(llm.engine.block_pool)
 
 

@@ -6,12 +6,11 @@ import random
 
 from tokenmill.engine.policy import FCFSPolicy
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.executor.sampler import SamplerOutput
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence, SequenceStatus
-from tokenmill.step_plan import StepResult
+from tokenmill.step_plan import SamplerOutput, StepResult
 
 EOS = 10_000  # the fake runner's end-of-sequence token
 

@@ -9,12 +9,8 @@ module, none imports another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from tokenmill.sequence import Sequence
-
-if TYPE_CHECKING:
-    from tokenmill.executor.sampler import SamplerOutput
 
 
 @dataclass
@@ -55,6 +51,16 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row and, when any row asked, logprobs of the raw (unprocessed) logits."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None  # the sampled token's logprob per row; None when no row asked
+    ranks: list[int] | None  # rank of the sampled token per row, 1 = most likely
+    top_logprobs: list[list[tuple[int, float]]] | None  # params.logprobs best (token, logprob) per row
 
 
 @dataclass

@@ -154,14 +154,6 @@ class AsyncLLMEngine:
         self._thread.join(timeout=10)
 
     @property
-    def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
-
-    @property
     def num_in_flight(self) -> int:
         """Accepted requests that have not ended (a server drains until this is 0)."""
         return len(self._streams)
@@ -169,8 +161,7 @@ class AsyncLLMEngine:
     @property
     def num_queued(self) -> int:
         """Waiting requests beyond the free seats: those the next step will not admit (what --max-queue limits)."""
-        free_seats = max(0, self.engine.scheduler.max_num_seqs - self.num_running)
-        return max(0, self.num_waiting - free_seats)
+        return self.engine.stats().num_queued
 
     @property
     def alive(self) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral
 
 import torch
@@ -24,11 +24,12 @@ from tokenmill.config import (
 from tokenmill.engine.policy import PolicyConfig, make_policy
 from tokenmill.engine.output_processor import OutputProcessor, Request
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.stats import EngineStats, PhaseRoofline, PolicyStats
 from tokenmill.errors import InvalidParameterError, require_unicode
 from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
-from tokenmill.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
+from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.loader import load_checkpoint
 from tokenmill.metering.accounting import make_accountant
 from tokenmill.metering.roofline import ModelBytes
@@ -128,6 +129,7 @@ class LLMEngine:
                                    quantization_group_size=quantization_group_size, seed=seed)
             self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self._failed: dict[str, Exception] = {}  # request id -> why it failed a step by itself
+        self._stats = self._snapshot()
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
             self.model_config.kv_bytes_per_token(self.kv_cache_dtype), capacity)
@@ -219,6 +221,7 @@ class LLMEngine:
             seqs.append(seq)
         self.output_processor.add(Request(request_id, text, token_ids, params, seqs, RequestMetrics(arrival)))
         self.scheduler.add(seqs[0], forks=seqs[1:])  # the prompt is computed once, for all n
+        self._stats = self._snapshot()
 
     def _tokenize(self, prompt: str | list[int], keep_last: int | None = None) -> tuple[list[int], str | None]:
         """Token ids and text of the prompt; with `keep_last` (truncate_prompt_tokens), only its last
@@ -264,6 +267,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._finish(seq)
+        self._stats = self._snapshot()
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -273,18 +277,37 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- prefix cache -------------------------------------------------------------------
-    @property
-    def prefix_cache_stats(self) -> PrefixCacheStats:
-        """Queried and hit prompt tokens since start (counters only grow; reset_prefix_cache keeps them)."""
-        return self.kv_cache.stats
-
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block so that the next requests miss; False (nothing dropped) while requests hold blocks."""
         return self.block_pool.reset_cache()
 
+    # ---- stats --------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine's state after its latest step or request change; safe to read from another thread."""
+        return self._stats
+
+    def _snapshot(self) -> EngineStats:
+        sched, pool, accountant = self.scheduler, self.block_pool, self.accountant
+        return EngineStats(
+            num_requests=len(self.requests), num_running=len(sched.running), num_waiting=len(sched.waiting),
+            max_num_seqs=sched.max_num_seqs, num_preemptions=sched.num_preemptions,
+            kv_total_blocks=pool.num_usable_blocks, kv_free_blocks=pool.num_free_blocks,
+            prefix_cache=replace(self.kv_cache.stats),
+            spec=replace(self.speculator.stats) if self.speculative else None,
+            policy=PolicyStats(sched.policy.name, **sched.policy.stats()),
+            energy_joules=accountant.total_joules, energy_meter=accountant.meter_name,
+            energy_estimated=accountant.estimated,
+            roofline={name: PhaseRoofline(phase.fraction, phase.last_fraction) for name, phase in accountant.phases.items()}
+            if accountant.roofline is not None else {})
+
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests that sampled."""
+        outputs = self._step()
+        self._stats = self._snapshot()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if plan.copies:

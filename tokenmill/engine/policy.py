@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenmill.errors import InvalidParameterError
 from tokenmill.sequence import Sequence
@@ -83,6 +83,10 @@ class Policy:
 
     def on_finish(self, seq: Sequence) -> None:
         """A sequence left the system: finished (seq.finish_reason says how) or aborted."""
+
+    def stats(self) -> dict:
+        """What the policy learned or counted, as plain copies (PolicyStats' fields besides the name)."""
+        return {}
 
 
 class FCFSPolicy(Policy):
@@ -299,6 +303,9 @@ class ShortestJobFirstPolicy(Policy):
         if predicted is not None and seq.finish_reason in ("stop", "length"):
             self.estimator.observe(seq, predicted, self._limit(seq))
 
+    def stats(self) -> dict:
+        return {"length_estimator": replace(self.estimator.stats)}
+
 
 # ---- weighted fair share --------------------------------------------------------------------
 
@@ -336,6 +343,9 @@ class FairSharePolicy(Policy):
 
     def on_finish(self, seq: Sequence) -> None:
         self._active[seq.tenant] -= 1
+
+    def stats(self) -> dict:
+        return {"tenant_tokens": dict(self.tokens)}
 
 
 # ---- construction ---------------------------------------------------------------------------

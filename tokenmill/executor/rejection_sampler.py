@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.executor.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of, target_probs
+from tokenmill.executor.sampler import Sampler, SamplingBatch, logprobs_of, target_probs
+from tokenmill.step_plan import SamplerOutput
 
 
 def verify(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch, drafts: list[list[int]],

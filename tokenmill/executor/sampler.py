@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.executor.kernels import lowbit
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.step_plan import SamplerOutput
 
 
 @dataclass
@@ -26,16 +27,6 @@ class SamplingBatch:
     blocked_token_ids: list[list[int]]  # never sampled this step (EOS and stop tokens before min_tokens)
     grammar_rows: list[int] = field(default_factory=list)  # rows held to a grammar (structured outputs)
     grammar_bitmask: torch.Tensor | None = None  # int32 [len(grammar_rows), words]: what each grammar allows
-
-
-@dataclass
-class SamplerOutput:
-    """One sampled token per row and, when any row asked, logprobs of the raw (unprocessed) logits."""
-
-    token_ids: list[int]
-    logprobs: list[float] | None  # the sampled token's logprob per row; None when no row asked
-    ranks: list[int] | None  # rank of the sampled token per row, 1 = most likely
-    top_logprobs: list[list[tuple[int, float]]] | None  # params.logprobs best (token, logprob) per row
 
 
 class Sampler:

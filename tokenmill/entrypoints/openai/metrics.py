@@ -8,8 +8,8 @@ so that gateways, autoscalers and dashboards built for vLLM read tokenmill uncha
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tokenmill.metering.roofline import calibration_error
 from tokenmill.outputs import RequestOutput
@@ -67,61 +67,14 @@ class ServerMetrics:
             buckets=JOULES_PER_TOKEN_BUCKETS, registry=r)
 
     def bind_engine(self, async_engine, model_name: str) -> None:
-        """Gauges that read the engine's state whenever /metrics is scraped; `model_name` labels the vLLM aliases."""
+        """Series that read the engine's stats snapshot whenever /metrics is scraped; `model_name`
+        labels the vLLM aliases."""
         self.model_name = model_name
-        r, pool = self.registry, async_engine.engine.block_pool
-        Gauge("tokenmill_num_requests_running", "Sequences in the running batch",
-              registry=r).set_function(lambda: async_engine.num_running)
-        Gauge("tokenmill_num_requests_waiting", "Sequences waiting to start or resume",
-              registry=r).set_function(lambda: async_engine.num_waiting)
-        Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)",
-              registry=r).set_function(pool.usage)
-        Gauge("tokenmill_kv_cache_free_blocks", "KV blocks free for new tokens",
-              registry=r).set_function(lambda: pool.num_free_blocks)
-        Gauge("tokenmill_kv_cache_total_blocks", "KV blocks in the pool (the null block excluded)",
-              registry=r).set_function(lambda: pool.num_usable_blocks)
-        r.register(_PrefixCacheCollector(async_engine.engine.prefix_cache_stats))
-        Gauge("tokenmill_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over prompt tokens "
-              "admitted, since start", registry=r).set_function(lambda: async_engine.engine.prefix_cache_stats.hit_rate)
-        scheduler = async_engine.engine.scheduler
-        r.register(_PreemptionsCollector(scheduler))
-        policy = scheduler.policy
-        estimator = getattr(policy, "estimator", None)
-        if estimator is not None:
-            self._bind_estimator(estimator.stats)
-        if isinstance(getattr(policy, "tokens", None), dict):  # tenant names: shown only to whom may see them
+        engine = async_engine.engine
+        self.registry.register(_EngineCollector(engine))
+        if engine.stats().policy.tenant_tokens is not None:  # tenant names: shown only to whom may see them
             self.tenant_registry = CollectorRegistry()
-            self.tenant_registry.register(_TenantTokensCollector(policy.tokens))
-        if async_engine.engine.speculative:
-            spec = async_engine.engine.speculator.stats
-            r.register(_SpecCollector(spec))
-            Gauge("tokenmill_spec_decode_acceptance_rate", "Draft tokens kept over draft tokens verified, since start",
-                  registry=r).set_function(lambda: spec.acceptance_rate)
-            Gauge("tokenmill_spec_decode_mean_accepted_length", "Draft tokens kept per verification, since start",
-                  registry=r).set_function(lambda: spec.mean_accepted_length)
-        accountant = async_engine.engine.accountant
-        if accountant.meter is not None:
-            r.register(_EnergyCollector(accountant))
-        if accountant.roofline is not None:
-            mean = Gauge("tokenmill_roofline_fraction", "Roofline time over step time, all steps of a phase so far "
-                         "(1 = at the machine's memory or compute ceiling; NaN above 1: a calibration error)", ["phase"], registry=r)
-            last = Gauge("tokenmill_roofline_fraction_last_step", "Roofline time over step time of the "
-                         "phase's latest step", ["phase"], registry=r)
-            for name, stats in accountant.phases.items():
-                mean.labels(phase=name).set_function(lambda s=stats: _fraction(s.fraction))
-                last.labels(phase=name).set_function(lambda s=stats: _fraction(s.last_fraction))
-
-    def _bind_estimator(self, stats) -> None:
-        """The sjf policy's output-length estimator: its errors over the requests finished so far."""
-        for name, attr, doc in (
-                ("mae_tokens", "mae", "Mean absolute error of predicted output lengths (moving, at arrival)"),
-                ("rmse_tokens", "rmse", "Root mean square error of predicted output lengths"),
-                ("baseline_mae_tokens", "baseline_mae", "Mean absolute error of predicting max_tokens"),
-                ("reliability", "reliability", "1 - MAE / MAE of a constant prediction, in [0, 1]; sjf orders by "
-                                               "arrival as it falls to 0"),
-                ("observations", "observations", "Finished requests the estimator learned from")):
-            Gauge(f"tokenmill_length_estimator_{name}", doc,
-                  registry=self.registry).set_function(lambda a=attr: getattr(stats, a))
+            self.tenant_registry.register(_TenantTokensCollector(engine))
 
     def observe(self, kind: str, item: RequestOutput | str) -> None:
         """The AsyncLLMEngine observer: a request finished, was aborted, or failed."""
@@ -193,70 +146,90 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-class _EnergyCollector:
-    """tokenmill_energy_joules_total: every step's energy since start, read from the engine when scraped."""
-
-    def __init__(self, accountant):
-        self.accountant = accountant
-
-    def collect(self):
-        family = CounterMetricFamily("tokenmill_energy_joules", "Energy of all engine steps since start; "
-                                     "estimated=\"true\" when the meter is a power model, not a counter",
-                                     labels=["meter", "estimated"])
-        family.add_metric([self.accountant.meter_name, _flag(self.accountant.estimated)],
-                          self.accountant.total_joules)
-        yield family
+ESTIMATOR_SERIES = (  # the sjf policy's output-length estimator: its errors over the requests finished so far
+    ("mae_tokens", "mae", "Mean absolute error of predicted output lengths (moving, at arrival)"),
+    ("rmse_tokens", "rmse", "Root mean square error of predicted output lengths"),
+    ("baseline_mae_tokens", "baseline_mae", "Mean absolute error of predicting max_tokens"),
+    ("reliability", "reliability", "1 - MAE / MAE of a constant prediction, in [0, 1]; sjf orders by arrival as "
+                                   "it falls to 0"),
+    ("observations", "observations", "Finished requests the estimator learned from"))
 
 
-class _PrefixCacheCollector:
-    """Prefix-cache query and hit counters (in prompt tokens), read from the engine when scraped."""
+class _EngineCollector:
+    """Every series of the engine's state, from one `LLMEngine.stats()` snapshot per scrape."""
 
-    def __init__(self, stats):
-        self.stats = stats
+    def __init__(self, engine):
+        self.engine = engine
 
     def collect(self):
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("tokenmill_num_requests_running", "Sequences in the running batch",
+                                value=stats.num_running)
+        yield GaugeMetricFamily("tokenmill_num_requests_waiting", "Sequences waiting to start or resume",
+                                value=stats.num_waiting)
+        yield GaugeMetricFamily("tokenmill_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1)",
+                                value=stats.kv_usage)
+        yield GaugeMetricFamily("tokenmill_kv_cache_free_blocks", "KV blocks free for new tokens",
+                                value=stats.kv_free_blocks)
+        yield GaugeMetricFamily("tokenmill_kv_cache_total_blocks", "KV blocks in the pool (the null block excluded)",
+                                value=stats.kv_total_blocks)
+        cache = stats.prefix_cache
         yield CounterMetricFamily("tokenmill_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix "
-                                  "cache (a preempted sequence again when it resumes)", value=self.stats.queries_tokens)
+                                  "cache (a preempted sequence again when it resumes)", value=cache.queries_tokens)
         yield CounterMetricFamily("tokenmill_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache, "
-                                  "not recomputed", value=self.stats.hit_tokens)
-
-
-class _PreemptionsCollector:
-    """tokenmill_num_preemptions_total: sequences sent back to waiting, read from the scheduler when scraped."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def collect(self):
+                                  "not recomputed", value=cache.hit_tokens)
+        yield GaugeMetricFamily("tokenmill_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over "
+                                "prompt tokens admitted, since start", value=cache.hit_rate)
         yield CounterMetricFamily("tokenmill_num_preemptions", "Running sequences sent back to waiting (out of "
                                   "KV blocks, or outranked under a preemptive policy), since start",
-                                  value=self.scheduler.num_preemptions)
+                                  value=stats.num_preemptions)
+        estimator = stats.policy.length_estimator
+        if estimator is not None:
+            for name, attr, doc in ESTIMATOR_SERIES:
+                yield GaugeMetricFamily(f"tokenmill_length_estimator_{name}", doc, value=getattr(estimator, attr))
+        if stats.spec is not None:
+            yield from _spec_families(stats.spec)
+        if stats.energy_meter is not None:
+            family = CounterMetricFamily("tokenmill_energy_joules", "Energy of all engine steps since start; "
+                                         "estimated=\"true\" when the meter is a power model, not a counter",
+                                         labels=["meter", "estimated"])
+            family.add_metric([stats.energy_meter, _flag(stats.energy_estimated)], stats.energy_joules)
+            yield family
+        if stats.roofline:
+            mean = GaugeMetricFamily("tokenmill_roofline_fraction", "Roofline time over step time, all steps of a "
+                                     "phase so far (1 = at the machine's memory or compute ceiling; NaN above 1: a "
+                                     "calibration error)", labels=["phase"])
+            last = GaugeMetricFamily("tokenmill_roofline_fraction_last_step", "Roofline time over step time of the "
+                                     "phase's latest step", labels=["phase"])
+            for phase, roofline in stats.roofline.items():
+                mean.add_metric([phase], _fraction(roofline.fraction))
+                last.add_metric([phase], _fraction(roofline.last_fraction))
+            yield mean
+            yield last
+
+
+def _spec_families(spec):
+    yield CounterMetricFamily("tokenmill_spec_decode_draft_tokens", "Draft tokens verified by the target",
+                              value=spec.draft_tokens)
+    yield CounterMetricFamily("tokenmill_spec_decode_accepted_tokens", "Draft tokens the target kept",
+                              value=spec.accepted_tokens)
+    yield CounterMetricFamily("tokenmill_spec_decode_verify_steps", "Sequence-steps that verified drafts",
+                              value=spec.verify_steps)
+    yield GaugeMetricFamily("tokenmill_spec_decode_acceptance_rate", "Draft tokens kept over draft tokens verified, "
+                            "since start", value=spec.acceptance_rate)
+    yield GaugeMetricFamily("tokenmill_spec_decode_mean_accepted_length", "Draft tokens kept per verification, "
+                            "since start", value=spec.mean_accepted_length)
 
 
 class _TenantTokensCollector:
     """tokenmill_tenant_computed_tokens_total{tenant}: the fair policy's count of tokens computed per tenant."""
 
-    def __init__(self, tokens: dict):
-        self.tokens = tokens
+    def __init__(self, engine):
+        self.engine = engine
 
     def collect(self):
         family = CounterMetricFamily("tokenmill_tenant_computed_tokens", "Prompt and output tokens computed per "
                                      "tenant (the fair policy's ledger; unnamed tenant: \"\")", labels=["tenant"])
-        for tenant, count in list(self.tokens.items()):
+        for tenant, count in (self.engine.stats().policy.tenant_tokens or {}).items():
             family.add_metric([tenant], count)
         yield family
-
-
-class _SpecCollector:
-    """Speculative decoding counters, read from the engine when scraped."""
-
-    def __init__(self, stats):
-        self.stats = stats
-
-    def collect(self):
-        yield CounterMetricFamily("tokenmill_spec_decode_draft_tokens", "Draft tokens verified by the target",
-                                  value=self.stats.draft_tokens)
-        yield CounterMetricFamily("tokenmill_spec_decode_accepted_tokens", "Draft tokens the target kept",
-                                  value=self.stats.accepted_tokens)
-        yield CounterMetricFamily("tokenmill_spec_decode_verify_steps", "Sequence-steps that verified drafts",
-                                  value=self.stats.verify_steps)

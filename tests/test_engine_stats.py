@@ -1,0 +1,58 @@
+"""LLMEngine.stats(): a frozen snapshot of the engine's state after each step or request change,
+which /metrics and the benchmarks read instead of reaching into the scheduler, pool or policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tokenmill import SamplingParams
+from tokenmill.engine.engine import LLMEngine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_stats_follow_requests_and_stay_frozen(tiny_models):
+    engine = LLMEngine(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="2MiB", max_num_seqs=1,
+                       scheduling_policy="fair")
+    empty = engine.stats()
+    assert (empty.num_requests, empty.num_running, empty.num_waiting) == (0, 0, 0)
+    assert empty.kv_free_blocks == empty.kv_total_blocks > 0 and empty.kv_usage == 0
+    prompt = list(range(3, 40))
+    engine.add_request("a", prompt, GREEDY, tenant="alice")
+    engine.add_request("b", prompt, GREEDY, tenant="bob")
+    queued = engine.stats()
+    assert (queued.num_requests, queued.num_waiting, queued.num_queued) == (2, 2, 1)  # one seat
+    engine.step()
+    running = engine.stats()
+    assert (running.num_running, running.num_waiting) == (1, 1) and running.kv_usage > 0
+    assert running.policy.name == "fair" and running.policy.tenant_tokens == {"alice": len(prompt)}
+    drain(engine)
+    done = engine.stats()
+    assert done.num_requests == 0 and done.kv_free_blocks == done.kv_total_blocks
+    assert done.prefix_cache.queries_tokens == 2 * len(prompt) and done.prefix_cache.hit_tokens > 0
+    assert done.policy.tenant_tokens["bob"] > 0
+    # earlier snapshots kept their values: they hold copies, not the engine's live objects
+    assert running.policy.tenant_tokens == {"alice": len(prompt)} and running.prefix_cache.queries_tokens == len(prompt)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.num_running = 3
+
+
+def test_stats_carry_speculation_and_the_length_estimator(tiny_models):
+    path = str(tiny_models["llama"])
+    engine = LLMEngine(path, dtype="float32", kv_cache_memory="2MiB", scheduling_policy="sjf",
+                       speculative_config={"method": "draft", "model": path, "num_speculative_tokens": 2})
+    assert engine.stats().spec.draft_tokens == 0
+    engine.add_request("a", [5, 6, 7, 8], GREEDY)
+    drain(engine)
+    stats = engine.stats()
+    assert stats.spec.draft_tokens > 0 and stats.spec.accepted_tokens == stats.spec.draft_tokens  # draft = target
+    assert stats.policy.name == "sjf" and stats.policy.length_estimator.observations == 1
+    plain = LLMEngine(path, dtype="float32", kv_cache_memory="2MiB")
+    assert plain.stats().spec is None and plain.stats().policy.length_estimator is None
