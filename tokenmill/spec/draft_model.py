@@ -5,8 +5,8 @@ sized like the target's). For each sequence it remembers the tokens whose KV its
 before proposing, that list is cut back to the longest prefix the sequence still agrees with
 (rejected drafts are discarded, their blocks given back) and the tokens since are fed in one
 chunk (the whole prompt the first time), then one token per further draft. With
-`draft_num_layers`, only the checkpoint's first layers are loaded: a truncated copy of the
-target (or of any model) needs no second file.
+`draft_layers` (a number of leading layers, or their indices), only those layers are loaded:
+a truncated copy of the target (or of any model) needs no second file.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ both forms are described in weight_formats.py. PyTorch's int4 kernels read w = (
 their scale/zero pairs are made from (d, m) when they are packed.
 
 The kernels take [out, in] codes and bfloat16 activations and scales: on x86 CPUs only their
-bfloat16 variants are vectorized (float32 runs a scalar loop, 10-15x slower) and CUDA's int4
+bfloat16 variants are vectorized (float32 runs a scalar loop, docs/architecture.md) and CUDA's int4
 kernel takes nothing else. So the kernel calls here cast activations to bfloat16 and back.
 """
 
