@@ -9,6 +9,7 @@ import pytest
 
 from tokenmill import SamplingParams
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.step_plan import StepShape
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -24,6 +25,7 @@ def test_stats_follow_requests_and_stay_frozen(tiny_models):
     empty = engine.stats()
     assert (empty.num_requests, empty.num_running, empty.num_waiting) == (0, 0, 0)
     assert empty.kv_free_blocks == empty.kv_total_blocks > 0 and empty.kv_usage == 0
+    assert empty.last_step is None and empty.last_step_seconds is None
     prompt = list(range(3, 40))
     engine.add_request("a", prompt, GREEDY, tenant="alice")
     engine.add_request("b", prompt, GREEDY, tenant="bob")
@@ -33,6 +35,9 @@ def test_stats_follow_requests_and_stay_frozen(tiny_models):
     running = engine.stats()
     assert (running.num_running, running.num_waiting) == (1, 1) and running.kv_usage > 0
     assert running.policy.name == "fair" and running.policy.tenant_tokens == {"alice": len(prompt)}
+    # the step's shape and wall time, what `tokenmill calibrate --steps` fits the simulator's cost model to
+    assert running.last_step == StepShape(1, len(prompt), len(prompt), len(prompt) * (len(prompt) + 1) / 2)
+    assert running.last_step_seconds > 0
     drain(engine)
     done = engine.stats()
     assert done.num_requests == 0 and done.kv_free_blocks == done.kv_total_blocks

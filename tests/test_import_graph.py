@@ -15,6 +15,7 @@ ROOT = Path(tokenmill.__file__).parent
 # Highest first. A module may import the packages of its own line and of any later line.
 LAYERS = [
     ["entrypoints"],
+    ["sim"],  # the simulator drives the scheduler and reads bench workloads
     ["bench"],
     ["engine"],
     ["spec"],

@@ -42,6 +42,30 @@ class ScheduledChunk:
         return self.seq.token_ids[self.start:self.start + self.num_known] + self.draft
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """The sizes a step's cost depends on (what a step-cost model is fitted to)."""
+
+    num_seqs: int = 0  # sequences computing tokens (a fork's empty chunk not counted)
+    num_tokens: int = 0  # tokens computed, drafts included
+    num_context_tokens: int = 0  # KV positions the chunks attend to, each chunk's whole context
+    num_attention_pairs: float = 0.0  # (query, key) pairs of the multi-token chunks (causal)
+
+    @classmethod
+    def of(cls, chunks: list[ScheduledChunk]) -> "StepShape":
+        seqs = tokens = context = 0
+        pairs = 0.0
+        for c in chunks:
+            if not c.num_tokens:
+                continue
+            seqs += 1
+            tokens += c.num_tokens
+            context += c.start + c.num_tokens
+            if c.num_tokens > 1:
+                pairs += c.num_tokens * (c.start + (c.num_tokens + 1) / 2)
+        return cls(seqs, tokens, context, pairs)
+
+
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -51,6 +75,9 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    def shape(self) -> StepShape:
+        return StepShape.of(self.chunks)
 
 
 @dataclass

@@ -129,6 +129,8 @@ class LLMEngine:
                                    quantization_group_size=quantization_group_size, seed=seed)
             self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self._failed: dict[str, Exception] = {}  # request id -> why it failed a step by itself
+        self._last_step: tuple = (None, None)  # (shape, wall seconds) of the latest step that computed tokens
+        self._step_shape = None  # the running step's, once planned
         self._stats = self._snapshot()
         self.memory_report = MemoryReport(
             _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
@@ -298,12 +300,17 @@ class LLMEngine:
             energy_joules=accountant.total_joules, energy_meter=accountant.meter_name,
             energy_estimated=accountant.estimated,
             roofline={name: PhaseRoofline(phase.fraction, phase.last_fraction) for name, phase in accountant.phases.items()}
-            if accountant.roofline is not None else {})
+            if accountant.roofline is not None else {},
+            last_step=self._last_step[0], last_step_seconds=self._last_step[1])
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests that sampled."""
+        started = time.perf_counter()
+        self._step_shape = None
         outputs = self._step()
+        if self._step_shape is not None:
+            self._last_step = (self._step_shape, time.perf_counter() - started)
         self._stats = self._snapshot()
         return outputs
 
@@ -314,6 +321,7 @@ class LLMEngine:
             self.runner.copy_blocks(plan.copies)
         if not plan.chunks:
             return []
+        self._step_shape = plan.shape()
         scheduled_at = time.time()
         self.accountant.start()
         started = time.perf_counter()

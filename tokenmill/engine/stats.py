@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from tokenmill.engine.policy import EstimatorStats
 from tokenmill.kv.kv_cache_manager import PrefixCacheStats
 from tokenmill.spec.speculator import SpecStats
+from tokenmill.step_plan import StepShape
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class EngineStats:
     energy_meter: str | None = None  # None: no meter
     energy_estimated: bool | None = None  # a power model, not a counter
     roofline: dict[str, PhaseRoofline] = field(default_factory=dict)  # by phase; empty when not calibrated
+    last_step: StepShape | None = None  # the latest step that computed tokens (None before the first)
+    last_step_seconds: float | None = None  # its wall time, scheduling and output processing included
 
     @property
     def kv_usage(self) -> float:

@@ -28,6 +28,14 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: o
     return hash((parent_hash, token_ids, extra_key))
 
 
+def prefix_hashes(token_ids: list[int], block_size: int, extra_key: object = None) -> list[int]:
+    """The chain hashes of the full blocks of `token_ids`, as the KV manager registers them."""
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        hashes.append(hash_block(hashes[-1] if hashes else None, tuple(token_ids[start:start + block_size]), extra_key))
+    return hashes
+
+
 @dataclass
 class PrefixCacheStats:
     """Prefix-cache counters since the engine started, in prompt tokens (monotonic, for metrics)."""
@@ -86,6 +94,18 @@ class KVCacheManager:
             parent = entry
         hit.num_tokens = min(len(hit.blocks) * bs, seq.num_tokens - 1)
         return hit
+
+    def num_cached_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of a prompt with these chain hashes (`prefix_hashes`) are cached
+        here; changes nothing. For a router's estimate: unlike `lookup`, the tokens are not checked."""
+        if not self.enable_prefix_caching:
+            return 0
+        count = 0
+        for block_hash in hashes:
+            if self.pool.lookup(block_hash) is None:
+                break
+            count += 1
+        return count
 
     def blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks `allocate(seq, hit, num_tokens)` would take (cached hits nobody holds included)."""

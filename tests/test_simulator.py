@@ -1,0 +1,201 @@
+"""The simulator: exact virtual times on hand-computed cases, and the engine's own decisions.
+
+A synthetic cost model makes every step's duration a known number, so TTFT, ITL and E2E can be
+worked out by hand; the engine, given a runner that computes nothing, must admit and preempt
+the same sequences in the same steps as the simulator on the same arrival trace.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.policy import PolicyConfig
+from tokenmill.engine.router import Router
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager, prefix_hashes
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.sim.cost_model import LinearStepCost, fit_linear
+from tokenmill.sim.simulator import ReplicaSettings, SimRequest, Simulation
+from tokenmill.step_plan import SamplerOutput, StepResult, StepShape
+
+
+def synthetic(**coefficients) -> LinearStepCost:
+    return LinearStepCost(coefficients, source="synthetic")
+
+
+def flat(rows):
+    return [x for row in rows for x in row]
+
+
+def run(requests, cost, **settings):
+    sim = Simulation(cost, ReplicaSettings(**{"num_blocks": 100, "block_size": 4, **settings}), trace=True)
+    summary = sim.run(requests)
+    return sim, summary
+
+
+def test_one_request_prefill_then_decodes():
+    # step 1: 10 prompt tokens, 1 + 0.1 * 10 = 2.0 s; then one token per 1.1 s step
+    sim, s = run([SimRequest(0.0, list(range(1, 11)), 3)], synthetic(fixed=1.0, per_token=0.1))
+    assert s["completed"] == 1 and s["total_output_tokens"] == 3
+    assert s["ttft"]["median_ms"] == pytest.approx(2000.0)
+    assert s["itl"]["median_ms"] == pytest.approx(1100.0) and s["itl"]["p99_ms"] == pytest.approx(1100.0)
+    assert s["e2e"]["median_ms"] == pytest.approx(4200.0)
+    assert s["tpot"]["median_ms"] == pytest.approx(1100.0)
+    assert s["duration_s"] == pytest.approx(4.2)
+    assert flat((e.start, e.end) for e in sim.steps) == pytest.approx([0.0, 2.0, 2.0, 3.1, 3.1, 4.2])
+
+
+def test_two_requests_share_a_step():
+    # A (t=0) prefills alone until 2.0; B, arriving at 0.5 while that step runs, prefills in the next
+    # step beside A's decode: 1 + 0.1 * (1 + 6) = 1.7 s, ending at 3.7 (A done, B's first token);
+    # B's last token comes one 1.1 s step later.
+    a = SimRequest(0.0, list(range(1, 11)), 2)
+    b = SimRequest(0.5, list(range(100, 106)), 2)
+    sim, s = run([a, b], synthetic(fixed=1.0, per_token=0.1))
+    assert flat((e.start, e.end, e.num_tokens) for e in sim.steps) == pytest.approx(
+        [0.0, 2.0, 10, 2.0, 3.7, 7, 3.7, 4.8, 1])
+    assert [e.admitted for e in sim.steps] == [["req-0"], ["req-1"], []]
+    assert s["ttft"]["mean_ms"] == pytest.approx((2000.0 + 3200.0) / 2)
+    assert s["e2e"]["mean_ms"] == pytest.approx((3700.0 + 4300.0) / 2)
+
+
+def test_a_preemption_recomputes_after_the_cached_prefix():
+    # 4 usable blocks of 4 tokens; two 4-token prompts of 8 outputs each, every step 1 s. Both
+    # prefill in step 1 and decode until position 8 needs a third block each: in step 6 the newer,
+    # B, is preempted (its blocks freed, the one holding tokens 4-7 taken by A). B comes back after
+    # A ends at t=8: its first block is still cached, so it recomputes 5 tokens in step 9 and
+    # samples its last two tokens at t=10 and t=11.
+    a = SimRequest(0.0, [1, 2, 3, 4], 8)
+    b = SimRequest(0.0, [5, 6, 7, 8], 8)
+    sim, s = run([a, b], synthetic(fixed=1.0), num_blocks=5)
+    assert s["num_preemptions"] == 1
+    assert [e.preempted for e in sim.steps][5] == ["req-1"]
+    assert [e.admitted for e in sim.steps][8] == ["req-1"]
+    assert sim.steps[8].num_tokens == 5
+    assert s["e2e"]["median_ms"] == pytest.approx((8000 + 11000) / 2)
+    assert s["ttft"]["median_ms"] == pytest.approx(1000.0)
+    assert s["duration_s"] == pytest.approx(11.0)
+    assert s["prefix_hit_rate"] == pytest.approx(4 / (4 + 4 + 9))
+
+
+def test_max_concurrency_holds_requests_back_and_ttft_starts_when_sent():
+    # one client slot: B waits for A to finish (t=3.0); its TTFT counts from then, as bench serve's does
+    a = SimRequest(0.0, [1, 2, 3, 4], 2)
+    b = SimRequest(0.0, [5, 6, 7, 8], 2)
+    sim = Simulation(synthetic(fixed=1.0, per_token=0.25), ReplicaSettings(num_blocks=100, block_size=4),
+                     max_concurrency=1)
+    s = sim.run([a, b])
+    assert s["ttft"]["median_ms"] == pytest.approx(2000.0)  # 1 + 0.25 * 4
+    assert s["e2e"]["median_ms"] == pytest.approx(3250.0)
+    assert s["duration_s"] == pytest.approx(6.5)
+
+
+def test_prefix_aware_routing_sends_a_family_where_its_prefix_is_cached():
+    family = [list(range(1, 65)), list(range(200, 264))]
+    requests = [SimRequest(float(i), family[i % 2] + [1000 + i] * 8, 4) for i in range(16)]
+    hit = {}
+    for policy in ("prefix", "round_robin"):
+        sim = Simulation(synthetic(fixed=0.01), ReplicaSettings(num_blocks=200, block_size=16), num_replicas=3,
+                         routing_policy=policy)
+        hit[policy] = sim.run(requests)["prefix_hit_rate"]
+    # prefix: each family misses once (its first request), round robin once per replica
+    assert hit["prefix"] == pytest.approx(14 * 64 / (16 * 72))
+    assert hit["round_robin"] < hit["prefix"]
+
+
+def test_router_balances_load_before_affinity():
+    class Replica:
+        def __init__(self, load, cached_tokens):
+            self.kv = KVCacheManager(BlockPool(20), 4)
+            self.load = load
+            if cached_tokens:
+                from tokenmill.sequence import Sequence
+
+                seq = Sequence("warm", 0, list(range(cached_tokens)) + [99], SamplingParams(), 0.0)
+                self.kv.allocate(seq, self.kv.lookup(seq), seq.num_tokens)
+                seq.num_computed_tokens = cached_tokens
+                self.kv.cache_full_blocks(seq)
+    prompt = list(range(12)) + [7]
+    assert prefix_hashes(prompt, 4) and len(prefix_hashes(prompt, 4)) == 3
+    replicas = [Replica(3, 0), Replica(5, 8), Replica(4, 12)]
+    assert Router("prefix", 4).route(replicas, prompt) == 2
+    assert Router("least_loaded", 4).route(replicas, prompt) == 0
+    assert Router("prefix", 4, balance_threshold=1).route(replicas, prompt) == 0  # loads 3..5 too far apart
+    rr = Router("round_robin", 4)
+    assert [rr.route(replicas, prompt) for _ in range(4)] == [0, 1, 2, 0]
+
+
+def test_fit_recovers_the_coefficients_of_timed_steps():
+    truth = synthetic(fixed=0.02, per_seq=0.001, per_token=0.0004, per_context_token=2e-6)
+    shapes = [StepShape(b, b + p, b * c + p, 0.0) for b in (1, 4, 16) for c in (64, 512) for p in (0, 128)]
+    model = fit_linear(shapes, [truth.shape_seconds(s) for s in shapes])
+    for term, value in truth.coefficients.items():
+        assert model.coefficients[term] == pytest.approx(value, rel=1e-6, abs=1e-12)
+
+
+# ---- the engine makes the same decisions -------------------------------------------------------
+
+
+class NoComputeRunner:
+    """Stands in for the model: every sampling chunk gets token 5; records each step's chunks."""
+
+    def __init__(self):
+        self.chunks = None
+
+    def copy_blocks(self, copies):
+        pass
+
+    def execute(self, chunks, blocked, draft_probs=None):
+        self.chunks = list(chunks)
+        sampled = [c for c in chunks if c.sample]
+        return StepResult(sampled, SamplerOutput([5] * len(sampled), None, None, None), [1] * len(sampled))
+
+
+def workload(seed: int, n: int = 14):
+    rng = random.Random(seed)
+    t, requests = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(4.0)
+        requests.append(SimRequest(t, [rng.randrange(10, 500) for _ in range(rng.randint(5, 70))], rng.randint(2, 24),
+                                   priority=rng.randint(0, 2)))
+    return requests
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_engine_and_simulator_decide_alike(stories_path, policy):
+    cost = synthetic(fixed=0.05, per_token=0.002, per_context_token=0.0001)
+    engine = LLMEngine(str(stories_path), max_num_seqs=4, max_num_batched_tokens=48, block_size=16,
+                       kv_cache_memory=16 * 16 * 5 * 2 * 4 * 4 * 8, scheduling_policy=policy)
+    engine.runner = runner = NoComputeRunner()
+    requests = workload(3)
+    engine_steps = []
+    pending, t, ids = list(requests), 0.0, iter(range(len(requests)))
+    while pending or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests() and pending[0].arrival > t:
+            t = pending[0].arrival
+        while pending and pending[0].arrival <= t:
+            r = pending.pop(0)
+            engine.add_request(f"req-{next(ids)}", r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True),
+                               arrival_time=t, priority=r.priority)
+        waiting = {id(s) for s in engine.scheduler.waiting}
+        before = {s.request_id: s.num_preemptions for s in engine.scheduler.waiting + engine.scheduler.running}
+        runner.chunks = None
+        engine.step()
+        assert runner.chunks, "the engine stalled"
+        after = {s.request_id: s.num_preemptions for s in engine.scheduler.waiting + engine.scheduler.running}
+        engine_steps.append(([c.seq.request_id for c in runner.chunks if id(c.seq) in waiting],
+                             sorted(r for r in after if after[r] > before.get(r, 0)),
+                             sum(c.num_tokens for c in runner.chunks)))
+        t += cost.step_seconds(runner.chunks)
+    settings = ReplicaSettings(engine.block_pool.num_blocks, 16, 4, 48, engine.max_model_len, True, PolicyConfig(policy))
+    sim = Simulation(cost, settings, trace=True)
+    summary = sim.run(requests)
+    sim_steps = [(e.admitted, sorted(e.preempted), e.num_tokens) for e in sim.steps]
+    assert sim_steps == engine_steps
+    assert summary["duration_s"] == pytest.approx(t)
+    assert summary["num_preemptions"] == engine.stats().num_preemptions
+    if policy == "fcfs":
+        assert summary["num_preemptions"] > 0, "the workload should force preemptions"

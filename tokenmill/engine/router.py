@@ -1,0 +1,51 @@
+"""Which replica a new request goes to: by prefix-cache affinity balanced against load.
+
+A replica that already holds a prompt's leading blocks skips their prefill, so "prefix" sends
+a request where the longest block-aligned prefix of its prompt is cached (the same chain hashes
+the KV manager registers), unless the replicas' loads (waiting + running sequences) have drifted
+apart by more than `balance_threshold`, when the least loaded takes it (as SGLang's cache-aware
+router does); ties go to the less loaded, then the lower index. "round_robin" and
+"least_loaded" ignore the caches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Protocol, Sequence
+
+from tokenmill.errors import InvalidParameterError
+from tokenmill.kv.kv_cache_manager import KVCacheManager, prefix_hashes
+
+ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")
+
+
+class Routable(Protocol):
+    """What the router reads of a replica."""
+
+    kv: KVCacheManager
+
+    @property
+    def load(self) -> int:
+        """Its waiting and running sequences."""
+
+
+class Router:
+    def __init__(self, policy: str = "prefix", block_size: int = 16, balance_threshold: int = 32):
+        if policy not in ROUTING_POLICIES:
+            raise InvalidParameterError("routing_policy", f"unknown routing policy {policy!r}; use "
+                                                          f"{', '.join(ROUTING_POLICIES)}")
+        self.policy = policy
+        self.block_size = block_size
+        self.balance_threshold = balance_threshold
+        self._turn = itertools.count()
+
+    def route(self, replicas: Sequence[Routable], token_ids: list[int], cache_salt: str | None = None) -> int:
+        """The index of the replica that should serve a prompt of `token_ids`."""
+        if self.policy == "round_robin":
+            return next(self._turn) % len(replicas)
+        loads = [r.load for r in replicas]
+        if self.policy == "prefix" and max(loads) - min(loads) <= self.balance_threshold:
+            hashes = prefix_hashes(token_ids, self.block_size, cache_salt)
+            cached = [r.kv.num_cached_blocks(hashes) if hashes else 0 for r in replicas]
+            return min(range(len(replicas)), key=lambda i: (-cached[i], loads[i], i))
+        return min(range(len(replicas)), key=lambda i: (loads[i], i))

@@ -1,0 +1,148 @@
+"""What one engine step costs in seconds and Watts, for the simulator's virtual clock.
+
+Two kinds, one interface (`step_seconds(chunks)`):
+
+- `LinearStepCost`, "measured": fixed + per sequence + per computed token + per context token
+  (each chunk's KV positions) + per attention pair of the multi-token chunks, fitted by
+  non-negative least squares to engine steps timed here (`tokenmill calibrate --steps`).
+- `RooflineStepCost`, "modelled": for a machine that is not here, the step's bytes over the
+  achieved bandwidth or its FLOPs over the achieved peak, whichever is longer, plus a fixed
+  launch overhead; the achieved shares are assumptions, stated with the figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import InvalidParameterError
+from tokenmill.metering.roofline import ModelBytes, step_work
+from tokenmill.step_plan import ScheduledChunk, StepShape
+
+TERMS = ("fixed", "per_seq", "per_token", "per_context_token", "per_attention_pair")
+
+
+def shape_terms(shape: StepShape) -> list[float]:
+    """The multipliers of TERMS for a step of this shape."""
+    return [1.0, shape.num_seqs, shape.num_tokens, shape.num_context_tokens, shape.num_attention_pairs]
+
+
+@dataclass
+class LinearStepCost:
+    coefficients: dict[str, float]  # seconds per unit of each of TERMS
+    busy_watts: float = 0.0  # power while a step runs
+    idle_watts: float = 0.0  # power while the replica waits for work
+    source: str = "measured"  # or "synthetic" (tests, what-ifs)
+    label: str = ""  # which model, form and machine
+
+    def __post_init__(self) -> None:
+        unknown = set(self.coefficients) - set(TERMS)
+        if unknown:
+            raise InvalidParameterError("cost_model", f"unknown terms {sorted(unknown)}; use {', '.join(TERMS)}")
+        self.coefficients = {t: float(self.coefficients.get(t, 0.0)) for t in TERMS}
+        self._weights = [self.coefficients[t] for t in TERMS]
+
+    def step_seconds(self, chunks: list[ScheduledChunk]) -> float:
+        return self.shape_seconds(StepShape.of(chunks))
+
+    def shape_seconds(self, shape: StepShape) -> float:
+        return sum(w * x for w, x in zip(self._weights, shape_terms(shape)))
+
+    def to_dict(self) -> dict:
+        return {"kind": "linear", **asdict(self)}
+
+
+@dataclass
+class RooflineStepCost:
+    model: ModelConfig = field(repr=False)
+    sizes: ModelBytes
+    bandwidth: float  # bytes/s the chip can stream
+    peak_flops: float  # matmul FLOP/s at the model dtype
+    bandwidth_share: float = 0.8  # of `bandwidth` a decode step achieves (assumed)
+    flops_share: float = 0.6  # of `peak_flops` a prefill achieves (assumed)
+    overhead_seconds: float = 0.0015  # per step: launches, scheduling, sampling (assumed)
+    busy_watts: float = 0.0
+    idle_watts: float = 0.0
+    source: str = "modelled"
+    label: str = ""
+
+    def step_seconds(self, chunks: list[ScheduledChunk]) -> float:
+        spans = [(c.start, c.num_tokens) for c in chunks if c.num_tokens]
+        work = step_work(self.model, self.sizes, spans, sum(1 for c in chunks if c.sample))
+        return self.overhead_seconds + max(work.bytes / (self.bandwidth * self.bandwidth_share),
+                                           work.flops / (self.peak_flops * self.flops_share))
+
+    def to_dict(self) -> dict:
+        return {"kind": "roofline", "label": self.label, "source": self.source, "sizes": asdict(self.sizes),
+                **{k: getattr(self, k) for k in ("bandwidth", "peak_flops", "bandwidth_share", "flops_share",
+                                                 "overhead_seconds", "busy_watts", "idle_watts")}}
+
+
+def fit_linear(shapes: list[StepShape], seconds: list[float], **kwargs) -> LinearStepCost:
+    """The non-negative coefficients that best fit the timed steps (least squares on relative error,
+    so that the short decode steps weigh as much as the long prefills)."""
+    if len(shapes) < len(TERMS):
+        raise InvalidParameterError("steps", f"need at least {len(TERMS)} timed steps to fit, got {len(shapes)}")
+    y = np.asarray(seconds, dtype=float)
+    x = np.asarray([shape_terms(s) for s in shapes], dtype=float) / y[:, None]
+    coefficients = _nnls(x, np.ones_like(y))
+    return LinearStepCost(dict(zip(TERMS, coefficients.tolist())), **kwargs)
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min |a x - b| with x >= 0 (Lawson and Hanson's active set; a handful of terms)."""
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    n = a.shape[1]
+    active = np.zeros(n, dtype=bool)
+    x = np.zeros(n)
+    for _ in range(3 * n):
+        gradient = a.T @ (b - a @ x)
+        candidates = np.where(~active & (gradient > 1e-12))[0]
+        if not len(candidates):
+            break
+        active[candidates[np.argmax(gradient[candidates])]] = True
+        while True:
+            z = np.zeros(n)
+            z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            if (z[active] > 0).all():
+                x = z
+                break
+            negative = active & (z <= 0)
+            alpha = np.min(x[negative] / (x[negative] - z[negative]))
+            x = x + alpha * (z - x)
+            active &= x > 1e-15
+    return x / scale
+
+
+# Published ceilings of chips that are not here: HBM bandwidth and dense bf16 matmul peak (SXM parts),
+# board power and an on-demand price per GPU-hour (a list price; pass your own).
+CHIPS = {
+    "h100": {"bandwidth": 3.35e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0, "price_per_hour": 2.5},
+    "h200": {"bandwidth": 4.8e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0, "price_per_hour": 3.5},
+}
+
+
+def modelled(chip: str, model: ModelConfig, dtype: torch.dtype = torch.bfloat16, **overrides) -> RooflineStepCost:
+    """The roofline cost model of `model` in `dtype` on a chip of CHIPS."""
+    if chip not in CHIPS:
+        raise InvalidParameterError("chip", f"unknown chip {chip!r}; use {', '.join(CHIPS)}")
+    spec = {k: v for k, v in CHIPS[chip].items() if k != "price_per_hour"}
+    return RooflineStepCost(model, ModelBytes.dense(model, dtype), label=f"{model.architecture} {chip}",
+                            **{**spec, **overrides})
+
+
+def from_dict(data: dict, model: ModelConfig | None = None):
+    """A cost model as `to_dict` wrote it (a roofline one needs the model's shape back)."""
+    data = dict(data)
+    kind = data.pop("kind", "linear")
+    if kind == "linear":
+        return LinearStepCost(**data)
+    if model is None:
+        raise InvalidParameterError("cost_model", "a roofline cost model needs the model's shape")
+    sizes = ModelBytes(**data.pop("sizes"))
+    return RooflineStepCost(model, sizes, **data)

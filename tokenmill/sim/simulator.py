@@ -1,0 +1,262 @@
+"""A serving simulation that runs tokenmill's own scheduler on a virtual clock.
+
+Each replica holds a real `Scheduler`, `Policy`, `KVCacheManager` and `BlockPool`; the only
+thing missing is the model. A step is planned by `Scheduler.schedule()`, costs what the cost
+model says, and ends with `Scheduler.update_from_output()` fed one placeholder token per
+sampling sequence, so admissions, chunked prefill, prefix-cache hits and preemptions are the
+engine's own. New requests go to a replica through the engine's `Router`, and wait for a
+client slot first when the workload caps concurrency (as `tokenmill bench serve` does).
+
+The records are those of `bench serve`: TTFT from the moment a request is sent to the end of
+the step that sampled its first token, ITL the gaps between its steps, E2E to its last.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from tokenmill.bench.metrics import RequestRecord, latency_stats, summarize
+from tokenmill.engine.policy import PolicyConfig, make_policy
+from tokenmill.engine.router import Router
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.errors import InvalidParameterError
+from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.kv_cache_manager import KVCacheManager
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.sequence import Sequence
+from tokenmill.step_plan import SamplerOutput, SchedulerOutput, StepResult
+
+PLACEHOLDER_TOKEN = 0  # what every simulated step samples (outputs end by length, never by a stop token)
+ITL_KEPT = 20_000_000  # gaps kept exactly; past that, every other one, then every fourth, ...
+
+
+@dataclass
+class SimRequest:
+    arrival: float  # seconds from the start
+    prompt_ids: list[int]
+    output_len: int
+    tenant: str = ""
+    priority: int = 0
+
+
+@dataclass
+class ReplicaSettings:
+    """One replica's engine knobs (the engine's option names)."""
+
+    num_blocks: int  # KV blocks, the null block included
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: what the KV cache holds
+    enable_prefix_caching: bool = True
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def __post_init__(self) -> None:
+        capacity = (self.num_blocks - 1) * self.block_size
+        if self.max_model_len is None:
+            self.max_model_len = capacity
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < (2 if name == "num_blocks" else 1):
+                raise InvalidParameterError(name, f"too small: {getattr(self, name)}")
+        if self.max_model_len > capacity:
+            raise InvalidParameterError("max_model_len", f"{self.max_model_len} tokens do not fit in the KV cache "
+                                                         f"({capacity} tokens)")
+
+
+@dataclass
+class StepEvent:
+    """One simulated step, for tracing: when it ran and what the scheduler decided."""
+
+    replica: int
+    start: float
+    end: float
+    admitted: list[str]  # request ids whose sequence started (or resumed) in this step
+    preempted: list[str]
+    num_tokens: int
+
+
+class Replica:
+    def __init__(self, index: int, settings: ReplicaSettings, cost):
+        self.index = index
+        self.cost = cost
+        self.kv = KVCacheManager(BlockPool(settings.num_blocks), settings.block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, make_policy(settings.policy, settings.max_model_len), settings.max_num_seqs,
+                                   settings.max_num_batched_tokens, [], settings.max_model_len)
+        self.plan: SchedulerOutput | None = None  # the step in flight
+        self.busy_seconds = 0.0
+        self.num_steps = 0
+
+    @property
+    def load(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    @property
+    def busy(self) -> bool:
+        return self.plan is not None
+
+
+@dataclass
+class _Tracked:
+    record: RequestRecord
+    sent: float
+    last_token: float | None = None
+
+
+class Simulation:
+    """Run a workload on `num_replicas` replicas; `run` returns what `bench serve` would report."""
+
+    def __init__(self, cost, settings: ReplicaSettings, num_replicas: int = 1, routing_policy: str = "prefix",
+                 max_concurrency: int | None = None, trace: bool = False):
+        if num_replicas < 1:
+            raise InvalidParameterError("replicas", f"must be at least 1, got {num_replicas}")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise InvalidParameterError("max_concurrency", f"must be at least 1, got {max_concurrency}")
+        self.cost = cost
+        self.settings = settings
+        self.replicas = [Replica(i, settings, cost) for i in range(num_replicas)]
+        self.router = Router(routing_policy, settings.block_size)
+        self.max_concurrency = max_concurrency
+        self.steps: list[StepEvent] | None = [] if trace else None
+        self._ends: list[tuple[float, int, int]] = []  # (end time, order, replica) of the steps in flight
+        self._order = itertools.count()
+        self._tracked: dict[str, _Tracked] = {}
+        self._itl = array("d")
+        self._itl_stride = 1
+        self._itl_seen = 0
+
+    def run(self, requests: Iterable[SimRequest], slos: dict[str, float] | None = None) -> dict:
+        arrivals = iter(requests)
+        records: list[RequestRecord] = []
+        queue: deque[tuple[str, SimRequest]] = deque()  # arrived, waiting for a client slot
+        in_flight = 0
+        now = 0.0
+        ids = (f"req-{i}" for i in itertools.count())
+        upcoming = next(arrivals, None)
+        while upcoming is not None or queue or self._ends:
+            # everything that happens at the next instant, then the steps that start then
+            now = min(upcoming.arrival if upcoming is not None else math.inf, self._ends[0][0] if self._ends else math.inf)
+            while self._ends and self._ends[0][0] <= now:
+                _, _, index = heapq.heappop(self._ends)
+                in_flight -= self._end_step(self.replicas[index], now, records)
+            while upcoming is not None and upcoming.arrival <= now:
+                queue.append((next(ids), upcoming))
+                upcoming = next(arrivals, None)
+                if upcoming is not None and upcoming.arrival < now:
+                    raise InvalidParameterError("workload", "requests must come in arrival order")
+            while queue and (self.max_concurrency is None or in_flight < self.max_concurrency):
+                request_id, request = queue.popleft()
+                self._send(request_id, request, now)
+                in_flight += 1
+            for replica in self.replicas:
+                if not replica.busy:
+                    self._start_step(replica, now)
+            if not self._ends and (queue or any(r.load for r in self.replicas)) and upcoming is None:
+                raise RuntimeError("the simulation stalled: requests wait and no replica can start them")
+        return self._report(records, now, slos)
+
+    # ---- the replicas ---------------------------------------------------------------------
+    def _send(self, request_id: str, request: SimRequest, now: float) -> None:
+        if not 0 < len(request.prompt_ids) < self.settings.max_model_len:
+            raise InvalidParameterError("workload", f"a prompt of {len(request.prompt_ids)} tokens does not fit "
+                                                    f"max_model_len {self.settings.max_model_len}")
+        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
+        seq = Sequence(request_id, 0, request.prompt_ids, params, now, tenant=request.tenant,
+                       priority=request.priority)
+        replica = self.replicas[self.router.route(self.replicas, request.prompt_ids)]
+        replica.scheduler.add(seq)
+        record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
+        self._tracked[request_id] = _Tracked(record, now)
+
+    def _start_step(self, replica: Replica, now: float) -> None:
+        if not replica.scheduler.has_unfinished():
+            return
+        waiting = {id(s) for s in replica.scheduler.waiting} if self.steps is not None else set()
+        plan = replica.scheduler.schedule()
+        if not plan.chunks:  # waiting sequences that cannot start until something else changes
+            return
+        seconds = self.cost.step_seconds(plan.chunks)
+        replica.plan = plan
+        replica.busy_seconds += seconds
+        replica.num_steps += 1
+        heapq.heappush(self._ends, (now + seconds, next(self._order), replica.index))
+        if self.steps is not None:
+            admitted = [c.seq.request_id for c in plan.chunks if id(c.seq) in waiting]
+            self.steps.append(StepEvent(replica.index, now, now + seconds, admitted,
+                                        [s.request_id for s in plan.preempted], plan.num_tokens))
+
+    def _end_step(self, replica: Replica, now: float, records: list[RequestRecord]) -> int:
+        """Apply the step that just ended; return how many requests it finished."""
+        plan, replica.plan = replica.plan, None
+        sampled = [c for c in plan.chunks if c.sample]
+        samples = SamplerOutput([PLACEHOLDER_TOKEN] * len(sampled), None, None, None)
+        finished = 0
+        for update in replica.scheduler.update_from_output(plan, StepResult(sampled, samples, [1] * len(sampled))):
+            seq = update.seq
+            tracked = self._tracked[seq.request_id]
+            record = tracked.record
+            if tracked.last_token is None:
+                record.ttft = now - tracked.sent
+            else:
+                self._keep_itl(now - tracked.last_token)
+            tracked.last_token = now
+            record.output_tokens += len(update.tokens)
+            if seq.is_finished:
+                record.success, record.e2e = True, now - tracked.sent
+                records.append(record)
+                del self._tracked[seq.request_id]
+                finished += 1
+        return finished
+
+    def _keep_itl(self, gap: float) -> None:
+        self._itl_seen += 1
+        if self._itl_seen % self._itl_stride:
+            return
+        self._itl.append(gap)
+        if len(self._itl) >= ITL_KEPT:
+            self._itl = self._itl[::2]
+            self._itl_stride *= 2
+
+    # ---- the report -----------------------------------------------------------------------
+    def _report(self, records: list[RequestRecord], duration: float, slos: dict[str, float] | None) -> dict:
+        summary = summarize(records, duration, slos)
+        summary["itl"] = latency_stats(self._itl)
+        kv = [r.kv.stats for r in self.replicas]
+        queried = sum(s.queries_tokens for s in kv)
+        busy = [r.busy_seconds for r in self.replicas]
+        joules = sum(self.cost.busy_watts * b + self.cost.idle_watts * max(0.0, duration - b) for b in busy)
+        tokens = summary["total_input_tokens"] + summary["total_output_tokens"]
+        summary.update({
+            "num_replicas": len(self.replicas),
+            "num_steps": sum(r.num_steps for r in self.replicas),
+            "num_preemptions": sum(r.scheduler.num_preemptions for r in self.replicas),
+            "prefix_hit_rate": sum(s.hit_tokens for s in kv) / queried if queried else 0.0,
+            "replica_busy_share": [b / duration if duration else 0.0 for b in busy],
+            "energy_joules": joules,
+            "joules_per_output_token": joules / summary["total_output_tokens"] if summary["total_output_tokens"] else None,
+            "joules_per_token": joules / tokens if tokens else None,
+            "cost_model": {"source": self.cost.source, "label": self.cost.label},
+        })
+        return summary
+
+
+def price_per_million(summary: dict, price_per_hour: float | None, energy_price: float | None = None) -> float | None:
+    """USD per million output tokens: the replicas' machine time at `price_per_hour` each (plus the
+    energy at `energy_price` per kWh), over the run's output tokens."""
+    tokens = summary["total_output_tokens"]
+    if not tokens or (price_per_hour is None and energy_price is None):
+        return None
+    dollars = (price_per_hour or 0.0) * summary["num_replicas"] * summary["duration_s"] / 3600
+    dollars += (energy_price or 0.0) * summary["energy_joules"] / 3.6e6
+    return dollars / tokens * 1e6
+
+
+def merge_arrivals(streams: Iterable[Iterator[SimRequest]]) -> Iterator[SimRequest]:
+    """Several arrival-ordered request streams as one (tenants on their own clocks)."""
+    return heapq.merge(*streams, key=lambda r: r.arrival)
+
