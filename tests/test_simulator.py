@@ -199,3 +199,51 @@ def test_engine_and_simulator_decide_alike(stories_path, policy):
     assert summary["num_preemptions"] == engine.stats().num_preemptions
     if policy == "fcfs":
         assert summary["num_preemptions"] > 0, "the workload should force preemptions"
+
+
+# ---- workloads and planning ----------------------------------------------------------------------
+
+
+def test_synthetic_workload_follows_bench_serve_knobs():
+    from tokenmill.sim.workload import WorkloadSpec, synthetic
+
+    spec = WorkloadSpec(num_prompts=40, request_rate=5.0, input_len="80:120", output_len=16, shared_prefix_len=64,
+                        num_prefixes=2, vocab_size=1000, seed=1)
+    requests = list(synthetic(spec))
+    assert len(requests) == 40 and requests[0].arrival == 0.0
+    assert all(a.arrival <= b.arrival for a, b in zip(requests, requests[1:]))
+    assert all(80 <= len(r.prompt_ids) <= 120 and r.output_len == 16 for r in requests)
+    assert len({tuple(r.prompt_ids[:64]) for r in requests}) == 2  # two families
+    assert requests[0].prompt_ids[:64] == requests[2].prompt_ids[:64] != requests[1].prompt_ids[:64]
+    assert requests == list(synthetic(spec))  # seeded
+
+
+def test_trace_lines_share_named_prefixes_and_bad_lines_say_where(tmp_path):
+    from tokenmill.errors import InvalidParameterError
+    from tokenmill.sim.workload import load_trace
+
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"arrival": 0, "input_len": 40, "prefix": "sys", "prefix_len": 32, "output_len": 4}\n'
+                    '{"arrival": 0.5, "input_len": 36, "prefix": "sys", "prefix_len": 32, "output_len": 2, "tenant": "a"}\n'
+                    '{"arrival": 1, "prompt_ids": [1, 2, 3], "output_len": 1}\n')
+    first, second, third = load_trace(path)
+    assert first.prompt_ids[:32] == second.prompt_ids[:32] and len(second.prompt_ids) == 36
+    assert second.tenant == "a" and third.prompt_ids == [1, 2, 3]
+    path.write_text('{"arrival": 0, "input_len": 4, "output_len": 1}\n{"arrival": 1, "output_len": 0, "input_len": 3}\n')
+    with pytest.raises(InvalidParameterError, match="trace.jsonl line 2"):
+        list(load_trace(path))
+
+
+def test_plan_finds_the_fewest_replicas_that_meet_the_slo():
+    from tokenmill.sim.plan import meets, search
+    from tokenmill.sim.workload import WorkloadSpec, synthetic as requests_of
+
+    spec = WorkloadSpec(num_prompts=120, request_rate=40.0, input_len=64, output_len=8, vocab_size=1000)
+    cost = synthetic(fixed=0.02, per_token=0.0005)
+    slos = {"ttft": 200.0}
+    best, tried = search(cost, ReplicaSettings(num_blocks=400, block_size=16), lambda: requests_of(spec), slos,
+                         max_num_seqs=[8], max_num_batched_tokens=[256], policies=["fcfs"], max_replicas=64)
+    assert best is not None and meets(best.summary, slos, 90, 120)
+    fewer = [c for c in tried if c.replicas == best.replicas - 1]
+    assert fewer and not meets(fewer[0].summary, slos, 90, 120)
+    assert best.summary["ttft"]["p90_ms"] <= 200.0 and best.replicas > 1
