@@ -247,3 +247,35 @@ def test_plan_finds_the_fewest_replicas_that_meet_the_slo():
     fewer = [c for c in tried if c.replicas == best.replicas - 1]
     assert fewer and not meets(fewer[0].summary, slos, 90, 120)
     assert best.summary["ttft"]["p90_ms"] <= 200.0 and best.replicas > 1
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "aging", "sjf", "fair"])
+def test_runs_of_decode_steps_applied_in_one_go_change_nothing(policy):
+    """The fast path (plain decode steps applied together, cut when an arrival joins) gives the very
+    steps, records and counters of stepping one at a time, preemptions and several replicas included."""
+    rng = random.Random(7)
+    t, requests = 0.0, []
+    for i in range(80):
+        t += rng.expovariate(30.0)
+        shared = [1] * 32 if i % 3 == 0 else []
+        requests.append(SimRequest(t, shared + [rng.randrange(2, 900) for _ in range(rng.randint(4, 90))],
+                                   rng.randint(1, 60), tenant="ab"[i % 2], priority=rng.randint(0, 2)))
+    cost = synthetic(fixed=0.01, per_seq=0.001, per_token=0.0002, per_context_token=1e-5)
+    results = {}
+    for fast in (False, True):
+        settings = ReplicaSettings(num_blocks=60, block_size=8, max_num_seqs=6, max_num_batched_tokens=64,
+                                   policy=PolicyConfig(policy))
+        sim = Simulation(cost, settings, num_replicas=2, trace=True, fast_forward=fast)
+        summary = sim.run(requests)
+        assert (sim.num_decode_runs > 10) == fast
+        steps = sorted(sim.steps, key=lambda e: (e.replica, e.start))  # a run's steps are traced when it ends
+        results[fast] = (summary, [(e.replica, e.admitted, sorted(e.preempted), e.num_tokens) for e in steps],
+                         [e.end for e in steps])
+    (slow, slow_steps, slow_ends), (fast, fast_steps, fast_ends) = results[False], results[True]
+    assert fast_steps == slow_steps
+    assert fast_ends == pytest.approx(slow_ends, rel=1e-12)
+    assert slow["num_preemptions"] > 0 and slow["completed"] == 80
+    for key in ("completed", "num_preemptions", "num_steps", "total_output_tokens", "prefix_hit_rate"):
+        assert fast[key] == slow[key], key
+    for name in ("ttft", "itl", "e2e", "tpot"):
+        assert fast[name] == pytest.approx(slow[name], rel=1e-9), name

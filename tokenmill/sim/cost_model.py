@@ -19,7 +19,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import InvalidParameterError
-from tokenmill.metering.roofline import ModelBytes, step_work
+from tokenmill.metering.roofline import ModelBytes, head_params, layer_params, step_work
 from tokenmill.step_plan import ScheduledChunk, StepShape
 
 TERMS = ("fixed", "per_seq", "per_token", "per_context_token", "per_attention_pair")
@@ -51,6 +51,13 @@ class LinearStepCost:
     def shape_seconds(self, shape: StepShape) -> float:
         return sum(w * x for w, x in zip(self._weights, shape_terms(shape)))
 
+    def decode_run_seconds(self, num_seqs: int, computed: int, count: int) -> np.ndarray:
+        """Durations of `count` steps in which the same `num_seqs` sequences, `computed` KV tokens
+        between them at the start, each decode one token (step i attends computed + i * num_seqs)."""
+        c = self.coefficients
+        i = np.arange(1, count + 1, dtype=float)
+        return (c["fixed"] + (c["per_seq"] + c["per_token"]) * num_seqs) + c["per_context_token"] * (computed + i * num_seqs)
+
     def to_dict(self) -> dict:
         return {"kind": "linear", **asdict(self)}
 
@@ -72,8 +79,20 @@ class RooflineStepCost:
     def step_seconds(self, chunks: list[ScheduledChunk]) -> float:
         spans = [(c.start, c.num_tokens) for c in chunks if c.num_tokens]
         work = step_work(self.model, self.sizes, spans, sum(1 for c in chunks if c.sample))
-        return self.overhead_seconds + max(work.bytes / (self.bandwidth * self.bandwidth_share),
-                                           work.flops / (self.peak_flops * self.flops_share))
+        return self._seconds(work.bytes, work.flops)
+
+    def decode_run_seconds(self, num_seqs: int, computed: int, count: int) -> np.ndarray:
+        """As LinearStepCost's: step_work of one-token chunks, their contexts growing by one per step."""
+        n, m = num_seqs, self.model
+        i = np.arange(1, count + 1, dtype=float)
+        pairs = computed + i * n  # each chunk attends its whole context
+        flops = 2 * (layer_params(m) + head_params(m)) * n + 4 * m.num_layers * m.num_heads * m.head_dim * pairs
+        kv_bytes = (computed + (i - 1) * n + 2 * n) * self.sizes.kv_per_token  # read the context, write the token
+        return self._seconds(self.sizes.layers + self.sizes.head + kv_bytes, flops)
+
+    def _seconds(self, bytes_, flops):
+        return self.overhead_seconds + np.maximum(bytes_ / (self.bandwidth * self.bandwidth_share),
+                                                  flops / (self.peak_flops * self.flops_share))
 
     def to_dict(self) -> dict:
         return {"kind": "roofline", "label": self.label, "source": self.source, "sizes": asdict(self.sizes),

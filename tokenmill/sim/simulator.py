@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from tokenmill.bench.metrics import RequestRecord, latency_stats, summarize
 from tokenmill.engine.policy import PolicyConfig, make_policy
 from tokenmill.engine.router import Router
@@ -30,10 +32,11 @@ from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
-from tokenmill.step_plan import SamplerOutput, SchedulerOutput, StepResult
+from tokenmill.step_plan import SamplerOutput, ScheduledChunk, SchedulerOutput, StepResult
 
 PLACEHOLDER_TOKEN = 0  # what every simulated step samples (outputs end by length, never by a stop token)
 ITL_KEPT = 20_000_000  # gaps kept exactly; past that, every other one, then every fourth, ...
+MIN_DECODE_RUN = 2  # plain decode steps worth applying in one go
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Replica:
         self.scheduler = Scheduler(self.kv, make_policy(settings.policy, settings.max_model_len), settings.max_num_seqs,
                                    settings.max_num_batched_tokens, [], settings.max_model_len)
         self.plan: SchedulerOutput | None = None  # the step in flight
+        self.run: DecodeRun | None = None  # or the run of plain decode steps in flight
+        self.version = 0  # of the end event in the queue (a run cut short queues a new one)
         self.busy_seconds = 0.0
         self.num_steps = 0
 
@@ -98,7 +103,25 @@ class Replica:
 
     @property
     def busy(self) -> bool:
-        return self.plan is not None
+        return self.plan is not None or self.run is not None
+
+
+@dataclass
+class DecodeRun:
+    """Steps in which the same running sequences each decode one token and nothing else can change:
+    nothing waits, no sequence finishes before the last, and the free blocks cover their growth.
+    Applied in one go when it ends, or cut at the step an arrival for this replica joins."""
+
+    start: float
+    ends: np.ndarray  # end time of each step
+
+    def cut(self, at: float) -> bool:
+        """Keep the steps up to the one running at `at` (an arrival waits for the next step boundary)."""
+        keep = int(np.searchsorted(self.ends, at, side="left")) + 1
+        if keep >= len(self.ends):
+            return False
+        self.ends = self.ends[:keep]
+        return True
 
 
 @dataclass
@@ -112,7 +135,7 @@ class Simulation:
     """Run a workload on `num_replicas` replicas; `run` returns what `bench serve` would report."""
 
     def __init__(self, cost, settings: ReplicaSettings, num_replicas: int = 1, routing_policy: str = "prefix",
-                 max_concurrency: int | None = None, trace: bool = False):
+                 max_concurrency: int | None = None, trace: bool = False, fast_forward: bool = True):
         if num_replicas < 1:
             raise InvalidParameterError("replicas", f"must be at least 1, got {num_replicas}")
         if max_concurrency is not None and max_concurrency < 1:
@@ -122,8 +145,10 @@ class Simulation:
         self.replicas = [Replica(i, settings, cost) for i in range(num_replicas)]
         self.router = Router(routing_policy, settings.block_size)
         self.max_concurrency = max_concurrency
+        self.fast_forward = fast_forward  # apply runs of plain decode steps in one go (same result, faster)
+        self.num_decode_runs = 0
         self.steps: list[StepEvent] | None = [] if trace else None
-        self._ends: list[tuple[float, int, int]] = []  # (end time, order, replica) of the steps in flight
+        self._ends: list[tuple[float, int, int, int]] = []  # (end time, order, replica, version) of the steps in flight
         self._order = itertools.count()
         self._tracked: dict[str, _Tracked] = {}
         self._itl = array("d")
@@ -142,8 +167,9 @@ class Simulation:
             # everything that happens at the next instant, then the steps that start then
             now = min(upcoming.arrival if upcoming is not None else math.inf, self._ends[0][0] if self._ends else math.inf)
             while self._ends and self._ends[0][0] <= now:
-                _, _, index = heapq.heappop(self._ends)
-                in_flight -= self._end_step(self.replicas[index], now, records)
+                _, _, index, version = heapq.heappop(self._ends)
+                if version == self.replicas[index].version:  # not a run's end since cut short
+                    in_flight -= self._end_step(self.replicas[index], now, records)
             while upcoming is not None and upcoming.arrival <= now:
                 queue.append((next(ids), upcoming))
                 upcoming = next(arrivals, None)
@@ -169,12 +195,22 @@ class Simulation:
         seq = Sequence(request_id, 0, request.prompt_ids, params, now, tenant=request.tenant,
                        priority=request.priority)
         replica = self.replicas[self.router.route(self.replicas, request.prompt_ids)]
+        if replica.run is not None and replica.run.cut(now):
+            self._queue_end(replica, float(replica.run.ends[-1]))
         replica.scheduler.add(seq)
         record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
         self._tracked[request_id] = _Tracked(record, now)
 
     def _start_step(self, replica: Replica, now: float) -> None:
         if not replica.scheduler.has_unfinished():
+            return
+        steps = self._decode_run_length(replica) if self.fast_forward else 0
+        if steps:
+            computed = sum(seq.num_computed_tokens for seq in replica.scheduler.running)
+            durations = self.cost.decode_run_seconds(len(replica.scheduler.running), computed, steps)
+            replica.run = DecodeRun(now, now + np.cumsum(durations))
+            self.num_decode_runs += 1
+            self._queue_end(replica, float(replica.run.ends[-1]))
             return
         waiting = {id(s) for s in replica.scheduler.waiting} if self.steps is not None else set()
         plan = replica.scheduler.schedule()
@@ -184,14 +220,77 @@ class Simulation:
         replica.plan = plan
         replica.busy_seconds += seconds
         replica.num_steps += 1
-        heapq.heappush(self._ends, (now + seconds, next(self._order), replica.index))
+        self._queue_end(replica, now + seconds)
         if self.steps is not None:
             admitted = [c.seq.request_id for c in plan.chunks if id(c.seq) in waiting]
             self.steps.append(StepEvent(replica.index, now, now + seconds, admitted,
                                         [s.request_id for s in plan.preempted], plan.num_tokens))
 
+    def _queue_end(self, replica: Replica, at: float) -> None:
+        replica.version += 1
+        heapq.heappush(self._ends, (at, next(self._order), replica.index, replica.version))
+
+    def _decode_run_length(self, replica: Replica) -> int:
+        """How many plain decode steps can be applied in one go (0: schedule this step normally).
+
+        All but the step in which the first running sequence finishes: that one goes through the
+        scheduler, which ends sequences. Needs nothing waiting, every running sequence decoding,
+        the whole batch within the token budget, and free blocks for the growth of every step."""
+        sched = replica.scheduler
+        running = sched.running
+        if sched.waiting or not running or len(running) > sched.max_num_batched_tokens:
+            return 0
+        steps = min(_steps_to_finish(seq, sched.max_model_len) for seq in running) - 1
+        if steps < MIN_DECODE_RUN or any(seq.num_uncomputed_tokens != 1 or seq.draft_token_ids for seq in running):
+            return 0
+        kv = replica.kv
+        needed = sum(kv.blocks_to_grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
+                     for seq in running)
+        return steps if needed <= kv.pool.num_free_blocks else 0
+
+    def _apply_run(self, replica: Replica) -> None:
+        """The run's steps, as the scheduler would have made them: each sequence's blocks grown and
+        its tokens appended and cached, the policy told, the batch left in the last step's order."""
+        run, replica.run = replica.run, None
+        sched, kv = replica.scheduler, replica.kv
+        steps = len(run.ends)
+        running = list(sched.running)
+        chunks = [ScheduledChunk(seq, seq.num_computed_tokens, steps - 1, kv.block_table(seq.seq_id)) for seq in running]
+        for seq in running:
+            kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
+        if steps > 1:
+            sched.policy.on_scheduled(chunks)
+            for seq in running:
+                seq.num_computed_tokens += steps - 1
+                seq.token_ids.extend([PLACEHOLDER_TOKEN] * (steps - 1))
+        sched.running = sched.policy.preemption_order(running)  # as the last step's _serve_running leaves it
+        sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, 1, kv.block_table(seq.seq_id))
+                                   for seq in running])
+        gaps = np.diff(run.ends, prepend=run.start)
+        firsts = []
+        for seq in running:
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(PLACEHOLDER_TOKEN)
+            kv.cache_full_blocks(seq)
+            tracked = self._tracked[seq.request_id]
+            tracked.record.output_tokens += steps
+            if tracked.last_token is None:  # its prefill's last chunk was this one token
+                tracked.record.ttft = run.ends[0] - tracked.sent
+            else:
+                firsts.append(run.ends[0] - tracked.last_token)  # it may have sat out the step before the run
+            tracked.last_token = float(run.ends[-1])
+        self._keep_itls(np.concatenate([firsts, np.tile(gaps[1:], len(running))]))
+        replica.busy_seconds += float(gaps.sum())
+        replica.num_steps += steps
+        if self.steps is not None:
+            self.steps += [StepEvent(replica.index, float(a), float(b), [], [], len(running))
+                           for a, b in zip([run.start, *run.ends[:-1]], run.ends)]
+
     def _end_step(self, replica: Replica, now: float, records: list[RequestRecord]) -> int:
-        """Apply the step that just ended; return how many requests it finished."""
+        """Apply the step (or run of steps) that just ended; return how many requests it finished."""
+        if replica.run is not None:
+            self._apply_run(replica)
+            return 0
         plan, replica.plan = replica.plan, None
         sampled = [c for c in plan.chunks if c.sample]
         samples = SamplerOutput([PLACEHOLDER_TOKEN] * len(sampled), None, None, None)
@@ -218,7 +317,16 @@ class Simulation:
         if self._itl_seen % self._itl_stride:
             return
         self._itl.append(gap)
-        if len(self._itl) >= ITL_KEPT:
+        self._thin_itls()
+
+    def _keep_itls(self, gaps: np.ndarray) -> None:
+        first = (-self._itl_seen) % self._itl_stride  # the first of these whose running count is a multiple
+        self._itl_seen += len(gaps)
+        self._itl.extend(gaps[first::self._itl_stride].tolist())
+        self._thin_itls()
+
+    def _thin_itls(self) -> None:
+        while len(self._itl) >= ITL_KEPT:
             self._itl = self._itl[::2]
             self._itl_stride *= 2
 
@@ -243,6 +351,11 @@ class Simulation:
             "cost_model": {"source": self.cost.source, "label": self.cost.label},
         })
         return summary
+
+
+def _steps_to_finish(seq: Sequence, max_model_len: int) -> int:
+    """Steps until `seq` samples the token that ends it by length (the simulated outputs never stop early)."""
+    return min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - seq.num_tokens)
 
 
 def price_per_million(summary: dict, price_per_hour: float | None, energy_price: float | None = None) -> float | None:
