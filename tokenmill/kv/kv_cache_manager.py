@@ -180,6 +180,8 @@ class KVCacheManager:
         bs = self.block_size
         chain = self._chains.setdefault(seq.seq_id, [])
         full = seq.num_computed_tokens // bs
+        if full <= len(chain):  # most decode steps fill no block
+            return
         hashes = self._chain_hashes(seq, full)
         table = self.block_table(seq.seq_id)
         for i in range(len(chain), full):

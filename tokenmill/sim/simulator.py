@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tokenmill.bench.metrics import RequestRecord, latency_stats, summarize
-from tokenmill.engine.policy import PolicyConfig, make_policy
+from tokenmill.engine.policy import Policy, PolicyConfig, make_policy
 from tokenmill.engine.router import Router
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
@@ -255,17 +255,20 @@ class Simulation:
         sched, kv = replica.scheduler, replica.kv
         steps = len(run.ends)
         running = list(sched.running)
-        chunks = [ScheduledChunk(seq, seq.num_computed_tokens, steps - 1, kv.block_table(seq.seq_id)) for seq in running]
         for seq in running:
             kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
+        counts = type(sched.policy).on_scheduled is not Policy.on_scheduled  # fcfs, priority, aging count nothing
         if steps > 1:
-            sched.policy.on_scheduled(chunks)
+            if counts:
+                sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, steps - 1,
+                                                          kv.block_table(seq.seq_id)) for seq in running])
             for seq in running:
                 seq.num_computed_tokens += steps - 1
                 seq.token_ids.extend([PLACEHOLDER_TOKEN] * (steps - 1))
         sched.running = sched.policy.preemption_order(running)  # as the last step's _serve_running leaves it
-        sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, 1, kv.block_table(seq.seq_id))
-                                   for seq in running])
+        if counts:
+            sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, 1, kv.block_table(seq.seq_id))
+                                       for seq in running])
         gaps = np.diff(run.ends, prepend=run.start)
         firsts = []
         for seq in running:
