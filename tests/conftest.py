@@ -17,15 +17,15 @@ SHARED_MODELS = REPO.parent / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260k"
 
 _engines: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
-_original_init = LLMEngine.__init__
+_original_build = LLMEngine._build  # what LLMEngine(...) and LLMEngine.from_config(...) both run
 
 
-def _tracking_init(self, *args, **kwargs):
-    _original_init(self, *args, **kwargs)
+def _tracking_build(self, *args, **kwargs):
+    _original_build(self, *args, **kwargs)
     _engines.add(self)
 
 
-LLMEngine.__init__ = _tracking_init
+LLMEngine._build = _tracking_build
 
 
 @pytest.fixture(autouse=True)

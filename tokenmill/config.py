@@ -485,8 +485,8 @@ class EngineConfig:
         for name in options:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else "; see EngineConfig for the options"
-                raise UnknownOptionError(name, f"unknown engine option {name!r}{hint}")
+                hint = f"did you mean {close[0]!r}?" if close else "`tokenmill serve --help` lists them"
+                raise UnknownOptionError(name, f"not an engine option; {hint}")
         return _build(cls, options)
 
     def to_kwargs(self) -> dict[str, Any]:
