@@ -407,7 +407,7 @@ def n_allowed(bitmask: torch.Tensor, row: int, vocab: int) -> int:
 
 def load_tokenizer(model: str | None):
     """The HF fast tokenizer, logits width and EOS ids exactly as the engine gets them."""
-    from tokenmill.engine.engine import _eos_ids
+    from tokenmill.engine.builder import _eos_ids
     from tokenmill.loader.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(model)

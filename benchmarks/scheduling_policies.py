@@ -31,7 +31,7 @@ from pathlib import Path
 from tokenmill.bench.launch import LaunchedServer, free_port
 from tokenmill.bench.serve import ServeBenchConfig, run_serve_benchmark_sync
 from tokenmill.bench.workload import TenantSpec
-from tokenmill.engine.policy import POLICIES
+from tokenmill.config import POLICIES
 
 # (interactive chat, document summaries, a bursty offline batch job); lower priority runs first.
 # The rates are relative: --load or --rate-scale scales them all.

@@ -17,15 +17,15 @@ SHARED_MODELS = REPO.parent / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260k"
 
 _engines: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
-_original_init = LLMEngine.__init__
+_original_build = LLMEngine._build  # what LLMEngine(...) and LLMEngine.from_config(...) both run
 
 
-def _tracking_init(self, *args, **kwargs):
-    _original_init(self, *args, **kwargs)
+def _tracking_build(self, *args, **kwargs):
+    _original_build(self, *args, **kwargs)
     _engines.add(self)
 
 
-LLMEngine.__init__ = _tracking_init
+LLMEngine._build = _tracking_build
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def all_kv_blocks_returned():
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES / "config.json").is_file():
-        pytest.skip(f"stories260k not found at ../shared/models/stories260k (the shared model folder is absent)")
+        pytest.skip("stories260k not found at ../shared/models/stories260k (the shared model folder is absent)")
     return STORIES
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.policy import (POLICIES, AgingPolicy, FairSharePolicy, LengthEstimator, PolicyConfig,
-                                     ShortestJobFirstPolicy, make_policy, parse_tenant_weights)
+from tokenmill.config import POLICIES, PolicyConfig, parse_tenant_weights
+from tokenmill.engine.policy import AgingPolicy, FairSharePolicy, LengthEstimator, ShortestJobFirstPolicy, make_policy
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kv.block_pool import BlockPool

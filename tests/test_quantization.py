@@ -399,7 +399,7 @@ def test_bad_quantization_parameters(tiny_models, kwargs, param):
 def test_cli_quantization_flags(stories_path, capsys):
     args = cli.build_parser().parse_args(["generate", "hi", "--quantization", "int4", "--quantization-group-size",
                                           "64", "--kv-cache-dtype", "fp8_e4m3"])
-    assert cli.engine_kwargs(args) == {"dtype": "auto", "quantization": "int4", "quantization_group_size": 64,
+    assert cli.engine_kwargs(args) == {"quantization": "int4", "quantization_group_size": 64,
                                        "kv_cache_dtype": "fp8_e4m3"}
     assert cli.main(["generate", "Once upon a time", "--model", str(stories_path), "--temperature", "0",
                      "--max-tokens", "8", "--kv-cache-memory", "4MiB", "--quantization", "int8",

@@ -218,7 +218,7 @@ def test_rejected_drafts_leave_no_blocks_and_no_stale_kv(tiny_models, reference)
         engine.add_request(str(i), prompt, GREEDY)
     draft = engine.speculator.draft
     done: dict[str, list[int]] = {}
-    bs = engine.config.block_size
+    bs = engine.config.cache.block_size
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:

@@ -8,12 +8,13 @@ from importlib import import_module
 
 _HOMES = {
     "LLM": "tokenmill.entrypoints.llm",
-    "LLMEngine": "tokenmill.engine.engine",
+    "LLMEngine": "tokenmill.engine.engine", "EngineConfig": "tokenmill.config",
     "SamplingParams": "tokenmill.sampling_params", "StructuredOutputsParams": "tokenmill.sampling_params",
     "RequestOutput": "tokenmill.outputs", "CompletionOutput": "tokenmill.outputs",
     "Logprob": "tokenmill.outputs", "RequestMetrics": "tokenmill.outputs",
     "TokenmillError": "tokenmill.errors", "InvalidParameterError": "tokenmill.errors",
     "ModelLoadError": "tokenmill.errors", "RequestFailedError": "tokenmill.errors",
+    "UnknownOptionError": "tokenmill.errors",
 }
 __all__ = list(_HOMES)
 __version__ = "0.1.0"

@@ -14,6 +14,11 @@ class InvalidParameterError(TokenmillError):
         self.message = message
 
 
+class UnknownOptionError(InvalidParameterError, TypeError):
+    """An engine option no config declares (a typo): a TypeError, as Python raises for an unexpected
+    keyword argument, and an InvalidParameterError naming it."""
+
+
 class RequestFailedError(RuntimeError):
     """A request failed an engine step by itself (not bad input that checks could see); it was
     ended and the other requests went on."""

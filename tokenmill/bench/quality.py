@@ -62,11 +62,11 @@ def chunk_logits(engine: LLMEngine, chunks: list[list[int]]) -> torch.Tensor:
     out = []
     for ids in chunks:
         seq = Sequence("quality", 0, ids, SamplingParams(), 0.0)
-        seq.block_table = engine.block_pool.allocate(-(-len(ids) // engine.config.block_size))
+        blocks = engine.block_pool.allocate(-(-len(ids) // engine.config.cache.block_size))
         try:
-            out.append(F.log_softmax(engine.runner.logits_for([ScheduledChunk(seq, 0, len(ids))]), dim=-1))
+            out.append(F.log_softmax(engine.runner.logits_for([ScheduledChunk(seq, 0, len(ids), blocks)]), dim=-1))
         finally:
-            engine.block_pool.free(seq.block_table)
+            engine.block_pool.free(blocks)
     return torch.cat(out)
 
 

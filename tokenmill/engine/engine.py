@@ -12,173 +12,55 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import fields, replace
 from numbers import Integral
 
 import torch
 
-from tokenmill.config import (
-    EnergyConfig, EngineConfig, ModelConfig, WeightQuant, architecture_of, parse_memory, resolve_dtype, resolve_kv_cache_dtype,
-    resolve_quantization,
-)
-from tokenmill.engine.policy import PolicyConfig, make_policy
-from tokenmill.engine.output_processor import OutputProcessor, Request
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.config import EngineConfig
+from tokenmill.engine.builder import EngineParts, build_engine
+from tokenmill.engine.output_processor import Request
 from tokenmill.engine.stats import EngineStats, PhaseRoofline, PolicyStats
 from tokenmill.errors import InvalidParameterError, require_unicode
-from tokenmill.executor.models.registry import model_class
-from tokenmill.executor.runner import ModelRunner
-from tokenmill.kv.block_pool import BlockPool
-from tokenmill.kv.kv_cache_manager import KVCacheManager
-from tokenmill.loader import load_checkpoint
-from tokenmill.metering.accounting import make_accountant
-from tokenmill.metering.roofline import ModelBytes
 from tokenmill.outputs import RequestMetrics, RequestOutput
-from tokenmill.sampling_params import SamplingParams, generation_defaults
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
-from tokenmill.spec.config import SpeculativeConfig
-from tokenmill.spec.draft_model import DraftModel
-from tokenmill.spec.speculator import NoSpeculation, Speculator
+from tokenmill.spec.speculator import NoSpeculation
 from tokenmill.step_plan import ScheduledChunk, StepResult
-from tokenmill.tokenizer import Tokenizer, custom_chat_template
 
 log = logging.getLogger("tokenmill")
 
 
-@dataclass
-class MemoryReport:
-    """What the loaded weights and the KV cache take, in bytes."""
-
-    weights: str  # their form: "float32", "int8", "int4 g32", ...
-    weight_bytes: int  # parameters and buffers, the float embedding included
-    kv_cache_dtype: str
-    kv_bytes_per_token: int  # all layers, K and V, scales of an 8-bit cache included
-    kv_cache_tokens: int  # what the pool holds (the null block not counted)
-
-    def __str__(self) -> str:
-        kv_bytes = self.kv_bytes_per_token * self.kv_cache_tokens
-        return (f"weights {self.weights} {self.weight_bytes / 2**20:.1f} MiB, KV cache {kv_bytes / 2**20:.1f} MiB "
-                f"committed ({kv_bytes} bytes: {self.kv_cache_dtype}, {self.kv_bytes_per_token / 1024:.2f} KiB/token "
-                f"x {self.kv_cache_tokens} tokens)")
-
-
 class LLMEngine:
-    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto", device: str | None = None,
-                 seed: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, block_size: int = 16,
-                 kv_cache_memory: int | float | str | None = None,
-                 kv_cache_fraction: float = EngineConfig.kv_cache_fraction,
-                 scheduling_policy: str = "fcfs", priority_aging_seconds: float = PolicyConfig.aging_seconds,
-                 sjf_seconds_per_token: float = PolicyConfig.sjf_seconds_per_token,
-                 sjf_prompt_token_weight: float = PolicyConfig.sjf_prompt_token_weight,
-                 sjf_long_prefill_tokens: int = PolicyConfig.sjf_long_prefill_tokens,
-                 tenant_weights: dict[str, float] | str | None = None, enable_prefix_caching: bool = True,
-                 quantization: str | None = "auto", quantization_group_size: int = 32, kv_cache_dtype: str = "auto",
-                 energy_meter: str = EnergyConfig.energy_meter,
-                 cpu_watts_per_core: float = EnergyConfig.cpu_watts_per_core, idle_watts: float = EnergyConfig.idle_watts,
-                 price_per_hour: float | None = None, energy_price: float | None = None,
-                 speculative_config: SpeculativeConfig | dict | str | None = None, chat_template: str | None = None):
-        self.config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-                                   parse_memory(kv_cache_memory), kv_cache_fraction, enable_prefix_caching)
-        _check_engine_args(self.config)
-        policy_config = PolicyConfig(scheduling_policy, priority_aging_seconds, sjf_seconds_per_token,
-                                     sjf_prompt_token_weight, sjf_long_prefill_tokens, tenant_weights or {})
-        spec_config = SpeculativeConfig.of(speculative_config)
-        ckpt = load_checkpoint(model)
-        self.model_name = ckpt.name
-        model_class(architecture_of(ckpt.hf_config))  # unsupported architectures fail before anything else
-        self.model_config = ModelConfig.from_hf(ckpt.hf_config)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.quant = resolve_quantization(quantization, ckpt.native_forms, quantization_group_size)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
-        self.eos_token_ids = _eos_ids(ckpt)
-        # generation_config.json's sampling fields: the defaults of what a request leaves out (vLLM's
-        # --generation-config auto); checked now, so that a bad file fails the start, not each request
-        self.generation_defaults = generation_defaults(ckpt.generation_config)
-        SamplingParams(**self.generation_defaults)
-        if self.generation_defaults:
-            log.info("tokenmill: defaults from the model's generation_config.json: %s", self.generation_defaults)
-        template = ckpt.chat_template if chat_template is None else custom_chat_template(ckpt.tokenizer, chat_template)
-        self.tokenizer = Tokenizer(ckpt.tokenizer, template, self.eos_token_ids) if ckpt.tokenizer else None
-        self.accountant = make_accountant(
-            EnergyConfig(energy_meter, cpu_watts_per_core, idle_watts, price_per_hour, energy_price),
-            self.model_config, self.dtype, self.device)
+    def __init__(self, model=None, **options):
+        """`model`: a Hugging Face folder, .gguf file or hub id (None: the embedded default model);
+        `options`: EngineConfig's, by their flat names (dtype, max_num_seqs, kv_cache_memory, ...,
+        as `tokenmill serve --help` lists them); a name it has not raises UnknownOptionError."""
+        self._build(EngineConfig.from_kwargs(model=model, **options))
 
-        num_blocks = self._num_blocks()
-        capacity = (num_blocks - 1) * block_size
-        self.max_model_len = self._max_model_len(max_model_len, capacity)
-        self.block_pool = BlockPool(num_blocks)
-        self.kv_cache = KVCacheManager(self.block_pool, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, make_policy(policy_config, self.max_model_len), max_num_seqs,
-                                   max_num_batched_tokens, self.eos_token_ids, self.max_model_len)
-        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
-        # Quantized layers take a GGUF's low-bit blocks as they are (converting only where their form differs).
-        self.runner = ModelRunner(self.model_config, ckpt.weights(packed=self.quant is not None), self.dtype, self.device,
-                                  num_blocks, block_size, self.max_model_len, seed, self.quant, self.kv_cache_dtype)
-        self.model_bytes = ModelBytes(*self.runner.byte_sizes())  # what a step reads, for metering and benchmarks
-        self.accountant.sizes = self.model_bytes
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        engine = cls.__new__(cls)
+        engine._build(config)
+        return engine
+
+    def _build(self, config: EngineConfig) -> None:
+        parts = build_engine(config)  # the attributes of EngineParts: config, model_config, tokenizer, runner, ...
+        for f in fields(EngineParts):
+            setattr(self, f.name, getattr(parts, f.name))
         self._grammar_compiler = None  # made by the first request with structured outputs
-        self.speculator = NoSpeculation()
-        if spec_config is not None:
-            draft = None
-            if spec_config.method == "draft":
-                draft = DraftModel(spec_config, vocab_size=self.model_config.vocab_size, dtype=self.dtype,
-                                   device=self.device, num_blocks=num_blocks + 2 * max_num_seqs, block_size=block_size,
-                                   max_model_len=self.max_model_len, quantization=quantization,
-                                   quantization_group_size=quantization_group_size, seed=seed)
-            self.speculator = Speculator(spec_config, self.max_model_len, max_num_batched_tokens, draft)
         self._failed: dict[str, Exception] = {}  # request id -> why it failed a step by itself
         self._last_step: tuple = (None, None)  # (shape, wall seconds) of the latest step that computed tokens
         self._step_shape = None  # the running step's, once planned
         self._stats = self._snapshot()
-        self.memory_report = MemoryReport(
-            _weights_name(self.quant, self.dtype), self.runner.weight_bytes(), _dtype_name(self.kv_cache_dtype),
-            self.model_config.kv_bytes_per_token(self.kv_cache_dtype), capacity)
         log.info("tokenmill: %s, %s on %s, %s, %d KV blocks of %d tokens, max_model_len %d, prefix caching %s; "
-                 "linear layers on %s", self.model_name, self.dtype, self.device, self.memory_report, num_blocks - 1,
-                 block_size, self.max_model_len, "on" if enable_prefix_caching else "off", self.runner.kernels_in_use())
+                 "linear layers on %s", self.model_name, self.dtype, self.device, self.memory_report,
+                 self.block_pool.num_usable_blocks, config.cache.block_size, self.max_model_len,
+                 "on" if config.cache.enable_prefix_caching else "off", self.runner.kernels_in_use())
         # What loading made lives as long as the engine: frozen, the collector no longer walks it on each
         # full collection (a pause of 150-200 ms every few hundred steps with transformers imported).
         gc.collect()
         gc.freeze()
-
-    # ---- sizing -------------------------------------------------------------------------
-    def _num_blocks(self) -> int:
-        per_block = self.model_config.kv_bytes_per_token(self.kv_cache_dtype) * self.config.block_size
-        return max(2, self._kv_budget() // per_block + 1)  # +1: the null block
-
-    def _kv_budget(self) -> int:
-        """The KV pool's bytes, decided here once and committed by the runner: kv_cache_memory, else
-        what max_num_seqs full contexts need, at most kv_cache_fraction of the total memory (not of
-        the free memory, which differs from one start to the next)."""
-        total, available = _memory(self.device)
-        budget = self.config.kv_cache_memory
-        if budget is not None:
-            if budget > available:
-                raise InvalidParameterError("kv_cache_memory", f"{budget / 2**30:.2f} GiB asked for the KV cache but "
-                                                               f"only {available / 2**30:.2f} GiB is free")
-            return budget
-        context = self.config.max_model_len or self.model_config.max_position_embeddings
-        need = self.config.max_num_seqs * context * self.model_config.kv_bytes_per_token(self.kv_cache_dtype)
-        budget = min(need, int(self.config.kv_cache_fraction * total))
-        if budget > available // 2:
-            log.warning("the KV cache gets %.2f GiB, half the free memory, instead of %.2f GiB; set --kv-cache-memory "
-                        "to choose", available / 2**31, budget / 2**30)
-            budget = available // 2
-        return budget
-
-    def _max_model_len(self, requested: int | None, capacity: int) -> int:
-        model_max = self.model_config.max_position_embeddings
-        if requested is not None:
-            if requested > capacity:
-                raise InvalidParameterError(
-                    "max_model_len", f"{requested} tokens do not fit in the KV cache ({capacity} tokens); "
-                                     "raise kv_cache_memory or lower max_model_len")
-            return requested
-        if capacity < model_max:
-            log.warning("max_model_len lowered from %d to %d to fit the KV cache", model_max, capacity)
-        return min(model_max, capacity)
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -406,42 +288,3 @@ class LLMEngine:
         if seq.num_output_tokens + drafts_before < seq.params.min_tokens:
             return self.eos_token_ids + seq.params.stop_token_ids
         return []
-
-def _eos_ids(ckpt) -> list[int]:
-    ids: list[int] = []
-    for source in (ckpt.generation_config.get("eos_token_id"), getattr(ckpt.hf_config, "eos_token_id", None),
-                   getattr(ckpt.tokenizer, "eos_token_id", None)):
-        for i in source if isinstance(source, list) else [source]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _weights_name(quant: WeightQuant | None, dtype: torch.dtype) -> str:
-    if quant is None:
-        return _dtype_name(dtype)
-    if quant.method == "native":
-        return "int4 + int8 as the file stores them"
-    return quant.method + (f" g{quant.group_size}" if quant.method == "int4" else "")
-
-
-def _memory(device: torch.device) -> tuple[int, int]:
-    """(total, available) bytes of the memory the KV cache lives in."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return total, free
-    import psutil
-    memory = psutil.virtual_memory()
-    return memory.total, memory.available
-
-
-def _check_engine_args(cfg: EngineConfig) -> None:
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-        if getattr(cfg, name) < 1:
-            raise InvalidParameterError(name, f"must be at least 1, got {getattr(cfg, name)}")
-    if not 0 < cfg.kv_cache_fraction <= 1:
-        raise InvalidParameterError("kv_cache_fraction", f"must be in (0, 1], got {cfg.kv_cache_fraction}")

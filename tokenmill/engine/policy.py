@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from tokenmill.errors import InvalidParameterError
+from tokenmill.config import PolicyConfig
 from tokenmill.sequence import Sequence
 
 class Policy:
@@ -351,36 +351,6 @@ class FairSharePolicy(Policy):
 # ---- construction ---------------------------------------------------------------------------
 
 
-POLICIES = ("fcfs", "priority", "aging", "sjf", "fair")
-
-
-@dataclass
-class PolicyConfig:
-    """The knobs of every policy, each policy reading its own; checked when made."""
-
-    name: str = "fcfs"
-    aging_seconds: float = 10.0  # aging: seconds of waiting worth one priority level
-    sjf_seconds_per_token: float = 0.1  # sjf: seconds of waiting worth one predicted token of work
-    sjf_prompt_token_weight: float = 0.5  # sjf: work of one uncomputed prompt token, in output tokens
-    sjf_long_prefill_tokens: int = 512  # sjf: prefills this long wait for decoding sequences ranked ahead
-    tenant_weights: dict[str, float] = field(default_factory=dict)  # fair: unnamed tenants weigh 1
-
-    def __post_init__(self):
-        if self.name not in POLICIES:
-            raise InvalidParameterError("scheduling_policy", f"unknown policy {self.name!r}; known: {', '.join(POLICIES)}")
-        for name in ("aging_seconds", "sjf_seconds_per_token"):
-            if not getattr(self, name) > 0:
-                raise InvalidParameterError(name, f"must be positive, got {getattr(self, name)}")
-        if not self.sjf_long_prefill_tokens >= 1:
-            raise InvalidParameterError("sjf_long_prefill_tokens", f"must be at least 1, got {self.sjf_long_prefill_tokens}")
-        if not self.sjf_prompt_token_weight >= 0:
-            raise InvalidParameterError("sjf_prompt_token_weight", f"must be >= 0, got {self.sjf_prompt_token_weight}")
-        self.tenant_weights = parse_tenant_weights(self.tenant_weights)
-        for tenant, weight in self.tenant_weights.items():
-            if not weight > 0:
-                raise InvalidParameterError("tenant_weights", f"tenant {tenant!r}: weights must be positive, got {weight}")
-
-
 def make_policy(config: PolicyConfig, max_model_len: int) -> Policy:
     if config.name == "fcfs":
         return FCFSPolicy()
@@ -394,20 +364,3 @@ def make_policy(config: PolicyConfig, max_model_len: int) -> Policy:
     if config.name == "fair":
         return FairSharePolicy(config.tenant_weights)
     raise AssertionError(config.name)  # PolicyConfig admits only the names above
-
-
-def parse_tenant_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
-    """{"alice": 2.0, "bob": 1.0} from "alice=2,bob=1" (a dict passes through)."""
-    if spec is None or isinstance(spec, dict):
-        return dict(spec or {})
-    weights: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        tenant, _, value = item.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = None
-        if weight is None or not tenant.strip():
-            raise InvalidParameterError("tenant_weights", f"{item!r}: need TENANT=WEIGHT, e.g. alice=2")
-        weights[tenant.strip()] = weight
-    return weights

@@ -24,8 +24,8 @@ import os
 import sys
 from typing import Callable
 
-from tokenmill.config import INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, parse_memory
-from tokenmill.engine.policy import POLICIES
+from tokenmill import config
+from tokenmill.config import parse_memory
 from tokenmill.errors import InvalidParameterError, TokenmillError
 from tokenmill.entrypoints.openai.reasoning import REASONING_PARSERS
 from tokenmill.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -33,13 +33,20 @@ from tokenmill.entrypoints.openai.tool_parsers import TOOL_PARSERS
 # ---- shared flags ---------------------------------------------------------------------------
 
 
-def memory_size(text: str) -> str:
-    """argparse type of a size flag: a bad one is a usage error, not a traceback at start-up."""
-    try:
-        parse_memory(text)
-    except InvalidParameterError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-    return text
+def _flag_type(parse: Callable) -> Callable:
+    """An option's parser as an argparse type: its InvalidParameterError is a usage error, not a traceback
+    at start-up."""
+    def flag_type(text: str):
+        try:
+            return parse(text)
+        except InvalidParameterError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
+
+    flag_type.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid <name> value"
+    return flag_type
+
+
+memory_size = _flag_type(config.memory_size)
 
 
 class ListFlag(argparse.Action):
@@ -62,79 +69,31 @@ class ListFlag(argparse.Action):
 
 
 def engine_parent() -> argparse.ArgumentParser:
-    """A parent parser holding the LLMEngine flags every subcommand shares."""
+    """A parent parser holding the LLMEngine flags every subcommand shares: one per EngineConfig option
+    (tokenmill/config.py declares each with its default and help), grouped as the options are."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one step (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one step (default: 2048)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, as fits)")
-    g.add_argument("--kv-cache-memory", type=memory_size, default=None, help='KV cache size, e.g. "2GiB" (default: a share of free memory)')
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (sampling; bench prompt sets)")
-    g.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
-                   help="weights: int8 (per channel) or int4 (groups); auto keeps a GGUF's Q4_0/Q4_1 as int4 "
-                        "and Q8_0 as int8, none dequantizes to --dtype (default: auto)")
-    g.add_argument("--quantization-group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
-                   help="int4 group size along the input axis (default: 32)")
-    g.add_argument("--kv-cache-dtype", choices=("auto", *KV_CACHE_DTYPES), default=None,
-                   help="KV cache: auto (the model dtype), int8 or fp8_e4m3, with per-token, per-head scales "
-                        "(default: auto)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the KV of prompt prefixes computed before (default: on)")
-    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
-                   help="a jinja chat template, or the path of a file holding one, to use instead of the "
-                        "checkpoint's; one that does not parse stops the start (default: the checkpoint's)")
-    g = p.add_argument_group("scheduling")
-    g.add_argument("--scheduling-policy", choices=POLICIES, default=None,
-                   help="who runs first: fcfs (arrival), priority (the request's priority, lower first; preempts), "
-                        "aging (priority improving with waiting; preempts), sjf (shortest predicted remaining work first), "
-                        "fair (weighted fair share of tokens per tenant, the request's user) (default: fcfs)")
-    g.add_argument("--priority-aging-seconds", type=float, default=None,
-                   help="aging: seconds of waiting worth one priority level (default: 10)")
-    g.add_argument("--sjf-seconds-per-token", type=float, default=None,
-                   help="sjf: seconds of waiting worth one predicted output token, which bounds how long a long "
-                        "request can be overtaken (default: 0.1)")
-    g.add_argument("--sjf-prompt-token-weight", type=float, default=None,
-                   help="sjf: work of one prompt token still to prefill, in output tokens (default: 0.5, "
-                        "measured on CPU; prefill is relatively cheaper on a GPU)")
-    g.add_argument("--sjf-long-prefill-tokens", type=int, default=None,
-                   help="sjf: a prompt with this many tokens still to prefill waits while a decoding request ranked "
-                        "ahead of it runs, instead of stalling it (default: 512)")
-    g.add_argument("--tenant-weights", default=None,
-                   help='fair: tenant weights, e.g. "alice=2,bob=1"; tenants not named weigh 1')
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (prompt lookup) or \'{"method": '
-                        '"draft", "model": PATH, "draft_layers": 8}\'; keys: method, num_speculative_tokens, '
-                        'prompt_lookup_max, prompt_lookup_min, model, draft_layers, adaptive (default: off)')
-    g = p.add_argument_group("energy and cost")
-    g.add_argument("--energy-meter", default=None,
-                   help="auto, rapl, nvml, estimate or none; auto: RAPL and (on CUDA) NVML counters where readable, "
-                        "else estimated from CPU time (default: auto)")
-    g.add_argument("--cpu-watts-per-core", type=float, default=None,
-                   help="estimator: Watts per busy core, charged per CPU second (default: 10)")
-    g.add_argument("--idle-watts", type=float, default=None,
-                   help="estimator: the machine's floor in Watts, charged per second of step time (default: 0)")
-    g.add_argument("--price-per-hour", type=float, default=None, help="machine cost in USD per hour (default: none)")
-    g.add_argument("--energy-price", type=float, default=None, help="energy cost in USD per kWh (default: none)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in config.engine_options():
+        group = groups.get(option.group) or groups.setdefault(option.group, p.add_argument_group(option.group))
+        cli = dict(option.field.metadata["cli"])
+        if isinstance(option.default, bool):
+            cli["action"] = argparse.BooleanOptionalAction
+        elif "type" in cli:
+            cli["type"] = _flag_type(cli["type"])
+        elif isinstance(option.default, (int, float)):
+            cli["type"] = type(option.default)
+        # None: a flag left out is left out of engine_kwargs, so the engine's default applies
+        group.add_argument("--" + option.name.replace("_", "-"), default=None, help=option.help, **cli)
     return p
 
 
-ENGINE_FLAGS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size",
-                "seed", "enable_prefix_caching", "chat_template", "quantization", "quantization_group_size",
-                "kv_cache_dtype",
-                "scheduling_policy", "priority_aging_seconds", "sjf_seconds_per_token",
-                "sjf_prompt_token_weight", "sjf_long_prefill_tokens", "tenant_weights",
-                "speculative_config",
-                "energy_meter", "cpu_watts_per_core", "idle_watts", "price_per_hour", "energy_price")
+ENGINE_OPTIONS = tuple(option.name for option in config.engine_options() if option.name != "model")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """LLMEngine keyword arguments from the parsed flags (flags left unset keep the engine's defaults)."""
-    return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name, None) is not None}
+    """LLMEngine keyword arguments from the flags the user gave (besides --model, LLMEngine's first
+    argument); flags left out keep the engine's defaults."""
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS if getattr(args, name, None) is not None}
 
 
 def make_engine(args: argparse.Namespace):

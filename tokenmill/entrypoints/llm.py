@@ -17,7 +17,11 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """Runs a batch of prompts to completion with continuous batching; see LLMEngine for the knobs."""
+    """Runs a batch of prompts to completion with continuous batching.
+
+    `engine_args`: the engine's options by their flat names, as LLMEngine takes them (EngineConfig's,
+    the CLI's engine flags with underscores: dtype, max_num_seqs, kv_cache_memory, ...); a name that
+    is not one raises UnknownOptionError (a TypeError) naming it."""
 
     def __init__(self, model: str | None = None, **engine_args):
         self.engine = LLMEngine(model, **engine_args)

@@ -4,34 +4,26 @@ It has its own weights, its own runner and its own paged KV cache (a block pool 
 sized like the target's). For each sequence it remembers the tokens whose KV its cache holds;
 before proposing, that list is cut back to the longest prefix the sequence still agrees with
 (rejected drafts are discarded, their blocks given back) and the tokens since are fed in one
-chunk (the whole prompt the first time), then one token per further draft. With
-`draft_layers` (a number of leading layers, or their indices), only those layers are loaded:
-a truncated copy of the target (or of any model) needs no second file.
+chunk (the whole prompt the first time), then one token per further draft. The engine's
+builder makes its runner (engine/builder.py: `build_draft`), keeping only the `draft_layers`
+when they are given: a truncated copy of the target (or of any model) needs no second file.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 import time
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 
-from tokenmill.config import ModelConfig, architecture_of, resolve_dtype, resolve_quantization
-from tokenmill.errors import InvalidParameterError
-from tokenmill.executor.models.registry import model_class
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.executor.sampler import target_probs
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
-from tokenmill.loader import load_checkpoint
 from tokenmill.sequence import Sequence
-from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.controller import StepCost
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
 CATCH_UP_TOKENS = 4  # per sequence: a propose that feeds more is a prefill, left out of the cost
 
 
@@ -48,33 +40,12 @@ class _DraftState:
 
 
 class DraftModel:
-    def __init__(self, config: SpeculativeConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, max_model_len: int, quantization: str | None,
-                 quantization_group_size: int, seed: int | None = None):
-        ckpt = load_checkpoint(config.model)
-        hf = copy.deepcopy(ckpt.hf_config)
-        model_class(architecture_of(hf))
-        keep = config.draft_layers
-        if keep is not None:
-            if max(keep) >= hf.num_hidden_layers:
-                raise InvalidParameterError("speculative_config.draft_layers",
-                                            f"layer {max(keep)} is beyond the draft's {hf.num_hidden_layers} layers")
-            hf.num_hidden_layers = len(keep)
-        self.model_config = ModelConfig.from_hf(hf)
-        if self.model_config.vocab_size != vocab_size:
-            raise InvalidParameterError("speculative_config.model", f"the draft's vocabulary has "
-                                        f"{self.model_config.vocab_size} tokens, the target's {vocab_size}: they must "
-                                        "share one tokenizer")
-        self.name = ckpt.name if keep is None else f"{ckpt.name} (layers {keep})"
-        dtype = resolve_dtype(config.draft_dtype or dtype, device)
-        new_index = None if keep is None else {old: new for new, old in enumerate(keep)}
-        forms = ckpt.native_forms if keep is None else dict(_renumbered(ckpt.native_forms.items(), new_index))
-        quant = resolve_quantization(config.draft_quantization or quantization, forms, quantization_group_size)
-        weights = ckpt.weights(packed=quant is not None)
-        if keep is not None:
-            weights = _renumbered(weights, new_index)
-        self.runner = ModelRunner(self.model_config, weights, dtype, device, num_blocks, block_size, max_model_len,
-                                  seed, quant)
+    """The draft's side of speculation, given a ready runner (the engine's builder loads the checkpoint,
+    keeps `draft_layers` and makes the runner, as for the target) with a KV pool of `num_blocks` blocks."""
+
+    def __init__(self, runner: ModelRunner, name: str, num_blocks: int, block_size: int):
+        self.runner = runner
+        self.name = name
         self.kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=False)
         self._states: dict[int, _DraftState] = {}
         # seconds per drafted token (catch-up feeds and every draft round included) by sequences drafting
@@ -172,12 +143,3 @@ class DraftModel:
         """Tokens in the draft cache per seq_id."""
         return {sid: state.num_computed_tokens for sid, state in self._states.items()}
 
-
-def _renumbered(weights, new_index: dict[int, int]):
-    """The (name, value) pairs of the kept layers, renamed to their place in the draft; other layers' dropped."""
-    for name, tensor in weights:
-        match = _LAYER.search(name)
-        if match is None:
-            yield name, tensor
-        elif int(match.group(1)) in new_index:
-            yield f"{name[:match.start()]}layers.{new_index[int(match.group(1))]}.{name[match.end():]}", tensor
