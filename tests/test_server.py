@@ -19,7 +19,6 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-import torch
 
 from server_process import ServerProcess
 from tokenmill import LLM, SamplingParams
@@ -729,26 +728,12 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name)
     assert 0 < server.metric("tokenmill_prefix_cache_hit_rate") <= 1
 
 
-def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
-    """log_softmax in float32 of the engine's logits for every position of `ids`, in one forward pass."""
-    from tokenmill.sequence import Sequence
-    from tokenmill.step_plan import ScheduledChunk
-
-    seq = Sequence("reference", 0, ids, SamplingParams(), 0.0)
-    try:
-        assert engine.kv_cache.grow(seq.seq_id, 0, len(ids))
-        chunk = ScheduledChunk(seq, 0, len(ids), engine.kv_cache.block_table(seq.seq_id))
-        return torch.log_softmax(engine.runner.logits_for([chunk]).float(), -1)
-    finally:
-        engine.kv_cache.free(seq.seq_id)
-
-
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_gives_the_prompt_and_its_teacher_forced_logprobs(client, offline, model_name, max_tokens):
     """What lm-evaluation-harness's loglikelihood sends: echo, logprobs=k, max_tokens 0 or 1."""
     text = "The capital of France is Paris, and the capital of Italy is Rome."
     ids = offline.get_tokenizer().encode(text)
-    want = full_forward_logprobs(offline.engine, ids)
+    want = offline.engine.score(ids)  # teacher-forced log_softmax of every position, in one forward pass
     # alone, then among other requests (one of them echoing the same prompt, whose cached blocks must not be used)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         alone = client.completions.create(model=model_name, prompt=text, echo=True, logprobs=2, max_tokens=max_tokens,

@@ -32,7 +32,7 @@ from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.loader import load_checkpoint
 from tokenmill.metering.accounting import make_accountant
-from tokenmill.metering.roofline import ModelBytes
+from tokenmill.metering.roofline import ModelBytes, Roofline
 from tokenmill.outputs import RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams, generation_defaults
 from tokenmill.sequence import Sequence
@@ -398,6 +398,46 @@ class LLMEngine:
         if seq.num_output_tokens + drafts_before < seq.params.min_tokens:
             return self.eos_token_ids + seq.params.stop_token_ids
         return []
+
+    # ---- scoring and the roofline, for benchmarks and tests -----------------------------
+    def score(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced log-probabilities [len(prompt_ids), vocab] in float32: row i is the raw
+        (unprocessed) next-token distribution after prompt_ids[:i + 1], so row i - 1 at prompt_ids[i]
+        is what a request's prompt_logprobs report for token i. One prefill through the runner, in
+        blocks taken from the KV manager under a sequence id of its own and given back after; no
+        request, step or prefix-cache entry is made. Call it between steps, on the engine's thread.
+        """
+        ids = list(prompt_ids)
+        if not ids:
+            raise InvalidParameterError("prompt_ids", "nothing to score: the list is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameterError("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        if len(ids) > self.max_model_len:
+            raise InvalidParameterError("prompt_ids", f"{len(ids)} tokens; max_model_len is {self.max_model_len}")
+        # A Sequence draws its seq_id from the process-wide counter: never one a request holds.
+        seq = Sequence("score", 0, [int(t) for t in ids], SamplingParams(), 0.0)
+        try:
+            if not self.kv_cache.grow(seq.seq_id, 0, len(ids)):
+                raise InvalidParameterError(
+                    "prompt_ids", f"the KV cache has no room for {len(ids)} tokens now "
+                                  f"({self.block_pool.num_free_blocks} free blocks of {self.config.block_size})")
+            chunk = ScheduledChunk(seq, 0, len(ids), self.kv_cache.block_table(seq.seq_id))
+            return torch.log_softmax(self.runner.logits_for([chunk]).float(), dim=-1).cpu()
+        finally:
+            self.kv_cache.free(seq.seq_id)
+
+    @property
+    def roofline(self) -> Roofline | None:
+        """The machine's ceilings the accountant measures steps against (None: roofline fractions off).
+        The cached `tokenmill calibrate` result sets it at start; a benchmark may set one it measured."""
+        return self.accountant.roofline
+
+    @roofline.setter
+    def roofline(self, value: Roofline | None) -> None:
+        self.accountant.roofline = value
+        self._stats = self._snapshot()
 
 def _eos_ids(ckpt) -> list[int]:
     ids: list[int] = []
