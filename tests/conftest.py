@@ -44,7 +44,7 @@ def all_kv_blocks_returned():
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES / "config.json").is_file():
-        pytest.skip(f"stories260k not found at ../shared/models/stories260k (the shared model folder is absent)")
+        pytest.skip("stories260k not found at ../shared/models/stories260k (the shared model folder is absent)")
     return STORIES
 
 
