@@ -188,12 +188,12 @@ def test_64_concurrent_streams_equal_their_offline_outputs_among_poison(server, 
     got = asyncio.run(all_of_them())
     assert got[:64] == want and got[64:] == [400] * len(POISON)
     assert server.metric("tokenmill_num_requests_running") == 0
-    assert server.metric("tokenmill_http_responses_total", 'code="500",endpoint="/v1/completions"') == 0
+    assert server.metric("tokenmill_http_responses_total", 'code="500",endpoint="/v1/completions"', default=0.0) == 0
 
 
 def test_client_disconnect_aborts_and_frees_kv_blocks(server, client, model_name):
     total = server.metric("tokenmill_kv_cache_total_blocks")
-    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"', default=0.0)
     stream = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=800, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     received = 0
@@ -528,7 +528,7 @@ def test_malformed_json_and_wrong_body_are_400(server):
 def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     counted = 'code="400",endpoint="/v1/completions"'
-    before = server.metric("tokenmill_http_responses_total", counted)
+    before = server.metric("tokenmill_http_responses_total", counted, default=0.0)
     status, body = server.post("/v1/completions", b'{"prompt": "a\\ud800b"}', auth)
     assert status == 400 and body["error"]["param"] == "prompt" and "surrogate" in body["error"]["message"]
     status, body = server.post("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', auth)
@@ -564,7 +564,7 @@ def _post_head(server, headers: dict, body: bytes) -> tuple[int, dict]:
 
 def test_a_body_over_max_request_bytes_is_413_declared_or_chunked(server):
     counted = 'code="413",endpoint="/v1/completions"'
-    before = server.metric("tokenmill_http_responses_total", counted)
+    before = server.metric("tokenmill_http_responses_total", counted, default=0.0)
     # declared too long: refused before a byte of the body is read
     status, err = _post_head(server, {"Content-Length": str(MAX_REQUEST_BYTES + 1)}, b'{"prompt": "')
     assert status == 413 and "--max-request-bytes" in err["error"]["message"], err
@@ -697,8 +697,8 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
     import socket
 
     total = server.metric("tokenmill_kv_cache_total_blocks")
-    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
-    finished_before = server.metric("tokenmill_requests_total", 'status="length"')
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"', default=0.0)
+    finished_before = server.metric("tokenmill_requests_total", 'status="length"', default=0.0)
     body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": 800, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -713,7 +713,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
     assert server.metric("tokenmill_kv_cache_free_blocks") == total
     # ended by an abort, not by running its 800 tokens to the end
     assert server.metric("tokenmill_requests_total", 'status="abort"') == aborted_before + 1
-    assert server.metric("tokenmill_requests_total", 'status="length"') == finished_before
+    assert server.metric("tokenmill_requests_total", 'status="length"', default=0.0) == finished_before
 
 
 def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name):
