@@ -238,7 +238,7 @@ class LLMEngine:
             if not ids:
                 raise InvalidParameterError("prompt", "the prompt is empty")
             vocab = self.model_config.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+            bad = _out_of_vocab(ids, vocab)
             if bad:
                 raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
             ids = [int(t) for t in ids]
@@ -411,7 +411,7 @@ class LLMEngine:
         if not ids:
             raise InvalidParameterError("prompt_ids", "nothing to score: the list is empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+        bad = _out_of_vocab(ids, vocab)
         if bad:
             raise InvalidParameterError("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(ids) > self.max_model_len:
@@ -477,3 +477,8 @@ def _check_engine_args(cfg: EngineConfig) -> None:
             raise InvalidParameterError(name, f"must be at least 1, got {getattr(cfg, name)}")
     if not 0 < cfg.kv_cache_fraction <= 1:
         raise InvalidParameterError("kv_cache_fraction", f"must be in (0, 1], got {cfg.kv_cache_fraction}")
+
+
+def _out_of_vocab(ids: list, vocab: int) -> list:
+    """The entries of a token-id list that are not ids of this vocabulary (bools and non-integers included)."""
+    return [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
