@@ -249,6 +249,7 @@ def test_estimator_is_labelled_in_offline_metrics(tiny_models):
 # ---- the server -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_reports_estimated_energy_in_usage_and_metrics(tiny_chat_model, tmp_path, monkeypatch):
     import json
     import urllib.request

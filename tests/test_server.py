@@ -485,6 +485,7 @@ def test_bad_tool_requests_are_400_naming_the_field(server, extra, param, says):
     assert status == 400 and answer["error"]["param"] == param and says in answer["error"]["message"], answer
 
 
+@pytest.mark.slow
 def test_reasoning_parser_splits_thinking_from_the_answer(default_model_available):
     """--reasoning-parser qwen3: text in <think> comes back as reasoning_content, streamed and not (a
     regex makes the small model think)."""
@@ -593,6 +594,7 @@ def _get(server, path: str, headers: dict | None = None) -> tuple[int, dict | st
     return status, json.loads(body) if body.startswith(b"{") else body.decode()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(default_model_available):
     with ServerProcess(["--shutdown-timeout", "5", *ENGINE_FLAGS]) as server:
         assert _get(server, "/health") == (200, {"status": "ok"}) and _get(server, "/ready") == (200, {"status": "ready"})
@@ -617,6 +619,7 @@ def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(def
         assert server.proc.wait(timeout=60) == 0  # and the server exits cleanly
 
 
+@pytest.mark.slow
 def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
     with ServerProcess(ENGINE_FLAGS) as server:  # the default --max-request-bytes, 16 MiB
         body = json.dumps({"prompt": [1] * 3_300_000}).encode()  # 10 MB of token ids: parsed, then refused
@@ -652,6 +655,7 @@ def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
         assert status == 400 and "300000 tokens" in body["error"]["message"], body
 
 
+@pytest.mark.slow
 def test_full_queue_is_429_and_not_ready(default_model_available):
     flags = ["--max-num-seqs", "1", "--max-queue", "1", "--scheduling-policy", "fair", "--api-key", KEY]
     with ServerProcess([*flags, *ENGINE_FLAGS]) as server:

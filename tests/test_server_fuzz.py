@@ -12,6 +12,8 @@ import pytest
 
 from server_process import ServerProcess
 
+pytestmark = pytest.mark.slow  # about five minutes on two cores
+
 
 def test_schemathesis_finds_no_server_error(tiny_chat_model, tmp_path):
     # Run by this interpreter, not found on PATH: the venv need not be activated.
