@@ -234,14 +234,7 @@ class LLMEngine:
             require_unicode("prompt", prompt)
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
-            ids, text = list(prompt), None
-            if not ids:
-                raise InvalidParameterError("prompt", "the prompt is empty")
-            vocab = self.model_config.vocab_size
-            bad = _out_of_vocab(ids, vocab)
-            if bad:
-                raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
-            ids = [int(t) for t in ids]
+            ids, text = self._token_ids("prompt", prompt, "the prompt is empty"), None
         if keep_last is not None and len(ids) > keep_last:
             ids, text = ids[-keep_last:], None
         if len(ids) >= self.max_model_len:
@@ -407,17 +400,11 @@ class LLMEngine:
         blocks taken from the KV manager under a sequence id of its own and given back after; no
         request, step or prefix-cache entry is made. Call it between steps, on the engine's thread.
         """
-        ids = list(prompt_ids)
-        if not ids:
-            raise InvalidParameterError("prompt_ids", "nothing to score: the list is empty")
-        vocab = self.model_config.vocab_size
-        bad = _out_of_vocab(ids, vocab)
-        if bad:
-            raise InvalidParameterError("prompt_ids", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        ids = self._token_ids("prompt_ids", prompt_ids, "nothing to score: the list is empty")
         if len(ids) > self.max_model_len:
             raise InvalidParameterError("prompt_ids", f"{len(ids)} tokens; max_model_len is {self.max_model_len}")
         # A Sequence draws its seq_id from the process-wide counter: never one a request holds.
-        seq = Sequence("score", 0, [int(t) for t in ids], SamplingParams(), 0.0)
+        seq = Sequence("score", 0, ids, SamplingParams(), 0.0)
         try:
             if not self.kv_cache.grow(seq.seq_id, 0, len(ids)):
                 raise InvalidParameterError(
@@ -427,6 +414,17 @@ class LLMEngine:
             return torch.log_softmax(self.runner.logits_for([chunk]).float(), dim=-1).cpu()
         finally:
             self.kv_cache.free(seq.seq_id)
+
+    def _token_ids(self, param: str, ids, empty: str) -> list[int]:
+        """`ids` as a list of ints, each an id of this vocabulary; InvalidParameterError(param) if not, or if empty."""
+        ids = list(ids)
+        if not ids:
+            raise InvalidParameterError(param, empty)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameterError(param, f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        return [int(t) for t in ids]
 
     @property
     def roofline(self) -> Roofline | None:
@@ -478,7 +476,3 @@ def _check_engine_args(cfg: EngineConfig) -> None:
     if not 0 < cfg.kv_cache_fraction <= 1:
         raise InvalidParameterError("kv_cache_fraction", f"must be in (0, 1], got {cfg.kv_cache_fraction}")
 
-
-def _out_of_vocab(ids: list, vocab: int) -> list:
-    """The entries of a token-id list that are not ids of this vocabulary (bools and non-integers included)."""
-    return [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
