@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from tokenmill import LLM
 from tokenmill.bench.energy import format_table, measure_decode_energy, plot_joules_per_token
-from tokenmill.metering import calibrate
+from tokenmill.bench.engine_timing import ensure_roofline
+from tokenmill.engine.engine import LLMEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,16 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", action="store_true", help="also write a PNG of J/token vs batch size beside the JSON")
     args = p.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), energy_meter=args.energy_meter,
-              price_per_hour=args.price_per_hour, kv_cache_memory="1GiB", seed=0)
-    engine = llm.engine
-    if engine.accountant.roofline is None:
-        engine.accountant.roofline = calibrate.roofline_for(calibrate.load_or_measure(engine.device), engine.dtype)
-    measure_decode_energy(llm, 1, args.prompt_len, 4)  # warm-up
+    engine = LLMEngine(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), energy_meter=args.energy_meter,
+                       price_per_hour=args.price_per_hour, kv_cache_memory="1GiB", seed=0)
+    ensure_roofline(engine)
+    measure_decode_energy(engine, 1, args.prompt_len, 4)  # warm-up
     rows = []
     for b in args.batch_sizes:
         print(f"[energy] batch {b}", file=sys.stderr, flush=True)
-        rows.append(measure_decode_energy(llm, b, args.prompt_len, args.new_tokens))
+        rows.append(measure_decode_energy(engine, b, args.prompt_len, args.new_tokens))
     title = f"{engine.model_name}, {args.dtype}, {engine.device.type}"
     print(f"\n### Decode energy vs batch size: {title}\n")
     print(format_table(rows))

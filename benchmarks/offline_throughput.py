@@ -7,7 +7,7 @@ for both. Prints a markdown table and writes results/offline_throughput.json.
 
     python benchmarks/offline_throughput.py [--repeats 3] [--model PATH] [--output results/offline_throughput.json]
 
-All the measuring lives in tokenmill.bench.throughput; this script only fixes the settings.
+All the measuring lives in tokenmill.bench (throughput.py runs it); this script only fixes the settings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenmill.bench.throughput import format_markdown, run_throughput_benchmark, write_json
+from tokenmill.bench.report import format_markdown, write_json
+from tokenmill.bench.throughput import run_throughput_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 

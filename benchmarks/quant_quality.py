@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tokenmill.bench.quality import format_table, run_quality
-from tokenmill.bench.throughput import write_json
+from tokenmill.bench.report import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "benchmarks" / "data" / "quality_text.txt"

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.throughput import measure_tokenmill_decode, write_json
+from tokenmill.bench.engine_timing import measure_tokenmill_decode
+from tokenmill.bench.report import write_json
 from tokenmill.loader import load_checkpoint
 from tokenmill.loader.checkpoint import default_model_path
 from tokenmill.metering import calibrate
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(ckpt, dtype="float32", kv_cache_memory="256MiB", seed=0, **CONFIGS[name])
         row = {"weights": llm.engine.memory_report.weights, "weight_bytes": llm.engine.memory_report.weight_bytes,
                "prefill_tokens_per_s": tokenmill_prefill(llm, prompt, args.repeats),
-               "decode_tokens_per_s": measure_tokenmill_decode(llm, prompt, args.new_tokens, args.repeats)
+               "decode_tokens_per_s": measure_tokenmill_decode(llm.engine, prompt, args.new_tokens, args.repeats)
                .decode_tokens_per_s}
         read = llm.engine.model_bytes  # a decode token reads the layers, the head and its KV
         row["bytes_per_token"] = read.layers + read.head + read.kv_per_token * (len(prompt) + args.new_tokens / 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -19,15 +20,26 @@ class ServerProcess(LaunchedServer):
                "--log-level", "warning", *args]
         super().__init__(cmd, f"http://127.0.0.1:{self.port}", "/health", startup_timeout)
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """One sample of the server's Prometheus metrics, e.g. metric("tokenmill_requests_total", 'status="abort"')."""
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
+        """One sample of the server's Prometheus metrics, e.g. metric("tokenmill_requests_total", 'status="abort"').
+
+        The labels must be the sample's whole label set, in any order. A series that is not there
+        raises (a renamed or dropped metric must fail its test, not read as 0) unless `default`
+        is given: a labelled counter has no sample until its first count.
+        """
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        key = f"{name}{{{labels}}}" if labels else name
+        want = _labels(labels)
         for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
+            if line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            sample, _, label_text = series.partition("{")
+            if sample == name and _labels(label_text.rstrip("}")) == want:
+                return float(value)
+        if default is None:
+            raise KeyError(f"no sample {name}{{{labels}}} on /metrics")
+        return default
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
         """A raw POST (for bodies the openai client would refuse to send); returns (status, JSON body)."""
@@ -38,3 +50,8 @@ class ServerProcess(LaunchedServer):
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
+
+
+def _labels(text: str) -> dict[str, str]:
+    """'a="x",b="y"' -> {"a": "x", "b": "y"} (values may hold commas and escaped quotes)."""
+    return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text))

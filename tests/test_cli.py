@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.bench import throughput as tp
+from tokenmill.bench import prompts as bench_prompts
 from tokenmill.entrypoints import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,18 +183,18 @@ def test_bench_prompt_sets_are_deterministic(stories_path):
     from tokenmill import LLM
 
     tokenizer = LLM(str(stories_path), kv_cache_memory="4MiB").get_tokenizer()
-    lengths = tp.spread_lengths("32:512", 64, seed=3)
+    lengths = bench_prompts.spread_lengths("32:512", 64, seed=3)
     assert sorted(lengths)[0] == 32 and sorted(lengths)[-1] == 512 and len(lengths) == 64
-    assert lengths == tp.spread_lengths("32:512", 64, seed=3)
-    assert tp.spread_lengths("128", 5) == [128] * 5
-    a = tp.synthetic_prompts(tokenizer, 512, [50, 60], seed=1)
-    assert a == tp.synthetic_prompts(tokenizer, 512, [50, 60], seed=1)
+    assert lengths == bench_prompts.spread_lengths("32:512", 64, seed=3)
+    assert bench_prompts.spread_lengths("128", 5) == [128] * 5
+    a = bench_prompts.synthetic_prompts(tokenizer, 512, [50, 60], seed=1)
+    assert a == bench_prompts.synthetic_prompts(tokenizer, 512, [50, 60], seed=1)
     assert [len(p) for p in a] == [50, 60]
-    special = tp.special_token_ids(tokenizer)
+    special = bench_prompts.special_token_ids(tokenizer)
     assert {0, 1, 2} <= special
     assert not special & {t for p in a for t in p}
     with pytest.raises(Exception, match="range"):
-        tp.parse_length("a:b")
+        bench_prompts.parse_length("a:b")
 
 
 def test_plain_text_prompts_file(stories_path, tmp_path):
@@ -203,6 +203,6 @@ def test_plain_text_prompts_file(stories_path, tmp_path):
     tokenizer = LLM(str(stories_path), kv_cache_memory="4MiB").get_tokenizer()
     f = tmp_path / "prompts.txt"
     f.write_text("Once upon a time\n\nThe dog ran\n")
-    prompts = tp.load_prompts_file(f, tokenizer)
+    prompts = bench_prompts.load_prompts_file(f, tokenizer)
     assert prompts == [tokenizer.encode("Once upon a time"), tokenizer.encode("The dog ran")]
-    assert tp.load_prompts_file(f, tokenizer, num_prompts=1) == prompts[:1]
+    assert bench_prompts.load_prompts_file(f, tokenizer, num_prompts=1) == prompts[:1]

@@ -177,7 +177,7 @@ def llm(tiny_models):
     llm = LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="4MiB", energy_meter="none",
               price_per_hour=3.6, energy_price=0.36)
     llm.engine.accountant.meter = SteppingMeter(2.5)
-    llm.engine.accountant.roofline = Roofline(bandwidth=1e9, peak_flops=1e10)
+    llm.engine.roofline = Roofline(bandwidth=1e9, peak_flops=1e10)
     return llm
 
 
@@ -249,6 +249,7 @@ def test_estimator_is_labelled_in_offline_metrics(tiny_models):
 # ---- the server -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_reports_estimated_energy_in_usage_and_metrics(tiny_chat_model, tmp_path, monkeypatch):
     import json
     import urllib.request
@@ -294,7 +295,7 @@ def test_bench_report_labels_the_estimate(tiny_models, tmp_path, monkeypatch):
 
     import torch
 
-    from tokenmill.bench import throughput as tp
+    from tokenmill.bench import report, throughput as tp
     from tokenmill.metering import calibrate
 
     monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
@@ -310,15 +311,15 @@ def test_bench_report_labels_the_estimate(tiny_models, tmp_path, monkeypatch):
     decode = energy["decode"]
     assert decode["usd_per_1m_tokens"] == pytest.approx(decode["wall_s"] * 0.001 / 12 * 1e6)
     assert 0 < decode["roofline_fraction"] and energy["prefill"]["roofline_fraction"] > 0
-    for text in (tp.format_text(result), tp.format_markdown(result)):
+    for text in (report.format_text(result), report.format_markdown(result)):
         assert "J / output token, estimated(cpu-time)" in text and "decode roofline fraction" in text
-    assert json.loads(tp.write_json(result, tmp_path / "r.json").read_text())["tokenmill"]["extra"]["energy"] == energy
+    assert json.loads(report.write_json(result, tmp_path / "r.json").read_text())["tokenmill"]["extra"]["energy"] == energy
 
 
 def test_a_roofline_fraction_above_1_is_a_calibration_error_not_a_figure(tiny_models, tmp_path, monkeypatch):
     import torch
 
-    from tokenmill.bench import throughput as tp
+    from tokenmill.bench import report, throughput as tp
     from tokenmill.metering import calibrate
 
     monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
@@ -332,7 +333,7 @@ def test_a_roofline_fraction_above_1_is_a_calibration_error_not_a_figure(tiny_mo
     for phase in ("prefill", "decode"):
         assert energy[phase]["roofline_fraction"] is None
         assert energy[phase]["roofline_error"].startswith("calibration error: a roofline fraction of")
-    text = tp.format_text(result)
+    text = report.format_text(result)
     assert "decode roofline fraction: calibration error" in text and "tokenmill calibrate" in text
 
 

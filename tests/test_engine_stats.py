@@ -61,3 +61,18 @@ def test_stats_carry_speculation_and_the_length_estimator(tiny_models):
     assert stats.policy.name == "sjf" and stats.policy.length_estimator.observations == 1
     plain = LLMEngine(path, dtype="float32", kv_cache_memory="2MiB")
     assert plain.stats().spec is None and plain.stats().policy.length_estimator is None
+
+
+def test_setting_the_roofline_turns_its_fractions_on_in_stats(tiny_models, tmp_path, monkeypatch):
+    from tokenmill.metering.roofline import Roofline
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))  # no cached calibration: the roofline starts off
+    engine = LLMEngine(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="2MiB")
+    assert engine.roofline is None and engine.stats().roofline == {}
+    engine.roofline = Roofline(bandwidth=1e9, peak_flops=1e10)
+    assert set(engine.stats().roofline) == {"prefill", "decode"}  # the snapshot is taken again at once
+    engine.add_request("a", list(range(3, 20)), GREEDY)
+    drain(engine)
+    assert engine.stats().roofline["decode"].fraction > 0
+    engine.roofline = None
+    assert engine.stats().roofline == {}

@@ -268,6 +268,7 @@ def test_fused_decode_step_equals_the_op_by_op_step(default_model_available):
 # ---- fallbacks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a pytest run of other test files per path
 @pytest.mark.parametrize("env", [{"TOKENMILL_KERNELS": "off"}, {"TOKENMILL_KERNEL_ISA": "avx2"},
                                  {"TOKENMILL_KERNEL_ISA": "scalar"}], ids=["kernels-off", "avx2", "portable"])
 def test_generation_tests_pass_on_the_fallback_paths(env):

@@ -74,3 +74,49 @@ def test_n_samples_share_one_prompt_logprobs(tiny_models, reference):
     out = llm.generate([PROMPT], SamplingParams(n=3, seed=1, max_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
     assert len(out.outputs) == 3
     assert prompt_values(out) == pytest.approx(reference, abs=1e-5)
+
+
+# ---- LLMEngine.score ----------------------------------------------------------------------------
+
+
+def test_score_equals_the_prompt_logprobs_of_a_generate_call(stories_path):
+    """score() is the teacher-forced prefill that prompt_logprobs read, run past the scheduler: the same
+    values, and its KV blocks go back to the pool (the autouse fixture checks that after the test too)."""
+    llm = LLM(str(stories_path), dtype="float32", kv_cache_memory="4MiB", block_size=4)
+    engine = llm.engine
+    ids = llm.get_tokenizer().encode("Once upon a time there was a little girl who liked to play in the park.")
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    free = engine.block_pool.num_free_blocks
+    scored = engine.score(ids)
+    assert scored.shape == (len(ids), engine.model_config.vocab_size) and scored.dtype == torch.float32
+    assert torch.allclose(scored.exp().sum(-1), torch.ones(len(ids)), atol=1e-5)
+    assert [scored[i - 1, ids[i]].item() for i in range(1, len(ids))] == pytest.approx(prompt_values(out), abs=1e-5)
+    assert int(scored[-1].argmax()) == out.outputs[0].token_ids[0]  # the greedy token after the prompt
+    assert engine.block_pool.num_free_blocks == free and engine.block_pool.num_used_blocks == 0
+    assert torch.equal(engine.score(ids), scored)  # a second call reads nothing the first one left
+
+
+def test_score_refuses_bad_input_and_a_full_cache(stories_path):
+    from tokenmill.errors import InvalidParameterError
+
+    # 200 blocks of 4 tokens (1280 bytes a token): room for one 512-token context and a bit more
+    llm = LLM(str(stories_path), dtype="float32", kv_cache_memory=200 * 4 * 1280, block_size=4, max_model_len=512)
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    for bad in ([], [1, vocab], [1, -1], [1, True], list(range(1, 3)) * engine.max_model_len):
+        with pytest.raises(InvalidParameterError) as e:
+            engine.score(bad)
+        assert e.value.param == "prompt_ids"
+    assert engine.score([1] * engine.max_model_len).shape[0] == engine.max_model_len  # no token to generate: all fit
+    # a running request holds most of the pool: a score that needs more blocks than are free is refused
+    engine.add_request("hog", [1] * 400, SamplingParams(max_tokens=8, ignore_eos=True))
+    try:
+        engine.step()  # its prompt is prefilled: it holds 101 blocks until it ends
+        free_tokens = engine.block_pool.num_free_blocks * engine.config.block_size
+        assert free_tokens < engine.max_model_len
+        with pytest.raises(InvalidParameterError, match="no room"):
+            engine.score([1] * (free_tokens + 1))
+        assert engine.score([1] * free_tokens).shape[0] == free_tokens
+    finally:
+        engine.abort_request("hog")
+    assert engine.block_pool.num_used_blocks == 0

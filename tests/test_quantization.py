@@ -317,6 +317,7 @@ QUALITY_BOUNDS = {
 }
 
 
+@pytest.mark.slow
 def test_quality_against_float32(smollm_checkpoint):
     from tokenmill.bench.quality import CONFIGS, run_quality
 

@@ -19,7 +19,6 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-import torch
 
 from server_process import ServerProcess
 from tokenmill import LLM, SamplingParams
@@ -189,12 +188,12 @@ def test_64_concurrent_streams_equal_their_offline_outputs_among_poison(server, 
     got = asyncio.run(all_of_them())
     assert got[:64] == want and got[64:] == [400] * len(POISON)
     assert server.metric("tokenmill_num_requests_running") == 0
-    assert server.metric("tokenmill_http_responses_total", 'code="500",endpoint="/v1/completions"') == 0
+    assert server.metric("tokenmill_http_responses_total", 'code="500",endpoint="/v1/completions"', default=0.0) == 0
 
 
 def test_client_disconnect_aborts_and_frees_kv_blocks(server, client, model_name):
     total = server.metric("tokenmill_kv_cache_total_blocks")
-    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"', default=0.0)
     stream = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=800, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     received = 0
@@ -486,6 +485,7 @@ def test_bad_tool_requests_are_400_naming_the_field(server, extra, param, says):
     assert status == 400 and answer["error"]["param"] == param and says in answer["error"]["message"], answer
 
 
+@pytest.mark.slow
 def test_reasoning_parser_splits_thinking_from_the_answer(default_model_available):
     """--reasoning-parser qwen3: text in <think> comes back as reasoning_content, streamed and not (a
     regex makes the small model think)."""
@@ -529,7 +529,7 @@ def test_malformed_json_and_wrong_body_are_400(server):
 def test_lone_surrogates_and_loose_booleans_are_400_and_counted(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     counted = 'code="400",endpoint="/v1/completions"'
-    before = server.metric("tokenmill_http_responses_total", counted)
+    before = server.metric("tokenmill_http_responses_total", counted, default=0.0)
     status, body = server.post("/v1/completions", b'{"prompt": "a\\ud800b"}', auth)
     assert status == 400 and body["error"]["param"] == "prompt" and "surrogate" in body["error"]["message"]
     status, body = server.post("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', auth)
@@ -565,7 +565,7 @@ def _post_head(server, headers: dict, body: bytes) -> tuple[int, dict]:
 
 def test_a_body_over_max_request_bytes_is_413_declared_or_chunked(server):
     counted = 'code="413",endpoint="/v1/completions"'
-    before = server.metric("tokenmill_http_responses_total", counted)
+    before = server.metric("tokenmill_http_responses_total", counted, default=0.0)
     # declared too long: refused before a byte of the body is read
     status, err = _post_head(server, {"Content-Length": str(MAX_REQUEST_BYTES + 1)}, b'{"prompt": "')
     assert status == 413 and "--max-request-bytes" in err["error"]["message"], err
@@ -594,6 +594,7 @@ def _get(server, path: str, headers: dict | None = None) -> tuple[int, dict | st
     return status, json.loads(body) if body.startswith(b"{") else body.decode()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(default_model_available):
     with ServerProcess(["--shutdown-timeout", "5", *ENGINE_FLAGS]) as server:
         assert _get(server, "/health") == (200, {"status": "ok"}) and _get(server, "/ready") == (200, {"status": "ready"})
@@ -618,6 +619,7 @@ def test_sigterm_drains_then_ends_streams_with_an_error_and_done_and_exits_0(def
         assert server.proc.wait(timeout=60) == 0  # and the server exits cleanly
 
 
+@pytest.mark.slow
 def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
     with ServerProcess(ENGINE_FLAGS) as server:  # the default --max-request-bytes, 16 MiB
         body = json.dumps({"prompt": [1] * 3_300_000}).encode()  # 10 MB of token ids: parsed, then refused
@@ -653,6 +655,7 @@ def test_health_answers_while_a_10_mb_body_is_refused(default_model_available):
         assert status == 400 and "300000 tokens" in body["error"]["message"], body
 
 
+@pytest.mark.slow
 def test_full_queue_is_429_and_not_ready(default_model_available):
     flags = ["--max-num-seqs", "1", "--max-queue", "1", "--scheduling-policy", "fair", "--api-key", KEY]
     with ServerProcess([*flags, *ENGINE_FLAGS]) as server:
@@ -698,8 +701,8 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
     import socket
 
     total = server.metric("tokenmill_kv_cache_total_blocks")
-    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"')
-    finished_before = server.metric("tokenmill_requests_total", 'status="length"')
+    aborted_before = server.metric("tokenmill_requests_total", 'status="abort"', default=0.0)
+    finished_before = server.metric("tokenmill_requests_total", 'status="length"', default=0.0)
     body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": 800, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -714,7 +717,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, model_name):
     assert server.metric("tokenmill_kv_cache_free_blocks") == total
     # ended by an abort, not by running its 800 tokens to the end
     assert server.metric("tokenmill_requests_total", 'status="abort"') == aborted_before + 1
-    assert server.metric("tokenmill_requests_total", 'status="length"') == finished_before
+    assert server.metric("tokenmill_requests_total", 'status="length"', default=0.0) == finished_before
 
 
 def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name):
@@ -729,26 +732,12 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server, client, model_name)
     assert 0 < server.metric("tokenmill_prefix_cache_hit_rate") <= 1
 
 
-def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
-    """log_softmax in float32 of the engine's logits for every position of `ids`, in one forward pass."""
-    from tokenmill.sequence import Sequence
-    from tokenmill.step_plan import ScheduledChunk
-
-    seq = Sequence("reference", 0, ids, SamplingParams(), 0.0)
-    try:
-        assert engine.kv_cache.grow(seq.seq_id, 0, len(ids))
-        chunk = ScheduledChunk(seq, 0, len(ids), engine.kv_cache.block_table(seq.seq_id))
-        return torch.log_softmax(engine.runner.logits_for([chunk]).float(), -1)
-    finally:
-        engine.kv_cache.free(seq.seq_id)
-
-
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_gives_the_prompt_and_its_teacher_forced_logprobs(client, offline, model_name, max_tokens):
     """What lm-evaluation-harness's loglikelihood sends: echo, logprobs=k, max_tokens 0 or 1."""
     text = "The capital of France is Paris, and the capital of Italy is Rome."
     ids = offline.get_tokenizer().encode(text)
-    want = full_forward_logprobs(offline.engine, ids)
+    want = offline.engine.score(ids)  # teacher-forced log_softmax of every position, in one forward pass
     # alone, then among other requests (one of them echoing the same prompt, whose cached blocks must not be used)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         alone = client.completions.create(model=model_name, prompt=text, echo=True, logprobs=2, max_tokens=max_tokens,

@@ -40,6 +40,8 @@ try:
 except ImportError:  # newer openai releases ship the same client as httpx2
     import httpx2 as httpx
 
+pytestmark = pytest.mark.slow  # a minute of traffic by default
+
 SOAK_SECONDS = float(os.environ.get("TOKENMILL_SOAK_SECONDS", "60"))
 CLIENTS = 6
 KEY = "soak"

@@ -112,7 +112,8 @@ def test_bad_bodies_are_4xx_naming_the_field(plain, path, body, status, param):
 
 def test_tokenize_needs_the_key_and_every_answer_is_counted(plain):
     counted = {code: f'code="{code}",endpoint="/tokenize"' for code in ("200", "400", "401")}
-    before = {code: plain.metric("tokenmill_http_responses_total", labels) for code, labels in counted.items()}
+    before = {code: plain.metric("tokenmill_http_responses_total", labels, default=0.0)
+              for code, labels in counted.items()}
     assert plain.post("/tokenize", b'{"prompt": "hi"}')[0] == 401
     assert plain.post("/tokenize", b'{"prompt": "hi"}', AUTH)[0] == 200
     assert plain.post("/tokenize", b'{"prompt": "hi", ', AUTH)[0] == 400  # not JSON

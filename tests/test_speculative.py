@@ -75,6 +75,7 @@ def test_greedy_output_is_unchanged_on_a_real_model(stories_path):
         assert llm.engine.speculator.stats.accepted_tokens > 0
 
 
+@pytest.mark.slow
 def test_greedy_output_is_unchanged_on_the_default_form(default_model_available):
     """The default model as a user gets it (int4, tokenmill's kernels): greedy n-gram speculation on a
     copy task, 96 tokens, equals speculation off token for token, alone and in a batch of four."""
@@ -90,6 +91,7 @@ def test_greedy_output_is_unchanged_on_the_default_form(default_model_available)
     assert llm.engine.speculator.stats.accepted_tokens > 0
 
 
+@pytest.mark.slow
 def test_stop_strings_end_a_verified_step_at_their_token(stories_path):
     """A stop string completed inside a verification's accepted drafts ends the output at that
     token (the step's later tokens dropped), as with speculation off: same text, tokens and reasons."""

@@ -51,6 +51,7 @@ def samples(llm: LLM, spec: StructuredOutputsParams, n: int = 100, must_finish: 
     return finished
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["random_model", "default_model"])
 def test_100_hot_samples_follow_the_schema_the_regex_and_the_choice(request, model):
     llm = request.getfixturevalue(model)

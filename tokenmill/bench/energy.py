@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenmill.bench.throughput import synthetic_prompts
+from tokenmill.bench.prompts import synthetic_prompts
+from tokenmill.engine.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
 
 
-def measure_decode_energy(llm, batch_size: int, prompt_len: int = 32, new_tokens: int = 32, seed: int = 0) -> dict:
-    """One batch of `batch_size` requests: the decode steps' J/token, roofline fraction and tokens/s."""
-    engine = llm.engine
+def measure_decode_energy(engine: LLMEngine, batch_size: int, prompt_len: int = 32, new_tokens: int = 32,
+                          seed: int = 0) -> dict:
+    """One batch of `batch_size` requests: the decode steps' J/token, roofline fraction and tokens/s.
+    The accountant's per-phase totals are read directly: engine.stats() carries no per-phase wall time."""
     prompts = synthetic_prompts(engine.tokenizer, engine.model_config.vocab_size, [prompt_len] * batch_size, seed)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     ids = [f"energy-{batch_size}-{i}" for i in range(batch_size)]

@@ -18,13 +18,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.scheduler import ScheduledChunk
 from tokenmill.errors import InvalidParameterError
-from tokenmill.sampling_params import SamplingParams
-from tokenmill.sequence import Sequence
 
 # name -> LLMEngine keyword arguments; the reference is float32 weights and KV cache.
 REFERENCE = {"dtype": "float32", "quantization": "none"}
@@ -59,15 +55,7 @@ def text_chunks(tokenizer, text: str, chunk_tokens: int = 512, num_chunks: int =
 
 def chunk_logits(engine: LLMEngine, chunks: list[list[int]]) -> torch.Tensor:
     """Log-probabilities [positions, vocab] of every position of every chunk, each chunk one prefill."""
-    out = []
-    for ids in chunks:
-        seq = Sequence("quality", 0, ids, SamplingParams(), 0.0)
-        blocks = engine.block_pool.allocate(-(-len(ids) // engine.config.cache.block_size))
-        try:
-            out.append(F.log_softmax(engine.runner.logits_for([ScheduledChunk(seq, 0, len(ids), blocks)]), dim=-1))
-        finally:
-            engine.block_pool.free(blocks)
-    return torch.cat(out)
+    return torch.cat([engine.score(ids) for ids in chunks])
 
 
 def compare(name: str, reference: torch.Tensor, logprobs: torch.Tensor, chunks: list[list[int]],

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import aiohttp
 
 from tokenmill.bench.metrics import LATENCIES, RequestRecord, summarize
-from tokenmill.bench.throughput import model_label, parse_length
+from tokenmill.bench.prompts import parse_length
+from tokenmill.bench.report import model_label
 from tokenmill.bench.workload import (BenchRequest, TenantSpec, arrival_times, check_arrivals, check_prefix_len,
                                       load_dataset, load_tokenizer, synthetic_requests, tenant_workload)
 from tokenmill.errors import InvalidParameterError, TokenmillError

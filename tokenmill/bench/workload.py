@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenmill.bench.throughput import allowed_token_ids, parse_length
+from tokenmill.bench.prompts import allowed_token_ids, parse_length
 from tokenmill.errors import InvalidParameterError, ModelLoadError, TokenmillError
 
 FIT_TRIES = 32  # re-encode rounds before a synthetic prompt gives up on an exact length

@@ -22,6 +22,7 @@ from tokenmill.engine.builder import EngineParts, build_engine
 from tokenmill.engine.output_processor import Request
 from tokenmill.engine.stats import EngineStats, PhaseRoofline, PolicyStats
 from tokenmill.errors import InvalidParameterError, require_unicode
+from tokenmill.metering.roofline import Roofline
 from tokenmill.outputs import RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
@@ -118,14 +119,7 @@ class LLMEngine:
             require_unicode("prompt", prompt)
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
-            ids, text = list(prompt), None
-            if not ids:
-                raise InvalidParameterError("prompt", "the prompt is empty")
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidParameterError("prompt", f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
-            ids = [int(t) for t in ids]
+            ids, text = self._token_ids("prompt", prompt, "the prompt is empty"), None
         if keep_last is not None and len(ids) > keep_last:
             ids, text = ids[-keep_last:], None
         if len(ids) >= self.max_model_len:
@@ -288,3 +282,48 @@ class LLMEngine:
         if seq.num_output_tokens + drafts_before < seq.params.min_tokens:
             return self.eos_token_ids + seq.params.stop_token_ids
         return []
+
+    # ---- scoring and the roofline, for benchmarks and tests -----------------------------
+    def score(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced log-probabilities [len(prompt_ids), vocab] in float32: row i is the raw
+        (unprocessed) next-token distribution after prompt_ids[:i + 1], so row i - 1 at prompt_ids[i]
+        is what a request's prompt_logprobs report for token i. One prefill through the runner, in
+        blocks taken from the KV manager under a sequence id of its own and given back after; no
+        request, step or prefix-cache entry is made. Call it between steps, on the engine's thread.
+        """
+        ids = self._token_ids("prompt_ids", prompt_ids, "nothing to score: the list is empty")
+        if len(ids) > self.max_model_len:
+            raise InvalidParameterError("prompt_ids", f"{len(ids)} tokens; max_model_len is {self.max_model_len}")
+        # A Sequence draws its seq_id from the process-wide counter: never one a request holds.
+        seq = Sequence("score", 0, ids, SamplingParams(), 0.0)
+        try:
+            if not self.kv_cache.grow(seq.seq_id, 0, len(ids)):
+                raise InvalidParameterError(
+                    "prompt_ids", f"the KV cache has no room for {len(ids)} tokens now "
+                                  f"({self.block_pool.num_free_blocks} free blocks of {self.config.cache.block_size})")
+            chunk = ScheduledChunk(seq, 0, len(ids), self.kv_cache.block_table(seq.seq_id))
+            return torch.log_softmax(self.runner.logits_for([chunk]).float(), dim=-1).cpu()
+        finally:
+            self.kv_cache.free(seq.seq_id)
+
+    def _token_ids(self, param: str, ids, empty: str) -> list[int]:
+        """`ids` as a list of ints, each an id of this vocabulary; InvalidParameterError(param) if not, or if empty."""
+        ids = list(ids)
+        if not ids:
+            raise InvalidParameterError(param, empty)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameterError(param, f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        return [int(t) for t in ids]
+
+    @property
+    def roofline(self) -> Roofline | None:
+        """The machine's ceilings the accountant measures steps against (None: roofline fractions off).
+        The cached `tokenmill calibrate` result sets it at start; a benchmark may set one it measured."""
+        return self.accountant.roofline
+
+    @roofline.setter
+    def roofline(self, value: Roofline | None) -> None:
+        self.accountant.roofline = value
+        self._stats = self._snapshot()
