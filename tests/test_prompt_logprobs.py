@@ -112,7 +112,7 @@ def test_score_refuses_bad_input_and_a_full_cache(stories_path):
     engine.add_request("hog", [1] * 400, SamplingParams(max_tokens=8, ignore_eos=True))
     try:
         engine.step()  # its prompt is prefilled: it holds 101 blocks until it ends
-        free_tokens = engine.block_pool.num_free_blocks * engine.config.block_size
+        free_tokens = engine.block_pool.num_free_blocks * engine.config.cache.block_size
         assert free_tokens < engine.max_model_len
         with pytest.raises(InvalidParameterError, match="no room"):
             engine.score([1] * (free_tokens + 1))
