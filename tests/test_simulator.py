@@ -7,6 +7,7 @@ the same sequences in the same steps as the simulator on the same arrival trace.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -279,3 +280,50 @@ def test_runs_of_decode_steps_applied_in_one_go_change_nothing(policy):
         assert fast[key] == slow[key], key
     for name in ("ttft", "itl", "e2e", "tpot"):
         assert fast[name] == pytest.approx(slow[name], rel=1e-9), name
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+
+def test_calibrate_steps_then_simulate_finds_the_model_of_the_same_flags(stories_path, tmp_path, monkeypatch, capsys):
+    from tokenmill.entrypoints.cli import main
+
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    flags = ["--model", str(stories_path), "--kv-cache-memory", "4MiB", "--max-num-seqs", "8"]
+    main(["calibrate", "--steps", *flags])
+    out = capsys.readouterr().out
+    assert "step cost of stories260k|dtype auto" in out and "median error" in out
+    assert main(["simulate", *flags, "--num-prompts", "20", "--request-rate", "50", "--input-len", "16:64",
+                 "--output-len", "8", "--output-json", str(tmp_path / "sim.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| completed requests | 20 |" in out and "cost model measured (stories260k|" in out
+    result = json.loads((tmp_path / "sim.json").read_text())
+    assert result["runs"][0]["summary"]["total_output_tokens"] == 160 and result["cost_model"]["kind"] == "linear"
+    # other model flags: another model, which was not calibrated
+    assert main(["simulate", *flags, "--dtype", "bfloat16", "--num-prompts", "2"]) == 2
+    assert "run `tokenmill calibrate --steps`" in capsys.readouterr().err
+
+
+def test_plan_on_a_modelled_chip_prints_the_cheapest_plan(tmp_path, capsys):
+    from tokenmill.entrypoints.cli import main
+
+    args = ["plan", "--model", "llama-3.1-8b", "--chip", "h200", "--rate", "40", "--slo", "ttft:300,tpot:40",
+            "--num-prompts", "300", "--input-len", "256:1024", "--output-len", "32:128", "--max-num-seqs", "32",
+            "--try-max-num-seqs", "8", "32", "--output-json", str(tmp_path / "plan.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "llama-3.1-8b at 40.0 requests/s" in out and "$" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    chosen = plan["plan"]
+    assert chosen["summary"]["ttft"]["p90_ms"] <= 300 and chosen["summary"]["tpot"]["p90_ms"] <= 40
+    cheaper = [c for c in plan["tried"] if c["replicas"] < chosen["replicas"]]
+    assert all(c["summary"]["ttft"]["p90_ms"] > 300 or c["summary"]["tpot"]["p90_ms"] > 40 for c in cheaper)
+
+
+def test_simulate_bad_flags_say_what_is_wrong(capsys):
+    from tokenmill.entrypoints.cli import main
+
+    assert main(["simulate", "--model", "llama-3.1-8b", "--chip", "h100", "--num-prefixes", "0"]) == 2
+    assert "num_prefixes" in capsys.readouterr().err
+    assert main(["simulate", "--model", "llama-3.1-70b", "--chip", "h100"]) == 2
+    assert "does not fit on one h100" in capsys.readouterr().err

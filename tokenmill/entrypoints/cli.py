@@ -463,14 +463,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"{entry['key']}\nmemory bandwidth {entry['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     for dtype, flops in entry["peak_flops"].items():
         print(f"matmul {dtype} {flops / 1e9:.1f} GFLOP/s")
+    status = 0
     if not calibrate.trustworthy(entry):
         print(f"not saved: other processes used {entry['others_busy_percent']:.0f}% of the CPUs while it ran, so "
               "these ceilings are too low; rerun on a quiet machine", file=sys.stderr)
-        return 1
-    path = calibrate.save(entry)
-    print(f"saved to {path}" if path else "not saved: the cache is disabled (TOKENMILL_CACHE is empty)",
-          file=sys.stderr)
-    return _calibrate_steps(args) if args.steps else 0
+        status = 1
+    else:
+        path = calibrate.save(entry)
+        print(f"saved to {path}" if path else "not saved: the cache is disabled (TOKENMILL_CACHE is empty)",
+              file=sys.stderr)
+    return _calibrate_steps(args) or status if args.steps else status
 
 
 def _calibrate_steps(args: argparse.Namespace) -> int:
