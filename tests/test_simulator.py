@@ -38,8 +38,8 @@ def run(requests, cost, **settings):
 
 
 def test_one_request_prefill_then_decodes():
-    # step 1: 10 prompt tokens, 1 + 0.1 * 10 = 2.0 s; then one token per 1.1 s step
-    sim, s = run([SimRequest(0.0, list(range(1, 11)), 3)], synthetic(fixed=1.0, per_token=0.1))
+    # step 1: 10 prompt tokens, 1 + 0.1 * 10 = 2.0 s; then one token per 1.1 s step (0.1 per token either way)
+    sim, s = run([SimRequest(0.0, list(range(1, 11)), 3)], synthetic(fixed=1.0, per_seq=0.1, per_prefill_token=0.1))
     assert s["completed"] == 1 and s["total_output_tokens"] == 3
     assert s["ttft"]["median_ms"] == pytest.approx(2000.0)
     assert s["itl"]["median_ms"] == pytest.approx(1100.0) and s["itl"]["p99_ms"] == pytest.approx(1100.0)
@@ -55,7 +55,7 @@ def test_two_requests_share_a_step():
     # B's last token comes one 1.1 s step later.
     a = SimRequest(0.0, list(range(1, 11)), 2)
     b = SimRequest(0.5, list(range(100, 106)), 2)
-    sim, s = run([a, b], synthetic(fixed=1.0, per_token=0.1))
+    sim, s = run([a, b], synthetic(fixed=1.0, per_seq=0.1, per_prefill_token=0.1))
     assert flat((e.start, e.end, e.num_tokens) for e in sim.steps) == pytest.approx(
         [0.0, 2.0, 10, 2.0, 3.7, 7, 3.7, 4.8, 1])
     assert [e.admitted for e in sim.steps] == [["req-0"], ["req-1"], []]
@@ -86,7 +86,7 @@ def test_max_concurrency_holds_requests_back_and_ttft_starts_when_sent():
     # one client slot: B waits for A to finish (t=3.0); its TTFT counts from then, as bench serve's does
     a = SimRequest(0.0, [1, 2, 3, 4], 2)
     b = SimRequest(0.0, [5, 6, 7, 8], 2)
-    sim = Simulation(synthetic(fixed=1.0, per_token=0.25), ReplicaSettings(num_blocks=100, block_size=4),
+    sim = Simulation(synthetic(fixed=1.0, per_seq=0.25, per_prefill_token=0.25), ReplicaSettings(num_blocks=100, block_size=4),
                      max_concurrency=1)
     s = sim.run([a, b])
     assert s["ttft"]["median_ms"] == pytest.approx(2000.0)  # 1 + 0.25 * 4
@@ -130,8 +130,8 @@ def test_router_balances_load_before_affinity():
 
 
 def test_fit_recovers_the_coefficients_of_timed_steps():
-    truth = synthetic(fixed=0.02, per_seq=0.001, per_token=0.0004, per_context_token=2e-6)
-    shapes = [StepShape(b, b + p, b * c + p, 0.0) for b in (1, 4, 16) for c in (64, 512) for p in (0, 128)]
+    truth = synthetic(fixed=0.02, per_seq=0.001, per_prefill_token=0.0004, prefill_step=0.01, per_context_token=2e-6)
+    shapes = [StepShape(b, b + p, b * c + p, 0.0) for b in (1, 4, 16) for c in (64, 512) for p in (0, 64, 256)]
     model = fit_linear(shapes, [truth.shape_seconds(s) for s in shapes])
     for term, value in truth.coefficients.items():
         assert model.coefficients[term] == pytest.approx(value, rel=1e-6, abs=1e-12)
@@ -167,7 +167,7 @@ def workload(seed: int, n: int = 14):
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_engine_and_simulator_decide_alike(stories_path, policy):
-    cost = synthetic(fixed=0.05, per_token=0.002, per_context_token=0.0001)
+    cost = synthetic(fixed=0.05, per_seq=0.002, per_prefill_token=0.002, per_context_token=0.0001)
     engine = LLMEngine(str(stories_path), max_num_seqs=4, max_num_batched_tokens=48, block_size=16,
                        kv_cache_memory=16 * 16 * 5 * 2 * 4 * 4 * 8, scheduling_policy=policy)
     engine.runner = runner = NoComputeRunner()
@@ -240,7 +240,7 @@ def test_plan_finds_the_fewest_replicas_that_meet_the_slo():
     from tokenmill.sim.workload import WorkloadSpec, synthetic as requests_of
 
     spec = WorkloadSpec(num_prompts=120, request_rate=40.0, input_len=64, output_len=8, vocab_size=1000)
-    cost = synthetic(fixed=0.02, per_token=0.0005)
+    cost = synthetic(fixed=0.02, per_seq=0.0005, per_prefill_token=0.0005)
     slos = {"ttft": 200.0}
     best, tried = search(cost, ReplicaSettings(num_blocks=400, block_size=16), lambda: requests_of(spec), slos,
                          max_num_seqs=[8], max_num_batched_tokens=[256], policies=["fcfs"], max_replicas=64)
@@ -261,7 +261,7 @@ def test_runs_of_decode_steps_applied_in_one_go_change_nothing(policy):
         shared = [1] * 32 if i % 3 == 0 else []
         requests.append(SimRequest(t, shared + [rng.randrange(2, 900) for _ in range(rng.randint(4, 90))],
                                    rng.randint(1, 60), tenant="ab"[i % 2], priority=rng.randint(0, 2)))
-    cost = synthetic(fixed=0.01, per_seq=0.001, per_token=0.0002, per_context_token=1e-5)
+    cost = synthetic(fixed=0.01, per_seq=0.0012, per_prefill_token=0.0002, prefill_step=0.003, per_context_token=1e-5)
     results = {}
     for fast in (False, True):
         settings = ReplicaSettings(num_blocks=60, block_size=8, max_num_seqs=6, max_num_batched_tokens=64,

@@ -2,9 +2,12 @@
 
 Two kinds, one interface (`step_seconds(chunks)`):
 
-- `LinearStepCost`, "measured": fixed + per sequence + per computed token + per context token
-  (each chunk's KV positions) + per attention pair of the multi-token chunks, fitted by
-  non-negative least squares to engine steps timed here (`tokenmill calibrate --steps`).
+- `LinearStepCost`, "measured": fixed + per sequence (its one decode or last prompt token) + per
+  further prompt token + once per step that prefills + per context token (each chunk's KV
+  positions) + per attention pair of the multi-token chunks, fitted by non-negative least squares
+  to engine steps timed here (`tokenmill calibrate --steps`). Prefill has terms of its own because
+  it runs other kernels than decode (a batch-1 decode step is weight-bandwidth bound, a prefill
+  compute bound), so one per-token rate fits neither.
 - `RooflineStepCost`, "modelled": for a machine that is not here, the step's bytes over the
   achieved bandwidth or its FLOPs over the achieved peak, whichever is longer, plus a fixed
   launch overhead; the achieved shares are assumptions, stated with the figures.
@@ -22,12 +25,13 @@ from tokenmill.errors import InvalidParameterError
 from tokenmill.metering.roofline import ModelBytes, head_params, layer_params, step_work
 from tokenmill.step_plan import ScheduledChunk, StepShape
 
-TERMS = ("fixed", "per_seq", "per_token", "per_context_token", "per_attention_pair")
+TERMS = ("fixed", "per_seq", "per_prefill_token", "prefill_step", "per_context_token", "per_attention_pair")
 
 
 def shape_terms(shape: StepShape) -> list[float]:
     """The multipliers of TERMS for a step of this shape."""
-    return [1.0, shape.num_seqs, shape.num_tokens, shape.num_context_tokens, shape.num_attention_pairs]
+    prefill = shape.num_tokens - shape.num_seqs
+    return [1.0, shape.num_seqs, prefill, 1.0 if prefill else 0.0, shape.num_context_tokens, shape.num_attention_pairs]
 
 
 @dataclass
@@ -56,7 +60,7 @@ class LinearStepCost:
         between them at the start, each decode one token (step i attends computed + i * num_seqs)."""
         c = self.coefficients
         i = np.arange(1, count + 1, dtype=float)
-        return (c["fixed"] + (c["per_seq"] + c["per_token"]) * num_seqs) + c["per_context_token"] * (computed + i * num_seqs)
+        return c["fixed"] + c["per_seq"] * num_seqs + c["per_context_token"] * (computed + i * num_seqs)
 
     def to_dict(self) -> dict:
         return {"kind": "linear", **asdict(self)}

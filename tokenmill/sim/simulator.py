@@ -114,6 +114,7 @@ class DecodeRun:
 
     start: float
     ends: np.ndarray  # end time of each step
+    planned: bool = False  # the policy already told of its steps (see Simulation._plan_run)
 
     def cut(self, at: float) -> bool:
         """Keep the steps up to the one running at `at` (an arrival waits for the next step boundary)."""
@@ -195,8 +196,10 @@ class Simulation:
         seq = Sequence(request_id, 0, request.prompt_ids, params, now, tenant=request.tenant,
                        priority=request.priority)
         replica = self.replicas[self.router.route(self.replicas, request.prompt_ids)]
-        if replica.run is not None and replica.run.cut(now):
-            self._queue_end(replica, float(replica.run.ends[-1]))
+        if replica.run is not None:
+            if replica.run.cut(now):
+                self._queue_end(replica, float(replica.run.ends[-1]))
+            self._plan_run(replica)
         replica.scheduler.add(seq)
         record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
         self._tracked[request_id] = _Tracked(record, now)
@@ -248,27 +251,38 @@ class Simulation:
                      for seq in running)
         return steps if needed <= kv.pool.num_free_blocks else 0
 
-    def _apply_run(self, replica: Replica) -> None:
-        """The run's steps, as the scheduler would have made them: each sequence's blocks grown and
-        its tokens appended and cached, the policy told, the batch left in the last step's order."""
-        run, replica.run = replica.run, None
+    def _plan_run(self, replica: Replica) -> None:
+        """What each of the run's steps would have done when it was scheduled: the policy told of its
+        chunks, the batch left in the last step's order. Done when the run ends, or at once when an
+        arrival cuts it, since adding a request reads the policy's counts (fair's shares)."""
+        run = replica.run
+        if run.planned:
+            return
+        run.planned = True
         sched, kv = replica.scheduler, replica.kv
         steps = len(run.ends)
         running = list(sched.running)
-        for seq in running:
-            kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
         counts = type(sched.policy).on_scheduled is not Policy.on_scheduled  # fcfs, priority, aging count nothing
-        if steps > 1:
-            if counts:
-                sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, steps - 1,
-                                                          kv.block_table(seq.seq_id)) for seq in running])
-            for seq in running:
-                seq.num_computed_tokens += steps - 1
-                seq.token_ids.extend([PLACEHOLDER_TOKEN] * (steps - 1))
+        if counts and steps > 1:
+            sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, steps - 1, kv.block_table(seq.seq_id))
+                                       for seq in running])
         sched.running = sched.policy.preemption_order(running)  # as the last step's _serve_running leaves it
         if counts:
-            sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens, 1, kv.block_table(seq.seq_id))
-                                       for seq in running])
+            sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens + steps - 1, 1,
+                                                      kv.block_table(seq.seq_id)) for seq in running])
+
+    def _apply_run(self, replica: Replica) -> None:
+        """The run's steps, as the scheduler would have made them: each sequence's blocks grown and
+        its tokens appended and cached."""
+        self._plan_run(replica)
+        run, replica.run = replica.run, None
+        kv = replica.kv
+        steps = len(run.ends)
+        running = replica.scheduler.running
+        for seq in running:
+            kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
+            seq.num_computed_tokens += steps - 1
+            seq.token_ids.extend([PLACEHOLDER_TOKEN] * (steps - 1))
         gaps = np.diff(run.ends, prepend=run.start)
         firsts = []
         for seq in running:
