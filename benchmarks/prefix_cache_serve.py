@@ -14,19 +14,10 @@ import argparse
 import json
 import math
 import sys
-import urllib.request
 from pathlib import Path
 
-from tokenmill.bench.launch import LaunchedServer, free_port
+from tokenmill.bench.launch import LaunchedServer, free_port, scrape_metric
 from tokenmill.bench.serve import ServeBenchConfig, build_requests, run_serve_benchmark_sync
-
-
-def scrape(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    raise KeyError(name)
 
 
 def run_one(flags: list[str], config: ServeBenchConfig, requests, log_path: Path) -> dict:
@@ -38,7 +29,7 @@ def run_one(flags: list[str], config: ServeBenchConfig, requests, log_path: Path
         cfg = ServeBenchConfig(url, request_rates=[math.inf], max_concurrency=config.max_concurrency,
                                num_prompts=config.num_prompts, output_len=config.output_len)
         summary = run_serve_benchmark_sync(cfg, requests)["runs"][0]["summary"]
-        hits = scrape(url, "tokenmill_prefix_cache_hits_tokens_total")
+        hits = scrape_metric(url, "tokenmill_prefix_cache_hits_tokens_total")
     prompt_tokens = summary["total_input_tokens"]  # as the server counted them in usage
     return {"summary": summary, "prompt_tokens": prompt_tokens, "cached_tokens": hits,
             "computed_prompt_tokens": prompt_tokens - hits}

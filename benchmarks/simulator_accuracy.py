@@ -17,10 +17,9 @@ import argparse
 import json
 import math
 import sys
-import urllib.request
 from pathlib import Path
 
-from tokenmill.bench.launch import LaunchedServer, free_port
+from tokenmill.bench.launch import LaunchedServer, free_port, scrape_metric
 from tokenmill.bench.serve import ServeBenchConfig, build_requests, run_serve_benchmark_sync
 from tokenmill.bench.workload import TenantSpec, arrival_times, tenant_workload, load_tokenizer
 from tokenmill.engine.engine import LLMEngine
@@ -45,14 +44,6 @@ SCENARIOS = {
 METRICS = ("ttft", "tpot", "e2e")
 
 
-def scrape(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    raise KeyError(name)
-
-
 def measure(flags: list[str], config: ServeBenchConfig, requests, log_path: Path) -> tuple[dict, int]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +52,7 @@ def measure(flags: list[str], config: ServeBenchConfig, requests, log_path: Path
     with LaunchedServer(cmd, url, log_path=str(log_path)):
         config.base_url = url
         run = run_serve_benchmark_sync(config, requests)["runs"][0]
-        blocks = int(scrape(url, "tokenmill_kv_cache_total_blocks")) + 1
+        blocks = int(scrape_metric(url, "tokenmill_kv_cache_total_blocks")) + 1
     return run, blocks
 
 

@@ -52,3 +52,12 @@ class LaunchedServer:
             self.proc.wait()
         if self.log_path:
             self._log.close()
+
+
+def scrape_metric(url: str, name: str) -> float:
+    """The value of an unlabelled series on the server's /metrics (KeyError if it has none)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise KeyError(name)
