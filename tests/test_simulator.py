@@ -120,7 +120,7 @@ def test_router_balances_load_before_affinity():
                 seq.num_computed_tokens = cached_tokens
                 self.kv.cache_full_blocks(seq)
     prompt = list(range(12)) + [7]
-    assert prefix_hashes(prompt, 4) and len(prefix_hashes(prompt, 4)) == 3
+    assert len(list(prefix_hashes(prompt, 4))) == 3
     replicas = [Replica(3, 0), Replica(5, 8), Replica(4, 12)]
     assert Router("prefix", 4).route(replicas, prompt) == 2
     assert Router("least_loaded", 4).route(replicas, prompt) == 0

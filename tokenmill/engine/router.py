@@ -44,8 +44,12 @@ class Router:
         if self.policy == "round_robin":
             return next(self._turn) % len(replicas)
         loads = [r.load for r in replicas]
+        candidates = range(len(replicas))
         if self.policy == "prefix" and max(loads) - min(loads) <= self.balance_threshold:
-            hashes = prefix_hashes(token_ids, self.block_size, cache_salt)
-            cached = [r.kv.num_cached_blocks(hashes) if hashes else 0 for r in replicas]
-            return min(range(len(replicas)), key=lambda i: (-cached[i], loads[i], i))
-        return min(range(len(replicas)), key=lambda i: (loads[i], i))
+            # Block by block, keep the replicas that hold the prefix so far: most prompts stop at the first.
+            for block_hash in prefix_hashes(token_ids, self.block_size, cache_salt):
+                holding = [i for i in candidates if replicas[i].kv.holds_block(block_hash)]
+                if not holding:
+                    break
+                candidates = holding
+        return min(candidates, key=lambda i: (loads[i], i))

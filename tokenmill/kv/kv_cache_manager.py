@@ -17,6 +17,7 @@ per layer, where backing off a whole block would recompute up to block_size toke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tokenmill.kv.block_pool import BlockPool, CachedBlock
@@ -28,12 +29,12 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: o
     return hash((parent_hash, token_ids, extra_key))
 
 
-def prefix_hashes(token_ids: list[int], block_size: int, extra_key: object = None) -> list[int]:
-    """The chain hashes of the full blocks of `token_ids`, as the KV manager registers them."""
-    hashes: list[int] = []
+def prefix_hashes(token_ids: list[int], block_size: int, extra_key: object = None) -> Iterator[int]:
+    """The chain hashes of the full blocks of `token_ids`, as the KV manager registers them (lazily)."""
+    parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, tuple(token_ids[start:start + block_size]), extra_key))
-    return hashes
+        parent = hash_block(parent, tuple(token_ids[start:start + block_size]), extra_key)
+        yield parent
 
 
 @dataclass
@@ -95,17 +96,10 @@ class KVCacheManager:
         hit.num_tokens = min(len(hit.blocks) * bs, seq.num_tokens - 1)
         return hit
 
-    def num_cached_blocks(self, hashes: list[int]) -> int:
-        """How many leading blocks of a prompt with these chain hashes (`prefix_hashes`) are cached
-        here; changes nothing. For a router's estimate: unlike `lookup`, the tokens are not checked."""
-        if not self.enable_prefix_caching:
-            return 0
-        count = 0
-        for block_hash in hashes:
-            if self.pool.lookup(block_hash) is None:
-                break
-            count += 1
-        return count
+    def holds_block(self, block_hash: int) -> bool:
+        """Whether a block of this chain hash (`prefix_hashes`) is cached here; changes nothing. For a
+        router's estimate: unlike `lookup`, the tokens are not checked."""
+        return self.enable_prefix_caching and self.pool.lookup(block_hash) is not None
 
     def blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks `allocate(seq, hit, num_tokens)` would take (cached hits nobody holds included)."""
