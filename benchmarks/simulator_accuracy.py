@@ -25,7 +25,7 @@ from tokenmill.bench.workload import TenantSpec, arrival_times, tenant_workload,
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.policy import PolicyConfig
 from tokenmill.sim import calibrate_steps
-from tokenmill.sim.cost_model import from_dict
+from tokenmill.sim.cost_model import load_file
 from tokenmill.sim.simulator import ReplicaSettings, SimRequest, Simulation
 
 POLICY_TENANTS = ["name=chat,num=60,rate=1.0,input=64:256,output=16:48,priority=0",
@@ -88,7 +88,7 @@ def main() -> int:
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.cost_model:
-        cost = from_dict(json.loads(Path(args.cost_model).read_text()))
+        cost = load_file(args.cost_model)
         fit = None
     else:
         print("timing engine steps for the cost model", file=sys.stderr, flush=True)

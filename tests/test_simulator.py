@@ -217,6 +217,15 @@ def test_synthetic_workload_follows_bench_serve_knobs():
     assert len({tuple(r.prompt_ids[:64]) for r in requests}) == 2  # two families
     assert requests[0].prompt_ids[:64] == requests[2].prompt_ids[:64] != requests[1].prompt_ids[:64]
     assert requests == list(synthetic(spec))  # seeded
+    from tokenmill.bench.workload import TenantSpec
+
+    tenants = WorkloadSpec(tenants=[TenantSpec.parse("name=a,num=5,rate=2,input=8,output=3"),
+                                    TenantSpec.parse("name=b,num=7,rate=9,input=16,output=2,priority=1")])
+    merged = list(synthetic(tenants))
+    assert [r.arrival for r in merged] == sorted(r.arrival for r in merged)
+    assert sorted(r.tenant for r in merged) == ["a"] * 5 + ["b"] * 7
+    assert {len(r.prompt_ids) for r in merged if r.tenant == "b"} == {16} and all(r.priority == 1 for r in merged
+                                                                                   if r.tenant == "b")
 
 
 def test_trace_lines_share_named_prefixes_and_bad_lines_say_where(tmp_path):
@@ -320,10 +329,16 @@ def test_plan_on_a_modelled_chip_prints_the_cheapest_plan(tmp_path, capsys):
     assert all(c["summary"]["ttft"]["p90_ms"] > 300 or c["summary"]["tpot"]["p90_ms"] > 40 for c in cheaper)
 
 
-def test_simulate_bad_flags_say_what_is_wrong(capsys):
+def test_simulate_bad_flags_say_what_is_wrong(tmp_path, capsys):
     from tokenmill.entrypoints.cli import main
 
     assert main(["simulate", "--model", "llama-3.1-8b", "--chip", "h100", "--num-prefixes", "0"]) == 2
     assert "num_prefixes" in capsys.readouterr().err
     assert main(["simulate", "--model", "llama-3.1-70b", "--chip", "h100"]) == 2
     assert "does not fit on one h100" in capsys.readouterr().err
+    for text in ("not json", '{"kind": "linear", "coefficients": {"bogus": 1}}', '{"kind": "roofline"}'):
+        (tmp_path / "cost.json").write_text(text)
+        assert main(["simulate", "--model", "llama-3.1-8b", "--cost-model", str(tmp_path / "cost.json")]) == 2
+        assert "cost_model: " in capsys.readouterr().err
+    assert main(["simulate", "--model", "llama-3.1-8b", "--cost-model", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read it" in capsys.readouterr().err

@@ -9,10 +9,8 @@ h100` or `h200` a roofline model of that chip ("modelled").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
 from tokenmill.errors import InvalidParameterError
 
@@ -85,8 +83,9 @@ def _inputs(args):
     from tokenmill.config import EngineConfig, resolve_dtype, resolve_kv_cache_dtype
     from tokenmill.engine.builder import pool_size
     from tokenmill.entrypoints.cli import engine_kwargs
+    from tokenmill.metering.roofline import ModelBytes
     from tokenmill.sim import calibrate_steps
-    from tokenmill.sim.cost_model import CHIPS, from_dict, modelled
+    from tokenmill.sim.cost_model import CHIPS, load_file, modelled
     from tokenmill.sim.shapes import model_shape
     from tokenmill.sim.simulator import ReplicaSettings
     from tokenmill.sim.workload import WorkloadSpec, load_trace, synthetic
@@ -98,7 +97,7 @@ def _inputs(args):
         device = torch.device(config.model.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, resolve_dtype(config.model.dtype, device))
         if args.cost_model:
-            cost = from_dict(json.loads(Path(args.cost_model).read_text()), shape)
+            cost = load_file(args.cost_model, shape)
         else:
             cost = calibrate_steps.load(config, device)
             if cost is None:
@@ -110,10 +109,10 @@ def _inputs(args):
         chip = CHIPS[args.chip]
         dtype = resolve_dtype(config.model.dtype, torch.device("cuda"))
         kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
-        cost = from_dict(json.loads(Path(args.cost_model).read_text()), shape) if args.cost_model \
-            else modelled(args.chip, shape, dtype)
+        cost = load_file(args.cost_model, shape) if args.cost_model else modelled(args.chip, shape, dtype)
         per_block = shape.kv_bytes_per_token(kv_dtype) * config.cache.block_size
-        budget = config.cache.kv_cache_memory or int(0.9 * chip["memory_bytes"] - cost.sizes.layers - cost.sizes.head)
+        weights = ModelBytes.dense(shape, dtype)
+        budget = config.cache.kv_cache_memory or int(0.9 * chip["memory_bytes"] - weights.layers - weights.head)
         if budget < per_block:
             raise InvalidParameterError("chip", f"{name} does not fit on one {args.chip}")
         num_blocks = budget // per_block + 1

@@ -15,7 +15,9 @@ Two kinds, one interface (`step_seconds(chunks)`):
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,3 +173,16 @@ def from_dict(data: dict, model: ModelConfig | None = None):
         raise InvalidParameterError("cost_model", "a roofline cost model needs the model's shape")
     sizes = ModelBytes(**data.pop("sizes"))
     return RooflineStepCost(model, sizes, **data)
+
+
+def load_file(path: str | Path, model: ModelConfig | None = None):
+    """A cost model from a JSON file (what `tokenmill simulate --output-json` writes under "cost_model")."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return from_dict(data.get("cost_model", data), model)
+    except OSError as e:
+        raise InvalidParameterError("cost_model", f"{path.name}: cannot read it ({e.strerror})") from None
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise InvalidParameterError("cost_model", f"{path.name}: not a cost model ({e})") from None
+

@@ -19,7 +19,7 @@ import math
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -85,9 +85,8 @@ class StepEvent:
 
 
 class Replica:
-    def __init__(self, index: int, settings: ReplicaSettings, cost):
+    def __init__(self, index: int, settings: ReplicaSettings):
         self.index = index
-        self.cost = cost
         self.kv = KVCacheManager(BlockPool(settings.num_blocks), settings.block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, make_policy(settings.policy, settings.max_model_len), settings.max_num_seqs,
                                    settings.max_num_batched_tokens, [], settings.max_model_len)
@@ -143,7 +142,7 @@ class Simulation:
             raise InvalidParameterError("max_concurrency", f"must be at least 1, got {max_concurrency}")
         self.cost = cost
         self.settings = settings
-        self.replicas = [Replica(i, settings, cost) for i in range(num_replicas)]
+        self.replicas = [Replica(i, settings) for i in range(num_replicas)]
         self.router = Router(routing_policy, settings.block_size)
         self.max_concurrency = max_concurrency
         self.fast_forward = fast_forward  # apply runs of plain decode steps in one go (same result, faster)
@@ -384,9 +383,3 @@ def price_per_million(summary: dict, price_per_hour: float | None, energy_price:
     dollars = (price_per_hour or 0.0) * summary["num_replicas"] * summary["duration_s"] / 3600
     dollars += (energy_price or 0.0) * summary["energy_joules"] / 3.6e6
     return dollars / tokens * 1e6
-
-
-def merge_arrivals(streams: Iterable[Iterator[SimRequest]]) -> Iterator[SimRequest]:
-    """Several arrival-ordered request streams as one (tenants on their own clocks)."""
-    return heapq.merge(*streams, key=lambda r: r.arrival)
-

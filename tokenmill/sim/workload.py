@@ -9,6 +9,7 @@ the simulation reaches them, so a million of them never sit in memory at once.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 
 from tokenmill.bench.workload import TenantSpec, arrival_times, check_arrivals, check_prefix_len, sample_lengths
 from tokenmill.errors import InvalidParameterError
-from tokenmill.sim.simulator import SimRequest, merge_arrivals
+from tokenmill.sim.simulator import SimRequest
 
 
 @dataclass
@@ -47,9 +48,9 @@ class WorkloadSpec:
 
 def synthetic(spec: WorkloadSpec) -> Iterator[SimRequest]:
     if spec.tenants:
-        return merge_arrivals(_stream(spec.vocab_size, t.num_prompts, t.rate, t.burstiness, t.input_len, t.output_len,
+        return heapq.merge(*(_stream(spec.vocab_size, t.num_prompts, t.rate, t.burstiness, t.input_len, t.output_len,
                                       0, 1, spec.seed + i, t.name, t.priority or 0)
-                              for i, t in enumerate(spec.tenants))
+                              for i, t in enumerate(spec.tenants)), key=lambda r: r.arrival)
     return _stream(spec.vocab_size, spec.num_prompts, spec.request_rate, spec.burstiness, spec.input_len,
                    spec.output_len, spec.shared_prefix_len, spec.num_prefixes, spec.seed)
 
