@@ -117,13 +117,14 @@ def test_per_channel_int8_scales_are_repeated_per_block():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gets_the_same_bits_whatever_the_batch(bits):
-    """Batch invariance: each row alone, and among 63 others, and at any position."""
+    """Batch invariance: each row alone, and among 99 others (decode-sized and prefill-sized calls take
+    different loops), and at any position."""
     q, d, m = random_q4(40, 576)
     blocks = quantize_q8_blocks(weight_q4(q, d, m))
     packed = pack_q4(q, d, m) if bits == 4 else pack_q8(blocks.q, blocks.d)
-    x = torch.randn(64, 576)
+    x = torch.randn(100, 576)
     together = packed.matmul(x)
-    alone = torch.cat([packed.matmul(x[i:i + 1]) for i in range(64)])
+    alone = torch.cat([packed.matmul(x[i:i + 1]) for i in range(100)])
     shuffled = packed.matmul(x.flip(0)).flip(0)
     assert torch.equal(together, alone) and torch.equal(together, shuffled)
 
