@@ -228,9 +228,10 @@ def test_rms_norm_rope_silu_match_pytorch():
 
 
 @pytest.mark.parametrize("window", [0, 20])
-def test_row_attention_reads_the_paged_cache_like_sdpa(window):
+@pytest.mark.parametrize(("group", "hd"), [(3, 64), (5, 40)])  # 5: heads in runs of 4 and 1; 40: a partial lane chunk
+def test_row_attention_reads_the_paged_cache_like_sdpa(window, group, hd):
     torch.manual_seed(0)
-    block, kv_heads, group, hd = 16, 2, 3, 64
+    block, kv_heads = 16, 2
     cache = torch.randn(64 * block, 2, kv_heads, hd)
     tables = [[5, 9, 2, 40, 7], [11, 3], [30]]  # scattered blocks
     lens = [70, 17, 1]
@@ -246,6 +247,9 @@ def test_row_attention_reads_the_paged_cache_like_sdpa(window):
         ref = F.scaled_dot_product_attention(
             q[r].view(kv_heads, group, hd), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=hd ** -0.5)
         torch.testing.assert_close(out[r], ref.reshape(-1), rtol=1e-5, atol=1e-5)
+        # alone, a row's heads are split over threads by KV head: the same bits as among others
+        alone = OPS.row_attention(q[r:r + 1], cache, t[r:r + 1], torch.tensor(lens[r:r + 1]), block, window, hd ** -0.5)
+        assert torch.equal(alone[0], out[r])
 
 
 def test_fused_decode_step_equals_the_op_by_op_step(default_model_available):

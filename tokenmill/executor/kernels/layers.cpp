@@ -28,6 +28,9 @@ namespace {
 
 constexpr int L = 16;  // lanes of the lane-wise loops
 
+// Inlined into each target clone of its caller (else it would be built for the baseline CPU only).
+#define TM_INLINE inline __attribute__((always_inline))
+
 #if defined(__x86_64__) && !defined(__clang__)
 #define TM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -145,58 +148,117 @@ inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
+// a . b over n (a multiple of 8) in 8 lanes: lane j sums the products at j, j + 8, ...
+TM_INLINE v8 dot_lanes(const float* a, const float* b, int64_t n) {
+  v8 acc = load8(a) * load8(b);
+  for (int64_t i = 8; i < n; i += 8) acc += load8(a + i) * load8(b + i);
+  return acc;
+}
+
+// The sum of each of 8 lane vectors, as one vector: lanes paired (0+1, 2+3, 4+5, 6+7), then pairs
+// of pairs, then halves, in the same tree for every vector (fold8 below is one column of it).
+TM_INLINE v8 sum8(const v8* a) {
+  v8 t[4], u[2];
+  for (int k = 0; k < 4; ++k)
+    t[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int k = 0; k < 2; ++k)
+    u[k] = __builtin_shufflevector(t[2 * k], t[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(t[2 * k], t[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+TM_INLINE float fold8(v8 a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
+// Each of NH query heads' outputs, hd / 32 chunks of 32 lanes in registers, positions in order: the
+// heads share each V load (they read the same KV head), and each head's sums are its own.
+template <int NH>
+TM_INLINE void weigh_values(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, const float* const* s,
+                         const float* inv, float* const* out) {
+  for (int64_t j = 0; j + 32 <= c.hd; j += 32) {
+    v8 acc[NH][4] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = c.v(slots[i], kv) + j;
+      const v8 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+      for (int h = 0; h < NH; ++h) {
+        const float si = s[h][i];
+        const v8 p = {si, si, si, si, si, si, si, si};
+        acc[h][0] += p * v0;
+        acc[h][1] += p * v1;
+        acc[h][2] += p * v2;
+        acc[h][3] += p * v3;
+      }
+    }
+    for (int h = 0; h < NH; ++h) {
+      const v8 w = {inv[h], inv[h], inv[h], inv[h], inv[h], inv[h], inv[h], inv[h]};
+      for (int k = 0; k < 4; ++k) *reinterpret_cast<v8*>(out[h] + j + 8 * k) = acc[h][k] * w;
+    }
+  }
+  for (int64_t j = c.hd / 32 * 32; j < c.hd; ++j)  // a head_dim that is not a multiple of 32
+    for (int h = 0; h < NH; ++h) {
+      float a = 0.f;
+      for (int64_t i = 0; i < n; ++i) a += s[h][i] * c.v(slots[i], kv)[j];
+      out[h][j] = a * inv[h];
+    }
+}
+
 // One query row, query heads [g0, g1) (head g reads KV head g / group), over the `n` positions whose
-// cache slots are `slots`: scores position by position (a position's K read once for the heads that
-// share it), softmax, then each head's output 32 lanes at a time in registers, positions in order.
-// Every head's result is its own: which heads share a call changes no bit.
+// cache slots are `slots`. Scores 8 positions at a time (each position's products in 8 lanes, the 8
+// positions' lanes summed at once), a position's K read once for the heads that share it; softmax;
+// then the values, V read once for the heads that share it. Every head's result is its own: which
+// heads share a call changes no bit. head_dim is a multiple of 8 (checked by the caller).
 TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t g0, int64_t g1,
                       int64_t group, float scale, float* out, std::vector<float>& scores) {
   const int64_t hd = c.hd, heads = g1 - g0, k0 = g0 / group, width = ((g1 - 1) / group + 1 - k0) * hd;
   scores.resize(heads * n);  // [heads, n]
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + PREFETCH < n) {
-      prefetch(c.k(slots[i + PREFETCH], k0), width);
-      prefetch(c.v(slots[i + PREFETCH], k0), width);
+  const v8 sc = {scale, scale, scale, scale, scale, scale, scale, scale};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int64_t p = i + PREFETCH; p < std::min(n, i + PREFETCH + 8); ++p) prefetch(c.k(slots[p], k0), width);
+    for (int64_t g = g0; g < g1; ++g) {
+      v8 part[8];
+      for (int p = 0; p < 8; ++p) part[p] = dot_lanes(q + g * hd, c.k(slots[i + p], g / group), hd);
+      const v8 r = sum8(part) * sc;
+      std::memcpy(scores.data() + (g - g0) * n + i, &r, sizeof(r));
     }
-    const float* k = c.k(slots[i], 0);
-    for (int64_t g = g0; g < g1; ++g) scores[(g - g0) * n + i] = dot(q + g * hd, k + (g / group) * hd, hd) * scale;
   }
+  for (; i < n; ++i)
+    for (int64_t g = g0; g < g1; ++g)
+      scores[(g - g0) * n + i] = fold8(dot_lanes(q + g * hd, c.k(slots[i], g / group), hd)) * scale;
+  std::vector<float> inv(heads);
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores.data() + h * n;
     float m = s[0];
-    for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
+    for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
     exp_shift(s, n, m);
-    const float inv = 1.f / sum(s, n);
-    const int64_t kv = (g0 + h) / group;
-    float* o = out + (g0 + h) * hd;
-    int64_t j = 0;
-    for (; j + 32 <= hd; j += 32) {
-      v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t i = 0; i < n; ++i) {
-        const float* v = c.v(slots[i], kv) + j;
-        const v8 p = {s[i], s[i], s[i], s[i], s[i], s[i], s[i], s[i]};
-        a0 += p * load8(v);
-        a1 += p * load8(v + 8);
-        a2 += p * load8(v + 16);
-        a3 += p * load8(v + 24);
-      }
-      const v8 w = {inv, inv, inv, inv, inv, inv, inv, inv};
-      *reinterpret_cast<v8*>(o + j) = a0 * w;
-      *reinterpret_cast<v8*>(o + j + 8) = a1 * w;
-      *reinterpret_cast<v8*>(o + j + 16) = a2 * w;
-      *reinterpret_cast<v8*>(o + j + 24) = a3 * w;
+    inv[h] = 1.f / sum(s, n);
+  }
+  for (int64_t p = 0; p < std::min(n, PREFETCH); ++p) prefetch(c.v(slots[p], k0), width);
+  // heads in runs of up to 4 that read one KV head
+  for (int64_t g = g0; g < g1;) {
+    const int64_t kv = g / group, nh = std::min<int64_t>({4, g1 - g, (kv + 1) * group - g});
+    const float* s[4];
+    float* o[4];
+    for (int64_t h = 0; h < nh; ++h) {
+      s[h] = scores.data() + (g + h - g0) * n;
+      o[h] = out + (g + h) * hd;
     }
-    for (; j < hd; ++j) {
-      float a = 0.f;
-      for (int64_t i = 0; i < n; ++i) a += s[i] * c.v(slots[i], kv)[j];
-      o[j] = a * inv;
+    const float* w = inv.data() + (g - g0);
+    switch (nh) {
+      case 1: weigh_values<1>(c, slots, n, kv, s, w, o); break;
+      case 2: weigh_values<2>(c, slots, n, kv, s, w, o); break;
+      case 3: weigh_values<3>(c, slots, n, kv, s, w, o); break;
+      default: weigh_values<4>(c, slots, n, kv, s, w, o); break;
     }
+    g += nh;
   }
 }
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
-// Work items are (row, query head) pairs where there are fewer rows than threads and enough
-// positions to pay for a second thread, else whole rows; an item's result is the same either way.
+// Work items are (row, KV head) pairs, each with the query heads that read that KV head, where there
+// are fewer rows than threads and enough positions to pay for a second thread, else whole rows; an
+// item's result is the same either way.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
   TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
@@ -204,7 +266,7 @@ void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c,
   int64_t work = 0;
   for (int64_t r = 0; r < rows; ++r) work += lens[r];
   const bool split = rows < at::get_num_threads() && work >= 128;
-  const int64_t per_row = split ? heads : 1, heads_per_item = split ? 1 : heads;
+  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? group : heads;
   at::parallel_for(0, rows * per_row, work >= 128 ? 1 : rows * per_row, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
@@ -277,6 +339,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 Cache cache_of(const at::Tensor& cache, int64_t block_size) {
   check_float(cache, "cache");
   TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2, "cache must be [slots, 2, kv_heads, head_dim]");
+  TORCH_CHECK(cache.size(3) % 8 == 0, "row attention needs a head_dim that is a multiple of 8, got ", cache.size(3));
   return Cache{cache.const_data_ptr<float>(), cache.size(2), cache.size(3), block_size};
 }
 
