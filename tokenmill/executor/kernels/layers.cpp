@@ -257,21 +257,32 @@ TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int6
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
 // Work items are (row, KV head) pairs, each with the query heads that read that KV head, where there
-// are fewer rows than threads and enough positions to pay for a second thread, else whole rows; an
-// item's result is the same either way.
+// are fewer rows than threads and enough positions to pay for a second thread, else whole rows. The
+// items are cut into one run per thread by their positions (the rows of a prefill chunk see ever
+// longer contexts); an item's result is the same whichever thread runs it.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
   TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
   const int64_t group = heads / c.kv_heads;
+  auto positions = [&](int64_t r) { return window > 0 ? std::min(lens[r], window) : lens[r]; };
   int64_t work = 0;
-  for (int64_t r = 0; r < rows; ++r) work += lens[r];
-  const bool split = rows < at::get_num_threads() && work >= 128;
-  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? group : heads;
-  at::parallel_for(0, rows * per_row, work >= 128 ? 1 : rows * per_row, [&](int64_t i0, int64_t i1) {
+  for (int64_t r = 0; r < rows; ++r) work += positions(r);
+  const int64_t threads = at::get_num_threads();
+  const bool split = rows < threads && work >= 128;
+  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? group : heads, items = rows * per_row;
+  // run t holds the items from start[t]: equal shares of the positions (and at least one item each)
+  const int64_t runs = work >= 128 ? std::min(threads, items) : 1;
+  std::vector<int64_t> start(runs + 1, items);
+  start[0] = 0;
+  for (int64_t i = 0, t = 1, done = 0; i < items && t < runs; ++i) {
+    done += positions(i / per_row);
+    while (t < runs && done * runs >= work * per_row * t) start[t++] = i + 1;
+  }
+  at::parallel_for(0, runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
     int64_t slots_row = -1;
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = start[t0]; i < start[t1]; ++i) {
       const int64_t r = i / per_row, g0 = (i % per_row) * heads_per_item;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
       if (slots_row != r) {  // this row's positions as cache slots
@@ -377,7 +388,7 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-// Every decoder layer for R query rows (decodes and short spans) whose K/V go to `slots`; x [R, H]
+// Every decoder layer for R query rows (decodes and prefill chunks) whose K/V go to `slots`; x [R, H]
 // is the embedded input, returned as the last layer's output. Per layer, `params` holds 12 tensors:
 // input norm, qkv codes, scales, bias (empty if none), o codes, scales, post norm, gate_up codes,
 // scales, down codes, scales, and the layer's float32 cache.
@@ -403,12 +414,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList params, const at
     at::Tensor qkv = packed_mm(h, p[1], p[2], p[3], qs + 2 * kvs);
     float* qkvp = qkv.data_ptr<float>();
     float* cp = cache.data_ptr<float>();
-    for (int64_t r = 0; r < R; ++r) {
-      float* row = qkvp + r * (qs + 2 * kvs);
-      rope_row(row, heads + kv_heads, head_dim, cos.const_data_ptr<float>() + r * head_dim,
-               sin.const_data_ptr<float>() + r * head_dim);
-      write_kv(cp, kv_heads, head_dim, row + qs, row + qs + kvs, slot[r]);
-    }
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = qkvp + r * (qs + 2 * kvs);
+        rope_row(row, heads + kv_heads, head_dim, cos.const_data_ptr<float>() + r * head_dim,
+                 sin.const_data_ptr<float>() + r * head_dim);
+        write_kv(cp, kv_heads, head_dim, row + qs, row + qs + kvs, slot[r]);
+      }
+    });
     // q rows are strided inside qkv: copy them out as [R, heads, hd]
     at::Tensor q = qkv.narrow(1, 0, qs).contiguous();
     attention_rows(q.const_data_ptr<float>(), R, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
@@ -417,8 +430,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList params, const at
     rms_norm_rows(x.const_data_ptr<float>(), p[6].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
     const at::Tensor gu = packed_mm(h, p[7], p[8], at::Tensor(), 2 * intermediate);
     at::Tensor act = at::empty({R, intermediate}, x.options());
-    for (int64_t r = 0; r < R; ++r)
-      silu_mul_row(gu.const_data_ptr<float>() + r * 2 * intermediate, intermediate, act.data_ptr<float>() + r * intermediate);
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        silu_mul_row(gu.const_data_ptr<float>() + r * 2 * intermediate, intermediate, act.data_ptr<float>() + r * intermediate);
+    });
     add_into(x.data_ptr<float>(), packed_mm(act, p[9], p[10], at::Tensor(), H).const_data_ptr<float>(), R * H);
   }
   return x;
