@@ -171,95 +171,171 @@ TM_INLINE v8 sum8(const v8* a) {
 
 TM_INLINE float fold8(v8 a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
-// Each of NH query heads' outputs, hd / 32 chunks of 32 lanes in registers, positions in order: the
-// heads share each V load (they read the same KV head), and each head's sums are its own.
-template <int NH>
-TM_INLINE void weigh_values(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, const float* const* s,
-                         const float* inv, float* const* out) {
-  for (int64_t j = 0; j + 32 <= c.hd; j += 32) {
-    v8 acc[NH][4] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      const float* v = c.v(slots[i], kv) + j;
-      const v8 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
-      for (int h = 0; h < NH; ++h) {
-        const float si = s[h][i];
-        const v8 p = {si, si, si, si, si, si, si, si};
-        acc[h][0] += p * v0;
-        acc[h][1] += p * v1;
-        acc[h][2] += p * v2;
-        acc[h][3] += p * v3;
-      }
-    }
-    for (int h = 0; h < NH; ++h) {
-      const v8 w = {inv[h], inv[h], inv[h], inv[h], inv[h], inv[h], inv[h], inv[h]};
-      for (int k = 0; k < 4; ++k) *reinterpret_cast<v8*>(out[h] + j + 8 * k) = acc[h][k] * w;
-    }
+// Scores of B query vectors against 8 positions' keys: each (vector, position) pair's products in 8
+// lanes, head_dim in order (dot_lanes' sums), then the 8 positions at once; the B vectors share each
+// key load, and a vector's scores are the same bits for any B.
+template <int B>
+TM_INLINE void score_chunk(const float* const* q, const float* const* k, int64_t hd, v8 sc, float* const* dst) {
+  v8 part[B][8];
+  for (int p = 0; p < 8; ++p) {
+    const v8 kv = load8(k[p]);
+    for (int b = 0; b < B; ++b) part[b][p] = load8(q[b]) * kv;
   }
-  for (int64_t j = c.hd / 32 * 32; j < c.hd; ++j)  // a head_dim that is not a multiple of 32
-    for (int h = 0; h < NH; ++h) {
-      float a = 0.f;
-      for (int64_t i = 0; i < n; ++i) a += s[h][i] * c.v(slots[i], kv)[j];
-      out[h][j] = a * inv[h];
+  for (int64_t d = 8; d < hd; d += 8)
+    for (int p = 0; p < 8; ++p) {
+      const v8 kv = load8(k[p] + d);
+      for (int b = 0; b < B; ++b) part[b][p] += load8(q[b] + d) * kv;
     }
+  for (int b = 0; b < B; ++b) {
+    const v8 r = sum8(part[b]) * sc;
+    std::memcpy(dst[b], &r, sizeof(r));
+  }
 }
 
-// One query row, query heads [g0, g1) (head g reads KV head g / group), over the `n` positions whose
-// cache slots are `slots`. Scores 8 positions at a time (each position's products in 8 lanes, the 8
-// positions' lanes summed at once), a position's K read once for the heads that share it; softmax;
-// then the values, V read once for the heads that share it. Every head's result is its own: which
-// heads share a call changes no bit. head_dim is a multiple of 8 (checked by the caller).
-TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t g0, int64_t g1,
-                      int64_t group, float scale, float* out, std::vector<float>& scores) {
+// Outputs of B rows x NH query heads of one KV head, hd / 32 chunks of 32 lanes in registers, each
+// over its positions in order; row b sees n + b positions. The rows and heads share each V load, and
+// each (row, head)'s sums are its own.
+template <int B, int NH>
+TM_INLINE void weigh_values(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, const float* const (*s)[NH],
+                            const float (*inv)[NH], float* const (*out)[NH]) {
+  for (int64_t j = 0; j + 32 <= c.hd; j += 32) {
+    v8 acc[B][NH][4] = {};
+    for (int64_t i = 0; i < n + B - 1; ++i) {
+      const float* vp = c.v(slots[i], kv) + j;
+      const v8 v0 = load8(vp), v1 = load8(vp + 8), v2 = load8(vp + 16), v3 = load8(vp + 24);
+      for (int b = 0; b < B; ++b) {
+        if (i >= n + b) continue;
+        for (int h = 0; h < NH; ++h) {
+          const float si = s[b][h][i];
+          const v8 p = {si, si, si, si, si, si, si, si};
+          acc[b][h][0] += p * v0;
+          acc[b][h][1] += p * v1;
+          acc[b][h][2] += p * v2;
+          acc[b][h][3] += p * v3;
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < NH; ++h) {
+        const float w = inv[b][h];
+        const v8 wv = {w, w, w, w, w, w, w, w};
+        for (int k = 0; k < 4; ++k) *reinterpret_cast<v8*>(out[b][h] + j + 8 * k) = acc[b][h][k] * wv;
+      }
+  }
+  for (int64_t j = c.hd / 32 * 32; j < c.hd; ++j)  // a head_dim that is not a multiple of 32
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < NH; ++h) {
+        float a = 0.f;
+        for (int64_t i = 0; i < n + b; ++i) a += s[b][h][i] * c.v(slots[i], kv)[j];
+        out[b][h][j] = a * inv[b][h];
+      }
+}
+
+// weigh_values for the query heads [g, g + NH) of B rows, from attend_rows' scores [B, heads, span].
+template <int B, int NH>
+TM_INLINE void weigh_heads(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, int64_t g, int64_t g0,
+                           int64_t heads, int64_t stride, int64_t hd, const float* scores, int64_t span,
+                           const float* inv, float* out) {
+  const float* s[B][NH];
+  float w[B][NH];
+  float* o[B][NH];
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < NH; ++h) {
+      s[b][h] = scores + (b * heads + g + h - g0) * span;
+      w[b][h] = inv[b * heads + g + h - g0];
+      o[b][h] = out + b * stride + (g + h) * hd;
+    }
+  weigh_values<B, NH>(c, slots, n, kv, s, w, o);
+}
+
+// B consecutive query rows of one sequence (row b sees the first n + b positions, whose cache slots are
+// `slots`; q and out rows `stride` floats apart), query heads [g0, g1) (head g reads KV head
+// g / group). Scores 8 positions at a time, the rows and the heads of a KV head sharing each key
+// load; softmax; then the values, sharing each value load the same way. Every (row, head)'s result is
+// its own: which rows and heads share a call changes no bit. head_dim is a multiple of 8 (checked by
+// the caller).
+template <int B>
+TM_INLINE void attend_rows(const float* q, int64_t stride, const Cache& c, const int64_t* slots, int64_t n,
+                           int64_t g0, int64_t g1, int64_t group, float scale, float* out, std::vector<float>& scores) {
   const int64_t hd = c.hd, heads = g1 - g0, k0 = g0 / group, width = ((g1 - 1) / group + 1 - k0) * hd;
-  scores.resize(heads * n);  // [heads, n]
+  const int64_t span = n + B - 1;  // the last row's positions
+  scores.resize(B * heads * span);  // [B, heads, span]
+  auto row_scores = [&](int b, int64_t g) __attribute__((always_inline)) { return scores.data() + (b * heads + g - g0) * span; };
   const v8 sc = {scale, scale, scale, scale, scale, scale, scale, scale};
+  auto keys = [&](int64_t i, int64_t kv, const float** k) __attribute__((always_inline)) {
+    for (int p = 0; p < 8; ++p) k[p] = c.k(slots[i + p], kv);
+  };
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int64_t p = i + PREFETCH; p < std::min(n, i + PREFETCH + 8); ++p) prefetch(c.k(slots[p], k0), width);
+  for (; i + 8 <= n; i += 8) {  // chunks every row sees whole
+    for (int64_t p = i + PREFETCH; p < std::min(span, i + PREFETCH + 8); ++p) prefetch(c.k(slots[p], k0), width);
     for (int64_t g = g0; g < g1; ++g) {
-      v8 part[8];
-      for (int p = 0; p < 8; ++p) part[p] = dot_lanes(q + g * hd, c.k(slots[i + p], g / group), hd);
-      const v8 r = sum8(part) * sc;
-      std::memcpy(scores.data() + (g - g0) * n + i, &r, sizeof(r));
+      const float* k[8];
+      keys(i, g / group, k);
+      const float* qs[B];
+      float* dst[B];
+      for (int b = 0; b < B; ++b) {
+        qs[b] = q + b * stride + g * hd;
+        dst[b] = row_scores(b, g) + i;
+      }
+      score_chunk<B>(qs, k, hd, sc, dst);
     }
   }
-  for (; i < n; ++i)
-    for (int64_t g = g0; g < g1; ++g)
-      scores[(g - g0) * n + i] = fold8(dot_lanes(q + g * hd, c.k(slots[i], g / group), hd)) * scale;
-  std::vector<float> inv(heads);
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores.data() + h * n;
-    float m = s[0];
-    for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
-    exp_shift(s, n, m);
-    inv[h] = 1.f / sum(s, n);
+  for (int b = 0; b < B; ++b) {  // the rest of each row: a last whole chunk, then position by position
+    const int64_t nb = n + b;
+    int64_t ib = i;
+    for (; ib + 8 <= nb; ib += 8)
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* k[8];
+        keys(ib, g / group, k);
+        const float* qs[1] = {q + b * stride + g * hd};
+        float* dst[1] = {row_scores(b, g) + ib};
+        score_chunk<1>(qs, k, hd, sc, dst);
+      }
+    for (; ib < nb; ++ib)
+      for (int64_t g = g0; g < g1; ++g)
+        row_scores(b, g)[ib] = fold8(dot_lanes(q + b * stride + g * hd, c.k(slots[ib], g / group), hd)) * scale;
   }
-  for (int64_t p = 0; p < std::min(n, PREFETCH); ++p) prefetch(c.v(slots[p], k0), width);
-  // heads in runs of up to 4 that read one KV head
+  std::vector<float> inv(B * heads);  // [B, heads]
+  for (int b = 0; b < B; ++b)
+    for (int64_t g = g0; g < g1; ++g) {
+      float* s = row_scores(b, g);
+      const int64_t nb = n + b;
+      float m = s[0];
+      for (int64_t t = 1; t < nb; ++t) m = std::max(m, s[t]);
+      exp_shift(s, nb, m);
+      inv[b * heads + g - g0] = 1.f / sum(s, nb);
+    }
+  for (int64_t p = 0; p < std::min(span, PREFETCH); ++p) prefetch(c.v(slots[p], k0), width);
+  // heads in runs that read one KV head: up to 4 for one row, 2 for two
+  constexpr int64_t RUN = B == 1 ? 4 : 2;
   for (int64_t g = g0; g < g1;) {
-    const int64_t kv = g / group, nh = std::min<int64_t>({4, g1 - g, (kv + 1) * group - g});
-    const float* s[4];
-    float* o[4];
-    for (int64_t h = 0; h < nh; ++h) {
-      s[h] = scores.data() + (g + h - g0) * n;
-      o[h] = out + (g + h) * hd;
-    }
-    const float* w = inv.data() + (g - g0);
+    const int64_t kv = g / group, nh = std::min<int64_t>({RUN, g1 - g, (kv + 1) * group - g});
     switch (nh) {
-      case 1: weigh_values<1>(c, slots, n, kv, s, w, o); break;
-      case 2: weigh_values<2>(c, slots, n, kv, s, w, o); break;
-      case 3: weigh_values<3>(c, slots, n, kv, s, w, o); break;
-      default: weigh_values<4>(c, slots, n, kv, s, w, o); break;
+      case 1: weigh_heads<B, 1>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      case 2: weigh_heads<B, 2>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      case 3: weigh_heads<B, 3>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      default: weigh_heads<B, 4>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
     }
     g += nh;
   }
 }
 
+TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t g0, int64_t g1,
+                      int64_t group, float scale, float* out, std::vector<float>& scores) {
+  attend_rows<1>(q, 0, c, slots, n, g0, g1, group, scale, out, scores);
+}
+
+TM_CLONES void attend2(const float* q, int64_t stride, const Cache& c, const int64_t* slots, int64_t n, int64_t g0,
+                       int64_t g1, int64_t group, float scale, float* out, std::vector<float>& scores) {
+  attend_rows<2>(q, stride, c, slots, n, g0, g1, group, scale, out, scores);
+}
+
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
-// Work items are (row, KV head) pairs, each with the query heads that read that KV head, where there
-// are fewer rows than threads and enough positions to pay for a second thread, else whole rows. The
-// items are cut into one run per thread by their positions (the rows of a prefill chunk see ever
-// longer contexts); an item's result is the same whichever thread runs it.
+// Work items are a row, two consecutive rows of one sequence (a prefill chunk's: they share their
+// key and value loads), or, where there are fewer rows than threads and enough positions to pay for
+// a second thread, (row, KV head) pairs with the query heads that read that KV head. The items are
+// cut into one run per thread by their positions (the rows of a prefill chunk see ever longer
+// contexts); an item's result is the same whichever thread runs it.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
   TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
@@ -268,31 +344,51 @@ void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c,
   int64_t work = 0;
   for (int64_t r = 0; r < rows; ++r) work += positions(r);
   const int64_t threads = at::get_num_threads();
-  const bool split = rows < threads && work >= 128;
-  const int64_t per_row = split ? c.kv_heads : 1, heads_per_item = split ? group : heads, items = rows * per_row;
+  struct Item {
+    int64_t row, rows, g0, g1, work;
+  };
+  std::vector<Item> items;
+  if (rows < threads && work >= 128) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t kv = 0; kv < c.kv_heads; ++kv) items.push_back({r, 1, kv * group, (kv + 1) * group, positions(r)});
+  } else {
+    for (int64_t r = 0; r < rows;) {
+      const bool pair = window == 0 && r + 1 < rows && lens[r + 1] == lens[r] + 1 &&
+                        std::memcmp(tables + r * table_width, tables + (r + 1) * table_width,
+                                    table_width * sizeof(int64_t)) == 0;
+      items.push_back({r, pair ? 2 : 1, 0, heads, pair ? 2 * lens[r] + 1 : positions(r)});
+      r += pair ? 2 : 1;
+    }
+  }
   // run t holds the items from start[t]: equal shares of the positions (and at least one item each)
-  const int64_t runs = work >= 128 ? std::min(threads, items) : 1;
-  std::vector<int64_t> start(runs + 1, items);
+  const int64_t n_items = items.size(), runs = work >= 128 ? std::min(threads, n_items) : 1;
+  int64_t total = 0;
+  for (const Item& it : items) total += it.work;
+  std::vector<int64_t> start(runs + 1, n_items);
   start[0] = 0;
-  for (int64_t i = 0, t = 1, done = 0; i < items && t < runs; ++i) {
-    done += positions(i / per_row);
-    while (t < runs && done * runs >= work * per_row * t) start[t++] = i + 1;
+  for (int64_t i = 0, t = 1, done = 0; i < n_items && t < runs; ++i) {
+    done += items[i].work;
+    while (t < runs && done * runs >= total * t) start[t++] = i + 1;
   }
   at::parallel_for(0, runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
     int64_t slots_row = -1;
     for (int64_t i = start[t0]; i < start[t1]; ++i) {
-      const int64_t r = i / per_row, g0 = (i % per_row) * heads_per_item;
+      const Item& it = items[i];
+      const int64_t r = it.row, last = r + it.rows - 1;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
-      if (slots_row != r) {  // this row's positions as cache slots
+      if (slots_row != r) {  // the item's positions as cache slots (its last row's, which include the others')
         const int64_t* table = tables + r * table_width;
-        slots.resize(n);
-        for (int64_t p = first; p < lens[r]; ++p) slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
+        slots.resize(lens[last] - first);
+        for (int64_t p = first; p < lens[last]; ++p)
+          slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
         slots_row = r;
       }
-      attend(q + r * heads * c.hd, c, slots.data(), n, g0, g0 + heads_per_item, group, scale, out + r * heads * c.hd,
-             scores);
+      const float* qr = q + r * heads * c.hd;
+      float* o = out + r * heads * c.hd;
+      if (it.rows == 2) attend2(qr, heads * c.hd, c, slots.data(), n, it.g0, it.g1, group, scale, o, scores);
+      else attend(qr, c, slots.data(), n, it.g0, it.g1, group, scale, o, scores);
     }
   });
 }
