@@ -252,15 +252,17 @@ def test_row_attention_reads_the_paged_cache_like_sdpa(window, group, hd):
         assert torch.equal(alone[0], out[r])
 
 
-def test_fused_decode_step_equals_the_op_by_op_step(default_model_available):
-    """The same decode step through decode_layers and through the Python layer loop: the same bits."""
+def test_fused_step_equals_the_op_by_op_step(default_model_available):
+    """The same step (two decodes and a prefill chunk) through step_layers and through the Python
+    layer loop: the same bits."""
     llm = LLM(kv_cache_memory="64MiB")
     runner = llm.engine.runner
     model = runner.model
     prompt = list(range(100, 140))
     llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)  # a cached context to decode after
     table = list(range(1, 5))
-    spans = [([7], 40, table), ([8], 41, table)]  # two decodes of one context (the cache is rewritten alike)
+    # two decodes of one context and a 20-token chunk after it (the cache is rewritten alike)
+    spans = [([7], 40, table), ([8], 41, table), (list(range(300, 320)), 42, table + [5, 6])]
     hidden = {}
     for fused in (True, False):
         if not fused:

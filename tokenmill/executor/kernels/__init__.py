@@ -26,7 +26,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("lowbit.cpp", "layers.cpp
 
 @functools.cache
 def lowbit():
-    """torch.ops.tokenmill (q4_mm, q8_mm, rms_norm, rope_, silu_mul, row_attention, decode_layers,
+    """torch.ops.tokenmill (q4_mm, q8_mm, rms_norm, rope_, silu_mul, row_attention, step_layers,
     set_isa, isa, set_activation_terms), or None where it cannot be had."""
     if os.environ.get("TOKENMILL_KERNELS", "").lower() in ("off", "0", "no"):
         log.info("low-bit kernels off (TOKENMILL_KERNELS=off): quantized layers run PyTorch's kernels")

@@ -137,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         rb = meta.row_batch
         if rb is not None and rb.whole and (params := self._fused_params(kv_caches)) is not None:
             c = self.cfg
-            return lowbit().decode_layers(
+            return lowbit().step_layers(
                 x, params, cos_sin[0].view(x.shape[0], -1), cos_sin[1].view(x.shape[0], -1), meta.slot_mapping,
                 rb.tables, rb.lens, meta.block_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
                 c.rms_norm_eps, meta.sliding_window or 0, c.head_dim ** -0.5)
@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def _fused_params(self, kv_caches) -> list[torch.Tensor] | None:
-        """What decode_layers takes, 12 tensors a layer, or None where the fused step cannot run this model
+        """What step_layers takes, 12 tensors a layer, or None where the fused step cannot run this model
         (float weights, q/k norms, an 8-bit or non-float32 cache): then each layer runs op by op."""
         key = id(kv_caches)
         if getattr(self, "_fused_key", None) != key:
