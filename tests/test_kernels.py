@@ -233,11 +233,12 @@ def test_row_attention_reads_the_paged_cache_like_sdpa(window, group, hd):
     torch.manual_seed(0)
     block, kv_heads = 16, 2
     cache = torch.randn(64 * block, 2, kv_heads, hd)
-    tables = [[5, 9, 2, 40, 7], [11, 3], [30]]  # scattered blocks
-    lens = [70, 17, 1]
+    # scattered blocks; rows 0 and 1 begin with the same 4 blocks (one cached prefix): attended together
+    tables = [[5, 9, 2, 40, 7], [5, 9, 2, 40, 8, 12], [11, 3], [30]]
+    lens = [70, 90, 17, 1]
     width = max(map(len, tables))
     t = torch.tensor([tb + [0] * (width - len(tb)) for tb in tables])
-    q = torch.randn(3, kv_heads * group, hd)
+    q = torch.randn(len(lens), kv_heads * group, hd)
     out = OPS.row_attention(q, cache, t, torch.tensor(lens), block, window, hd ** -0.5)
     for r, (table, n) in enumerate(zip(tables, lens)):
         pos = torch.arange(n)

@@ -196,29 +196,44 @@ TM_FMA TM_INLINE void score_chunk(const float* const* q, const float* const* k, 
   }
 }
 
+// The B rows of an attention call: row b's context is its first n[b] positions, whose cache slots
+// are slots[b]; the first `shared` positions have the same slots in every row (a prefill chunk's
+// consecutive rows, or sequences over one cached prefix).
+template <int B>
+struct Rows {
+  const int64_t* slots[B];
+  int64_t n[B];
+  int64_t shared;
+};
+
 // Outputs of B rows x NH query heads of one KV head, hd / 32 chunks of 32 lanes in registers, each
-// over its positions in order; row b sees n + b positions. The rows and heads share each V load, and
-// each (row, head)'s sums are its own.
+// over its positions in order: the shared positions for all rows at once (each V load serves every
+// row and head), then each row's own. Each (row, head)'s sums are its own, in the same order.
 template <int B, int NH>
-TM_FMA TM_INLINE void weigh_values(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, const float* const (*s)[NH],
-                            const float (*inv)[NH], float* const (*out)[NH]) {
+TM_FMA TM_INLINE void weigh_values(const Cache& c, const Rows<B>& rows, int64_t kv, const float* const (*s)[NH],
+                                   const float (*inv)[NH], float* const (*out)[NH]) {
   for (int64_t j = 0; j + 32 <= c.hd; j += 32) {
     v8 acc[B][NH][4] = {};
-    for (int64_t i = 0; i < n + B - 1; ++i) {
-      const float* vp = c.v(slots[i], kv) + j;
-      const v8 v0 = load8(vp), v1 = load8(vp + 8), v2 = load8(vp + 16), v3 = load8(vp + 24);
-      for (int b = 0; b < B; ++b) {
-        if (i >= n + b) continue;
-        for (int h = 0; h < NH; ++h) {
-          const float si = s[b][h][i];
-          const v8 p = {si, si, si, si, si, si, si, si};
-          acc[b][h][0] += p * v0;
-          acc[b][h][1] += p * v1;
-          acc[b][h][2] += p * v2;
-          acc[b][h][3] += p * v3;
-        }
+    auto add = [&](int b, int64_t i, v8 v0, v8 v1, v8 v2, v8 v3) __attribute__((always_inline)) {
+      for (int h = 0; h < NH; ++h) {
+        const float si = s[b][h][i];
+        const v8 p = {si, si, si, si, si, si, si, si};
+        acc[b][h][0] += p * v0;
+        acc[b][h][1] += p * v1;
+        acc[b][h][2] += p * v2;
+        acc[b][h][3] += p * v3;
       }
+    };
+    for (int64_t i = 0; i < rows.shared; ++i) {
+      const float* vp = c.v(rows.slots[0][i], kv) + j;
+      const v8 v0 = load8(vp), v1 = load8(vp + 8), v2 = load8(vp + 16), v3 = load8(vp + 24);
+      for (int b = 0; b < B; ++b) add(b, i, v0, v1, v2, v3);
     }
+    for (int b = 0; b < B; ++b)
+      for (int64_t i = rows.shared; i < rows.n[b]; ++i) {
+        const float* vp = c.v(rows.slots[b][i], kv) + j;
+        add(b, i, load8(vp), load8(vp + 8), load8(vp + 16), load8(vp + 24));
+      }
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < NH; ++h) {
         const float w = inv[b][h];
@@ -230,16 +245,16 @@ TM_FMA TM_INLINE void weigh_values(const Cache& c, const int64_t* slots, int64_t
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < NH; ++h) {
         float a = 0.f;
-        for (int64_t i = 0; i < n + b; ++i) a += s[b][h][i] * c.v(slots[i], kv)[j];
+        for (int64_t i = 0; i < rows.n[b]; ++i) a += s[b][h][i] * c.v(rows.slots[b][i], kv)[j];
         out[b][h][j] = a * inv[b][h];
       }
 }
 
 // weigh_values for the query heads [g, g + NH) of B rows, from attend_rows' scores [B, heads, span].
 template <int B, int NH>
-TM_FMA TM_INLINE void weigh_heads(const Cache& c, const int64_t* slots, int64_t n, int64_t kv, int64_t g, int64_t g0,
-                           int64_t heads, int64_t stride, int64_t hd, const float* scores, int64_t span,
-                           const float* inv, float* out) {
+TM_FMA TM_INLINE void weigh_heads(const Cache& c, const Rows<B>& rows, int64_t kv, int64_t g, int64_t g0,
+                                  int64_t heads, int64_t stride, int64_t hd, const float* scores, int64_t span,
+                                  const float* inv, float* out) {
   const float* s[B][NH];
   float w[B][NH];
   float* o[B][NH];
@@ -249,32 +264,36 @@ TM_FMA TM_INLINE void weigh_heads(const Cache& c, const int64_t* slots, int64_t 
       w[b][h] = inv[b * heads + g + h - g0];
       o[b][h] = out + b * stride + (g + h) * hd;
     }
-  weigh_values<B, NH>(c, slots, n, kv, s, w, o);
+  weigh_values<B, NH>(c, rows, kv, s, w, o);
 }
 
-// B consecutive query rows of one sequence (row b sees the first n + b positions, whose cache slots are
-// `slots`; q and out rows `stride` floats apart), query heads [g0, g1) (head g reads KV head
-// g / group). Scores 8 positions at a time, the rows and the heads of a KV head sharing each key
-// load; softmax; then the values, sharing each value load the same way. Every (row, head)'s result is
-// its own: which rows and heads share a call changes no bit. head_dim is a multiple of 8 (checked by
-// the caller).
+// B query rows (q and out rows `stride` floats apart), query heads [g0, g1) (head g reads KV head
+// g / group). Scores 8 positions at a time, the rows (over the shared positions) and the heads of a
+// KV head sharing each key load; softmax; then the values, sharing each value load the same way.
+// Every (row, head)'s result is its own: which rows and heads share a call changes no bit. head_dim
+// is a multiple of 8 (checked by the caller).
 template <int B>
-TM_FMA TM_INLINE void attend_rows(const float* q, int64_t stride, const Cache& c, const int64_t* slots, int64_t n,
-                           int64_t g0, int64_t g1, int64_t group, float scale, float* out, std::vector<float>& scores) {
+TM_FMA TM_INLINE void attend_rows(const float* q, int64_t stride, const Cache& c, const Rows<B>& rows,
+                                  int64_t g0, int64_t g1, int64_t group, float scale, float* out,
+                                  std::vector<float>& scores) {
   const int64_t hd = c.hd, heads = g1 - g0, k0 = g0 / group, width = ((g1 - 1) / group + 1 - k0) * hd;
-  const int64_t span = n + B - 1;  // the last row's positions
+  int64_t span = 0;  // the longest row's positions
+  for (int b = 0; b < B; ++b) span = std::max(span, rows.n[b]);
   scores.resize(B * heads * span);  // [B, heads, span]
-  auto row_scores = [&](int b, int64_t g) __attribute__((always_inline)) { return scores.data() + (b * heads + g - g0) * span; };
+  auto row_scores = [&](int b, int64_t g) __attribute__((always_inline)) {
+    return scores.data() + (b * heads + g - g0) * span;
+  };
   const v8 sc = {scale, scale, scale, scale, scale, scale, scale, scale};
-  auto keys = [&](int64_t i, int64_t kv, const float** k) __attribute__((always_inline)) {
+  auto keys = [&](const int64_t* slots, int64_t i, int64_t kv, const float** k) __attribute__((always_inline)) {
     for (int p = 0; p < 8; ++p) k[p] = c.k(slots[i + p], kv);
   };
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {  // chunks every row sees whole
-    for (int64_t p = i + PREFETCH; p < std::min(span, i + PREFETCH + 8); ++p) prefetch(c.k(slots[p], k0), width);
+  for (; i + 8 <= rows.shared; i += 8) {  // chunks of shared positions
+    for (int64_t p = i + PREFETCH; p < std::min(rows.shared, i + PREFETCH + 8); ++p)
+      prefetch(c.k(rows.slots[0][p], k0), width);
     for (int64_t g = g0; g < g1; ++g) {
       const float* k[8];
-      keys(i, g / group, k);
+      keys(rows.slots[0], i, g / group, k);
       const float* qs[B];
       float* dst[B];
       for (int b = 0; b < B; ++b) {
@@ -284,17 +303,20 @@ TM_FMA TM_INLINE void attend_rows(const float* q, int64_t stride, const Cache& c
       score_chunk<B>(qs, k, hd, sc, dst);
     }
   }
-  for (int b = 0; b < B; ++b) {  // the rest of each row: a last whole chunk, then position by position
-    const int64_t nb = n + b;
+  for (int b = 0; b < B; ++b) {  // the rest of each row: whole chunks, then position by position
+    const int64_t nb = rows.n[b];
+    const int64_t* slots = rows.slots[b];
     int64_t ib = i;
-    for (; ib + 8 <= nb; ib += 8)
+    for (; ib + 8 <= nb; ib += 8) {
+      for (int64_t p = ib + PREFETCH; p < std::min(nb, ib + PREFETCH + 8); ++p) prefetch(c.k(slots[p], k0), width);
       for (int64_t g = g0; g < g1; ++g) {
         const float* k[8];
-        keys(ib, g / group, k);
+        keys(slots, ib, g / group, k);
         const float* qs[1] = {q + b * stride + g * hd};
         float* dst[1] = {row_scores(b, g) + ib};
         score_chunk<1>(qs, k, hd, sc, dst);
       }
+    }
     for (; ib < nb; ++ib)
       for (int64_t g = g0; g < g1; ++g)
         row_scores(b, g)[ib] = fold8(dot_lanes(q + b * stride + g * hd, c.k(slots[ib], g / group), hd)) * scale;
@@ -303,64 +325,72 @@ TM_FMA TM_INLINE void attend_rows(const float* q, int64_t stride, const Cache& c
   for (int b = 0; b < B; ++b)
     for (int64_t g = g0; g < g1; ++g) {
       float* s = row_scores(b, g);
-      const int64_t nb = n + b;
+      const int64_t nb = rows.n[b];
       float m = s[0];
       for (int64_t t = 1; t < nb; ++t) m = std::max(m, s[t]);
       exp_shift(s, nb, m);
       inv[b * heads + g - g0] = 1.f / sum(s, nb);
     }
-  for (int64_t p = 0; p < std::min(span, PREFETCH); ++p) prefetch(c.v(slots[p], k0), width);
+  for (int64_t p = 0; p < std::min(rows.n[0], PREFETCH); ++p) prefetch(c.v(rows.slots[0][p], k0), width);
   // heads in runs that read one KV head: up to 4 for one row, 2 for two
   constexpr int64_t RUN = B == 1 ? 4 : 2;
   for (int64_t g = g0; g < g1;) {
     const int64_t kv = g / group, nh = std::min<int64_t>({RUN, g1 - g, (kv + 1) * group - g});
     switch (nh) {
-      case 1: weigh_heads<B, 1>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
-      case 2: weigh_heads<B, 2>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
-      case 3: weigh_heads<B, 3>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
-      default: weigh_heads<B, 4>(c, slots, n, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      case 1: weigh_heads<B, 1>(c, rows, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      case 2: weigh_heads<B, 2>(c, rows, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      case 3: weigh_heads<B, 3>(c, rows, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
+      default: weigh_heads<B, 4>(c, rows, kv, g, g0, heads, stride, hd, scores.data(), span, inv.data(), out); break;
     }
     g += nh;
   }
 }
 
 TM_FMA TM_CLONES void attend(const float* q, const Cache& c, const int64_t* slots, int64_t n, int64_t g0, int64_t g1,
-                      int64_t group, float scale, float* out, std::vector<float>& scores) {
-  attend_rows<1>(q, 0, c, slots, n, g0, g1, group, scale, out, scores);
+                             int64_t group, float scale, float* out, std::vector<float>& scores) {
+  attend_rows<1>(q, 0, c, Rows<1>{{slots}, {n}, n}, g0, g1, group, scale, out, scores);
 }
 
-TM_FMA TM_CLONES void attend2(const float* q, int64_t stride, const Cache& c, const int64_t* slots, int64_t n, int64_t g0,
-                       int64_t g1, int64_t group, float scale, float* out, std::vector<float>& scores) {
-  attend_rows<2>(q, stride, c, slots, n, g0, g1, group, scale, out, scores);
+TM_FMA TM_CLONES void attend2(const float* q, int64_t stride, const Cache& c, const Rows<2>& rows, int64_t g0,
+                              int64_t g1, int64_t group, float scale, float* out, std::vector<float>& scores) {
+  attend_rows<2>(q, stride, c, rows, g0, g1, group, scale, out, scores);
 }
 
 // q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
-// Work items are a row, two consecutive rows of one sequence (a prefill chunk's: they share their
-// key and value loads), or, where there are fewer rows than threads and enough positions to pay for
-// a second thread, (row, KV head) pairs with the query heads that read that KV head. The items are
-// cut into one run per thread by their positions (the rows of a prefill chunk see ever longer
-// contexts); an item's result is the same whichever thread runs it.
+// Work items are a row, or two adjacent rows whose contexts begin with the same cache blocks (a prefill
+// chunk's consecutive rows, sequences over one cached prefix: they share those key and value loads),
+// or, where there are fewer rows than threads and enough positions to pay for a second thread,
+// (row, KV head) pairs with the query heads that read that KV head. The items are cut into one run
+// per thread by their positions (the rows of a prefill chunk see ever longer contexts); an item's
+// result is the same whichever thread runs it.
 void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
                     int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
   TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
   const int64_t group = heads / c.kv_heads;
   auto positions = [&](int64_t r) { return window > 0 ? std::min(lens[r], window) : lens[r]; };
+  // positions at the start of rows r and r + 1 held in the same blocks (whole blocks, or all of the shorter)
+  auto shared = [&](int64_t r) {
+    const int64_t *a = tables + r * table_width, *b = a + table_width, n = std::min(lens[r], lens[r + 1]);
+    int64_t blocks = 0;
+    while (blocks * c.block_size < n && a[blocks] == b[blocks]) ++blocks;
+    return std::min(n, blocks * c.block_size);
+  };
   int64_t work = 0;
   for (int64_t r = 0; r < rows; ++r) work += positions(r);
   const int64_t threads = at::get_num_threads();
   struct Item {
-    int64_t row, rows, g0, g1, work;
+    int64_t row, rows, g0, g1, work, shared;
   };
   std::vector<Item> items;
   if (rows < threads && work >= 128) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t kv = 0; kv < c.kv_heads; ++kv) items.push_back({r, 1, kv * group, (kv + 1) * group, positions(r)});
+      for (int64_t kv = 0; kv < c.kv_heads; ++kv)
+        items.push_back({r, 1, kv * group, (kv + 1) * group, positions(r), 0});
   } else {
     for (int64_t r = 0; r < rows;) {
-      const bool pair = window == 0 && r + 1 < rows && lens[r + 1] == lens[r] + 1 &&
-                        std::memcmp(tables + r * table_width, tables + (r + 1) * table_width,
-                                    table_width * sizeof(int64_t)) == 0;
-      items.push_back({r, pair ? 2 : 1, 0, heads, pair ? 2 * lens[r] + 1 : positions(r)});
+      const int64_t common = window == 0 && r + 1 < rows ? shared(r) : 0;
+      const bool pair = common > 0 && common >= std::min<int64_t>({lens[r], lens[r + 1], 64});
+      items.push_back({r, pair ? 2 : 1, 0, heads, pair ? lens[r] + lens[r + 1] : positions(r), common});
       r += pair ? 2 : 1;
     }
   }
@@ -376,23 +406,30 @@ void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c,
   }
   at::parallel_for(0, runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
-    std::vector<int64_t> slots;
-    int64_t slots_row = -1;
+    std::vector<int64_t> slots[2];
+    int64_t slots_row[2] = {-1, -1};
+    auto row_slots = [&](int b, int64_t r) {  // row r's positions as cache slots, in slots[b]
+      if (slots_row[b] == r) return;
+      const int64_t* table = tables + r * table_width;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
+      slots[b].resize(lens[r] - first);
+      for (int64_t p = first; p < lens[r]; ++p)
+        slots[b][p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
+      slots_row[b] = r;
+    };
     for (int64_t i = start[t0]; i < start[t1]; ++i) {
       const Item& it = items[i];
-      const int64_t r = it.row, last = r + it.rows - 1;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0, n = lens[r] - first;
-      if (slots_row != r) {  // the item's positions as cache slots (its last row's, which include the others')
-        const int64_t* table = tables + r * table_width;
-        slots.resize(lens[last] - first);
-        for (int64_t p = first; p < lens[last]; ++p)
-          slots[p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
-        slots_row = r;
-      }
+      const int64_t r = it.row;
       const float* qr = q + r * heads * c.hd;
       float* o = out + r * heads * c.hd;
-      if (it.rows == 2) attend2(qr, heads * c.hd, c, slots.data(), n, it.g0, it.g1, group, scale, o, scores);
-      else attend(qr, c, slots.data(), n, it.g0, it.g1, group, scale, o, scores);
+      row_slots(0, r);
+      if (it.rows == 2) {
+        row_slots(1, r + 1);
+        const Rows<2> pair{{slots[0].data(), slots[1].data()}, {lens[r], lens[r + 1]}, it.shared};
+        attend2(qr, heads * c.hd, c, pair, it.g0, it.g1, group, scale, o, scores);
+      } else {
+        attend(qr, c, slots[0].data(), static_cast<int64_t>(slots[0].size()), it.g0, it.g1, group, scale, o, scores);
+      }
     }
   });
 }
