@@ -518,11 +518,20 @@ TM_CLONES void add_into(float* y, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += b[i];
 }
 
-at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& bias, int64_t N) {
-  at::Tensor y = tokenmill::lowbit_mm(x, w, s, N, is_q4(w, x.size(1)));
+// y [R, N] = x @ W' (+ bias)
+void packed_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& bias, int64_t N,
+               at::Tensor& y) {
+  tokenmill::lowbit_mm_into(x, w, s, N, is_q4(w, x.size(1)), y);
   if (bias.numel())
     for (int64_t r = 0; r < y.size(0); ++r) add_into(y.data_ptr<float>() + r * N, bias.const_data_ptr<float>(), N);
-  return y;
+}
+
+// x [R, H] += y [R, H], rows on all threads
+void add_rows(at::Tensor& x, const at::Tensor& y) {
+  const int64_t H = x.size(1);
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    add_into(x.data_ptr<float>() + r0 * H, y.const_data_ptr<float>() + r0 * H, (r1 - r0) * H);
+  });
 }
 
 // Every decoder layer for R query rows (decodes and prefill chunks) whose K/V go to `slots`; x [R, H]
@@ -542,13 +551,17 @@ at::Tensor step_layers(const at::Tensor& x_in, at::TensorList params, const at::
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == R, "slots [R] int64");
   const float feps = static_cast<float>(eps);
   const int64_t* slot = slots.const_data_ptr<int64_t>();
-  at::Tensor h = at::empty_like(x), attn = at::empty({R, qs}, x.options());
+  // this step's buffers, reused by every layer
+  const auto f32 = x.options();
+  at::Tensor h = at::empty_like(x), attn = at::empty({R, qs}, f32), qkv = at::empty({R, qs + 2 * kvs}, f32),
+             q = at::empty({R, qs}, f32), o = at::empty({R, H}, f32), gu = at::empty({R, 2 * intermediate}, f32),
+             act = at::empty({R, intermediate}, f32);
   for (size_t l = 0; l < params.size(); l += PER_LAYER) {
     const at::Tensor* p = params.data() + l;
     at::Tensor cache = p[11];
     const Cache c = cache_of(cache, block_size);
     rms_norm_rows(x.const_data_ptr<float>(), p[0].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
-    at::Tensor qkv = packed_mm(h, p[1], p[2], p[3], qs + 2 * kvs);
+    packed_mm(h, p[1], p[2], p[3], qs + 2 * kvs, qkv);
     float* qkvp = qkv.data_ptr<float>();
     float* cp = cache.data_ptr<float>();
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
@@ -557,21 +570,21 @@ at::Tensor step_layers(const at::Tensor& x_in, at::TensorList params, const at::
         rope_row(row, heads + kv_heads, head_dim, cos.const_data_ptr<float>() + r * head_dim,
                  sin.const_data_ptr<float>() + r * head_dim);
         write_kv(cp, kv_heads, head_dim, row + qs, row + qs + kvs, slot[r]);
+        std::memcpy(q.data_ptr<float>() + r * qs, row, qs * sizeof(float));  // q rows, dense [R, heads, hd]
       }
     });
-    // q rows are strided inside qkv: copy them out as [R, heads, hd]
-    at::Tensor q = qkv.narrow(1, 0, qs).contiguous();
     attention_rows(q.const_data_ptr<float>(), R, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
                    lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), attn.data_ptr<float>());
-    add_into(x.data_ptr<float>(), packed_mm(attn, p[4], p[5], at::Tensor(), H).const_data_ptr<float>(), R * H);
+    packed_mm(attn, p[4], p[5], at::Tensor(), H, o);
+    add_rows(x, o);
     rms_norm_rows(x.const_data_ptr<float>(), p[6].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());
-    const at::Tensor gu = packed_mm(h, p[7], p[8], at::Tensor(), 2 * intermediate);
-    at::Tensor act = at::empty({R, intermediate}, x.options());
+    packed_mm(h, p[7], p[8], at::Tensor(), 2 * intermediate, gu);
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         silu_mul_row(gu.const_data_ptr<float>() + r * 2 * intermediate, intermediate, act.data_ptr<float>() + r * intermediate);
     });
-    add_into(x.data_ptr<float>(), packed_mm(act, p[9], p[10], at::Tensor(), H).const_data_ptr<float>(), R * H);
+    packed_mm(act, p[9], p[10], at::Tensor(), H, o);
+    add_rows(x, o);
   }
   return x;
 }

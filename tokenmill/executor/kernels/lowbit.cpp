@@ -513,7 +513,8 @@ void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc,
 
 namespace tokenmill {
 
-at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4) {
+void lowbit_mm_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4,
+                    at::Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), "lowbit kernels run on CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be float32");
   TORCH_CHECK(w.scalar_type() == at::kByte, "packed weights must be uint8");
@@ -524,9 +525,9 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(w.size(0) == groups && w.size(1) == nb * (q4 ? 128 : 256), "packed weights do not match x and N");
   TORCH_CHECK(scales.numel() == groups * nb * (q4 ? 16 : 8), "scales do not match the weights");
   TORCH_CHECK(w.is_contiguous() && scales.is_contiguous(), "packed weights and scales must be contiguous");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == M * N, "y must be float32 [M, N]");
+  if (M == 0 || N == 0) return;
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
   const auto* wp = w.const_data_ptr<uint8_t>();
   if (scales.scalar_type() == at::kHalf) {
     const auto* sp = scales.const_data_ptr<c10::Half>();
@@ -537,6 +538,11 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     q4 ? matmul<true>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>())
        : matmul<false>(xc.const_data_ptr<float>(), M, K, wp, sp, N, y.data_ptr<float>());
   }
+}
+
+at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4) {
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  lowbit_mm_into(x, w, scales, N, q4, y);
   return y;
 }
 

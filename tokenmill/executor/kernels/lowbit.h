@@ -15,5 +15,8 @@ inline float round_even(float v) {
 
 // x [M, K] float32 @ packed W' -> [M, N] float32; q4 selects the 4-bit layout, else the 8-bit one.
 at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4);
+// The same into y (float32 [M, N], contiguous): a step's buffers are reused from layer to layer.
+void lowbit_mm_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t N, bool q4,
+                    at::Tensor& y);
 
 }  // namespace tokenmill
