@@ -356,79 +356,94 @@ TM_FMA TM_CLONES void attend2(const float* q, int64_t stride, const Cache& c, co
   attend_rows<2>(q, stride, c, rows, g0, g1, group, scale, out, scores);
 }
 
-// q [R, heads, hd] -> out [R, heads * hd]; row r's context is positions [lens[r] - window, lens[r]).
-// Work items are a row, or two adjacent rows whose contexts begin with the same cache blocks (a prefill
-// chunk's consecutive rows, sequences over one cached prefix: they share those key and value loads),
-// or, where there are fewer rows than threads and enough positions to pay for a second thread,
-// (row, KV head) pairs with the query heads that read that KV head. The items are cut into one run
-// per thread by their positions (the rows of a prefill chunk see ever longer contexts); an item's
-// result is the same whichever thread runs it.
-void attention_rows(const float* q, int64_t rows, int64_t heads, const Cache& c, const int64_t* tables,
-                    int64_t table_width, const int64_t* lens, int64_t window, float scale, float* out) {
-  TORCH_CHECK(heads % c.kv_heads == 0, "heads must be a multiple of kv_heads");
-  const int64_t group = heads / c.kv_heads;
-  auto positions = [&](int64_t r) { return window > 0 ? std::min(lens[r], window) : lens[r]; };
-  // positions at the start of rows r and r + 1 held in the same blocks (whole blocks, or all of the shorter)
-  auto shared = [&](int64_t r) {
-    const int64_t *a = tables + r * table_width, *b = a + table_width, n = std::min(lens[r], lens[r + 1]);
-    int64_t blocks = 0;
-    while (blocks * c.block_size < n && a[blocks] == b[blocks]) ++blocks;
-    return std::min(n, blocks * c.block_size);
-  };
-  int64_t work = 0;
-  for (int64_t r = 0; r < rows; ++r) work += positions(r);
-  const int64_t threads = at::get_num_threads();
+// What attention needs of a step's query rows, the same for every layer: each row's context as cache
+// slots (rows with one block table, a prefill chunk's, share one list), and the work items. Row r's
+// context is positions [lens[r] - window, lens[r]). An item is a row, or two adjacent rows whose
+// contexts begin with the same cache blocks (a prefill chunk's consecutive rows, sequences over one
+// cached prefix: they share those key and value loads), or, where there are fewer rows than threads
+// and enough positions to pay for a second thread, a row and one KV head with the query heads that
+// read it. The items are cut into one run per thread by their positions (the rows of a prefill chunk
+// see ever longer contexts); an item's result is the same whichever thread runs it.
+struct RowPlan {
   struct Item {
     int64_t row, rows, g0, g1, work, shared;
   };
+  std::vector<std::vector<int64_t>> lists;  // cache slots of positions 0.. of each distinct block table
+  std::vector<const int64_t*> slots;        // per row: the slot of its first position
+  std::vector<int64_t> n;                   // per row: its positions
   std::vector<Item> items;
+  std::vector<int64_t> start;  // run t holds items [start[t], start[t + 1])
+};
+
+RowPlan plan_rows(int64_t rows, int64_t heads, int64_t kv_heads, int64_t block_size, const int64_t* tables,
+                  int64_t width, const int64_t* lens, int64_t window) {
+  TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  const int64_t group = heads / kv_heads;
+  RowPlan plan;
+  std::vector<int64_t> list_of(rows);
+  for (int64_t r = 0; r < rows; ++r) {  // a list per run of rows with the same table, as long as its longest row
+    const int64_t* table = tables + r * width;
+    if (r == 0 || std::memcmp(table, table - width, width * sizeof(int64_t)) != 0) plan.lists.emplace_back();
+    list_of[r] = plan.lists.size() - 1;
+    std::vector<int64_t>& list = plan.lists.back();
+    for (int64_t p = list.size(); p < lens[r]; ++p) list.push_back(table[p / block_size] * block_size + p % block_size);
+  }
+  int64_t work = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
+    plan.slots.push_back(plan.lists[list_of[r]].data() + first);
+    plan.n.push_back(lens[r] - first);
+    work += lens[r] - first;
+  }
+  // positions at the start of rows r and r + 1 held in the same blocks (whole blocks, or all of the shorter)
+  auto shared = [&](int64_t r) {
+    const int64_t n = std::min(lens[r], lens[r + 1]);
+    if (list_of[r] == list_of[r + 1]) return n;
+    const int64_t *a = tables + r * width, *b = a + width;
+    int64_t blocks = 0;
+    while (blocks * block_size < n && a[blocks] == b[blocks]) ++blocks;
+    return std::min(n, blocks * block_size);
+  };
+  const int64_t threads = at::get_num_threads();
   if (rows < threads && work >= 128) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t kv = 0; kv < c.kv_heads; ++kv)
-        items.push_back({r, 1, kv * group, (kv + 1) * group, positions(r), 0});
+      for (int64_t kv = 0; kv < kv_heads; ++kv) plan.items.push_back({r, 1, kv * group, (kv + 1) * group, plan.n[r], 0});
   } else {
     for (int64_t r = 0; r < rows;) {
       const int64_t common = window == 0 && r + 1 < rows ? shared(r) : 0;
       const bool pair = common > 0 && common >= std::min<int64_t>({lens[r], lens[r + 1], 64});
-      items.push_back({r, pair ? 2 : 1, 0, heads, pair ? lens[r] + lens[r + 1] : positions(r), common});
+      plan.items.push_back({r, pair ? 2 : 1, 0, heads, pair ? lens[r] + lens[r + 1] : plan.n[r], common});
       r += pair ? 2 : 1;
     }
   }
-  // run t holds the items from start[t]: equal shares of the positions (and at least one item each)
-  const int64_t n_items = items.size(), runs = work >= 128 ? std::min(threads, n_items) : 1;
+  // run t: equal shares of the positions (and at least one item each)
+  const int64_t items = plan.items.size(), runs = work >= 128 ? std::min(threads, items) : 1;
   int64_t total = 0;
-  for (const Item& it : items) total += it.work;
-  std::vector<int64_t> start(runs + 1, n_items);
-  start[0] = 0;
-  for (int64_t i = 0, t = 1, done = 0; i < n_items && t < runs; ++i) {
-    done += items[i].work;
-    while (t < runs && done * runs >= total * t) start[t++] = i + 1;
+  for (const RowPlan::Item& it : plan.items) total += it.work;
+  plan.start.assign(runs + 1, items);
+  plan.start[0] = 0;
+  for (int64_t i = 0, t = 1, done = 0; i < items && t < runs; ++i) {
+    done += plan.items[i].work;
+    while (t < runs && done * runs >= total * t) plan.start[t++] = i + 1;
   }
+  return plan;
+}
+
+// q [R, heads, hd] -> out [R, heads * hd] over one layer's cache, as planned.
+void attention_rows(const RowPlan& plan, const float* q, int64_t heads, const Cache& c, float scale, float* out) {
+  const int64_t group = heads / c.kv_heads, runs = plan.start.size() - 1;
   at::parallel_for(0, runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
-    std::vector<int64_t> slots[2];
-    int64_t slots_row[2] = {-1, -1};
-    auto row_slots = [&](int b, int64_t r) {  // row r's positions as cache slots, in slots[b]
-      if (slots_row[b] == r) return;
-      const int64_t* table = tables + r * table_width;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
-      slots[b].resize(lens[r] - first);
-      for (int64_t p = first; p < lens[r]; ++p)
-        slots[b][p - first] = table[p / c.block_size] * c.block_size + p % c.block_size;
-      slots_row[b] = r;
-    };
-    for (int64_t i = start[t0]; i < start[t1]; ++i) {
-      const Item& it = items[i];
+    for (int64_t i = plan.start[t0]; i < plan.start[t1]; ++i) {
+      const RowPlan::Item& it = plan.items[i];
       const int64_t r = it.row;
       const float* qr = q + r * heads * c.hd;
       float* o = out + r * heads * c.hd;
-      row_slots(0, r);
       if (it.rows == 2) {
-        row_slots(1, r + 1);
-        const Rows<2> pair{{slots[0].data(), slots[1].data()}, {lens[r], lens[r + 1]}, it.shared};
+        const Rows<2> pair{{plan.slots[r], plan.slots[r + 1]}, {plan.n[r], plan.n[r + 1]}, it.shared};
         attend2(qr, heads * c.hd, c, pair, it.g0, it.g1, group, scale, o, scores);
       } else {
-        attend(qr, c, slots[0].data(), static_cast<int64_t>(slots[0].size()), it.g0, it.g1, group, scale, o, scores);
+        attend(qr, c, plan.slots[r], plan.n[r], it.g0, it.g1, group, scale, o, scores);
       }
     }
   });
@@ -506,8 +521,9 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& cache, const at:
   const int64_t rows = qc.size(0), heads = qc.size(1);
   check_rows(tables, lens, rows);
   at::Tensor out = at::empty({rows, heads * c.hd}, qc.options());
-  attention_rows(qc.const_data_ptr<float>(), rows, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
-                 lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), out.data_ptr<float>());
+  const RowPlan plan = plan_rows(rows, heads, c.kv_heads, block_size, tables.const_data_ptr<int64_t>(), tables.size(1),
+                                 lens.const_data_ptr<int64_t>(), window);
+  attention_rows(plan, qc.const_data_ptr<float>(), heads, c, static_cast<float>(scale), out.data_ptr<float>());
   return out;
 }
 
@@ -551,6 +567,8 @@ at::Tensor step_layers(const at::Tensor& x_in, at::TensorList params, const at::
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == R, "slots [R] int64");
   const float feps = static_cast<float>(eps);
   const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const RowPlan plan = plan_rows(R, heads, kv_heads, block_size, tables.const_data_ptr<int64_t>(), tables.size(1),
+                                 lens.const_data_ptr<int64_t>(), window);
   // this step's buffers, reused by every layer
   const auto f32 = x.options();
   at::Tensor h = at::empty_like(x), attn = at::empty({R, qs}, f32), qkv = at::empty({R, qs + 2 * kvs}, f32),
@@ -573,8 +591,7 @@ at::Tensor step_layers(const at::Tensor& x_in, at::TensorList params, const at::
         std::memcpy(q.data_ptr<float>() + r * qs, row, qs * sizeof(float));  // q rows, dense [R, heads, hd]
       }
     });
-    attention_rows(q.const_data_ptr<float>(), R, heads, c, tables.const_data_ptr<int64_t>(), tables.size(1),
-                   lens.const_data_ptr<int64_t>(), window, static_cast<float>(scale), attn.data_ptr<float>());
+    attention_rows(plan, q.const_data_ptr<float>(), heads, c, static_cast<float>(scale), attn.data_ptr<float>());
     packed_mm(attn, p[4], p[5], at::Tensor(), H, o);
     add_rows(x, o);
     rms_norm_rows(x.const_data_ptr<float>(), p[6].const_data_ptr<float>(), R, H, feps, h.data_ptr<float>());

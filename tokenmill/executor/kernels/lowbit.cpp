@@ -113,6 +113,7 @@ void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, 
 
 #ifdef TM_X86
 #define TM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TM_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 TM_TARGET_AVX2 inline float hmax8(__m256 v) {
   v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
@@ -157,6 +158,31 @@ TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* 
     s[b] = acc;
   }
 }
+// AVX512 (the VNNI path): a block as two 16-float registers; the same float operations as above.
+TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+  const int64_t nb = K / QK;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 r0 = _mm512_loadu_ps(x + b * QK), r1 = _mm512_loadu_ps(x + b * QK + 16);
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) {
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(r0), _mm512_abs_ps(r1)));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+      const __m512 v0 = _mm512_roundscale_ps(_mm512_mul_ps(r0, _mm512_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 v1 = _mm512_roundscale_ps(_mm512_mul_ps(r1, _mm512_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i i0 = _mm512_cvtps_epi32(v0), i1 = _mm512_cvtps_epi32(v1);
+      r0 = _mm512_sub_ps(r0, _mm512_mul_ps(_mm512_set1_ps(scale), v0));
+      r1 = _mm512_sub_ps(r1, _mm512_mul_ps(_mm512_set1_ps(scale), v1));
+      int8_t* qb = q + t * K + b * QK;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(i0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(i1));
+      const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+      d[t * nb + b] = scale;
+      sum[t * nb + b] = total;
+      acc = std::fma(scale, static_cast<float>(total), acc);
+    }
+    s[b] = acc;
+  }
+}
 #endif
 
 void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa) {
@@ -172,7 +198,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa
       float* d = a.d.data() + m * T * nb;
       int32_t* sum = a.sum.data() + m * T * nb;
 #ifdef TM_X86
-      if (isa != Isa::scalar) {
+      if (isa == Isa::avx512vnni) {
+        quantize_row_avx512(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
+        continue;
+      }
+      if (isa == Isa::avx2) {
         quantize_row_avx2(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
         continue;
       }
@@ -215,7 +245,6 @@ void group_scalar(const uint8_t* wg, const S* sg, int64_t nb, const Activations&
 }
 
 #ifdef TM_X86
-#define TM_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 TM_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 TM_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
