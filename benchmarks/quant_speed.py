@@ -46,7 +46,7 @@ LINEAR_OPS = {"aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", 
               "tokenmill::q4_mm", "tokenmill::q8_mm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_select", "aten::index_copy_",
                  "tokenmill::row_attention"}
-FUSED_OPS = {"tokenmill::step_layers"}  # every decoder layer of a decode step in one call
+FUSED_OPS = {"tokenmill::step_layers"}  # every decoder layer of a step in one call
 
 
 def tokenmill_prefill(llm: LLM, prompt: list[int], repeats: int) -> float:

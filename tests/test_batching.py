@@ -64,3 +64,19 @@ def test_requests_join_while_others_run(tiny_models):
     assert plan_ids == {"a", "b"}
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_a_prompt_gets_the_same_bits_however_it_is_chunked(default_model_available):
+    """The default form (int4 on tokenmill's kernels where built): every prompt token's logprob, and the
+    greedy answer, are the same bits whether the prompt is prefilled in one step, in chunks of 48 tokens
+    (rows attended alone, in pairs, split over threads), or beside another prompt."""
+    prompt = [(i * 7919) % 40000 + 100 for i in range(300)]
+    other = [(i * 104729) % 40000 + 100 for i in range(170)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    results = []
+    for budget, prompts in ((2048, [prompt]), (48, [prompt]), (2048, [other, prompt])):
+        llm = LLM(max_num_batched_tokens=budget, kv_cache_memory="64MiB", max_model_len=1024)
+        out = llm.generate(prompts, params, use_tqdm=False)[-1]
+        logprobs = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+        results.append((logprobs, out.outputs[0].token_ids))
+    assert results[1] == results[0] and results[2] == results[0]

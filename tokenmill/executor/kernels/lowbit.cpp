@@ -15,8 +15,8 @@
 // One arithmetic per output value, whatever M, N or the thread split: a row's result is the same
 // bits in a batch of 1 or 64 (batch invariance). The AVX512-VNNI, AVX2 and portable paths, and
 // AVX512-VNNI's wide loop for many rows (two groups per 512-bit register), compute the same integer
-// block sums and the same float operations in the same order, so they agree bit for bit. The path is picked at run time from the CPU's
-// features (set_isa overrides it, to test a CPU without them).
+// block sums and the same float operations in the same order, so they agree bit for bit. The path
+// is picked at run time from the CPU's features (set_isa overrides it, to test a CPU without them).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -158,6 +158,7 @@ TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* 
     s[b] = acc;
   }
 }
+
 // AVX512 (the VNNI path): a block as two 16-float registers; the same float operations as above.
 TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
   const int64_t nb = K / QK;

@@ -91,7 +91,8 @@ def build_metadata(
     With `row_attention`, every query row of every span (decodes and prefill chunks alike) goes into one
     RowBatch, instead of padded decode groups and SDPA prefill calls."""
     slot_mapping: list[int] = []
-    decode_rows: list[int] = []  # first row of each decode or short span
+    decode_rows: list[int] = []  # first row of each span attended by rows: a decode, a short span, or with
+    # row_attention any span
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []  # its context length, new tokens included
     decode_queries: list[int] = []  # its new tokens
