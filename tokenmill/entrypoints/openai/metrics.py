@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from tokenmill.engine.replicas import ReplicatedEngine
 from tokenmill.metering.roofline import calibration_error
 from tokenmill.outputs import RequestOutput
 
@@ -72,6 +73,8 @@ class ServerMetrics:
         self.model_name = model_name
         engine = async_engine.engine
         self.registry.register(_EngineCollector(engine))
+        if isinstance(async_engine, ReplicatedEngine):  # replicas: their totals above, each one's series here
+            self.registry.register(_ReplicaCollector(async_engine))
         if engine.stats().policy.tenant_tokens is not None:  # tenant names: shown only to whom may see them
             self.tenant_registry = CollectorRegistry()
             self.tenant_registry.register(_TenantTokensCollector(engine))
@@ -219,6 +222,53 @@ def _spec_families(spec):
                             "since start", value=spec.acceptance_rate)
     yield GaugeMetricFamily("tokenmill_spec_decode_mean_accepted_length", "Draft tokens kept per verification, "
                             "since start", value=spec.mean_accepted_length)
+
+
+class _ReplicaCollector:
+    """tokenmill_replica_*{replica}: each data-parallel replica's state, beside the totals of all of them."""
+
+    def __init__(self, replicated):
+        self.replicated = replicated
+
+    def collect(self):
+        info = GaugeMetricFamily("tokenmill_replica_info", "Where each replica runs: its machine's address and its "
+                                 "process id (1 for each replica)", labels=["replica", "node", "pid"])
+        families = {
+            "up": GaugeMetricFamily("tokenmill_replica_up", "1 while the replica takes requests, 0 while it "
+                                    "restarts", labels=["replica"]),
+            "in_flight": GaugeMetricFamily("tokenmill_replica_requests_in_flight", "Requests routed to the replica "
+                                           "and not finished", labels=["replica"]),
+            "routed": CounterMetricFamily("tokenmill_replica_routed_requests", "Requests routed to the replica "
+                                          "since start", labels=["replica"]),
+            "restarts": CounterMetricFamily("tokenmill_replica_restarts", "Times the replica came back after "
+                                            "dying", labels=["replica"]),
+            "running": GaugeMetricFamily("tokenmill_replica_num_requests_running", "Sequences in the replica's "
+                                         "running batch", labels=["replica"]),
+            "waiting": GaugeMetricFamily("tokenmill_replica_num_requests_waiting", "Sequences waiting in the "
+                                         "replica", labels=["replica"]),
+            "free": GaugeMetricFamily("tokenmill_replica_kv_cache_free_blocks", "The replica's free KV blocks",
+                                      labels=["replica"]),
+            "total": GaugeMetricFamily("tokenmill_replica_kv_cache_total_blocks", "The replica's KV blocks",
+                                       labels=["replica"]),
+            "queries": CounterMetricFamily("tokenmill_replica_prefix_cache_queries_tokens", "Prompt tokens the "
+                                           "replica looked up in its prefix cache", labels=["replica"]),
+            "hits": CounterMetricFamily("tokenmill_replica_prefix_cache_hits_tokens", "Prompt tokens the replica "
+                                        "found in its prefix cache", labels=["replica"]),
+        }
+        for replica, stats in self.replicated.replica_stats():
+            label = [str(replica.index)]
+            info.add_metric([*label, replica.node, str(replica.pid)], 1)
+            for name, value in (("up", replica.up), ("in_flight", replica.load), ("routed", replica.routed),
+                                ("restarts", replica.restarts)):
+                families[name].add_metric(label, value)
+            if stats is not None:
+                for name, value in (("running", stats.num_running), ("waiting", stats.num_waiting),
+                                    ("free", stats.kv_free_blocks), ("total", stats.kv_total_blocks),
+                                    ("queries", stats.prefix_cache.queries_tokens),
+                                    ("hits", stats.prefix_cache.hit_tokens)):
+                    families[name].add_metric(label, value)
+        yield info
+        yield from families.values()
 
 
 class _TenantTokensCollector:

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from jinja2 import TemplateError
 
-from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError
+from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, UnavailableError
 from tokenmill.errors import InvalidParameterError, TokenmillError, require_unicode
 from tokenmill.entrypoints.openai.chat_output import AssistantMessage
 from tokenmill.entrypoints.openai.protocol import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, _Sampling,
@@ -283,8 +283,8 @@ class OpenAIServing:
                 yield _sse(fmt.chunk([]) | {"usage": _usage(list(finals.values()), self.speculative)})
         except TokenmillError as e:  # nothing more can be sent as a status code once the stream started
             yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}})
-        except RuntimeError as e:  # a failed step (500) or a shutdown that ran out of time (503)
-            code = 503 if isinstance(e, ServerShutdownError) else 500
+        except RuntimeError as e:  # a failed step (500); a shutdown that ran out of time or a lost replica (503)
+            code = 503 if isinstance(e, UnavailableError) else 500
             yield _sse({"error": {"message": str(e), "type": "internal_error", "param": None, "code": code}})
         finally:
             for stream in streams:  # a no-op for finished ones; frees the rest if the client left
