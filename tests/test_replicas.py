@@ -9,6 +9,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -164,3 +166,21 @@ def test_server_with_replicas_survives_a_killed_replica(default_model_available)
             assert (server.metric("tokenmill_replica_kv_cache_free_blocks", f'replica="{i}"')
                     == server.metric("tokenmill_replica_kv_cache_total_blocks", f'replica="{i}"'))
         assert server.metric("tokenmill_kv_cache_free_blocks") == server.metric("tokenmill_kv_cache_total_blocks")
+
+
+def test_without_ray_the_flag_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(InvalidParameterError, match=r"pip install 'tokenmill\[ray\]'"):
+        ReplicatedEngine(None, {}, 2, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data-parallel-size", "0"], "data_parallel_size: must be at least 1"),
+    (["--data-parallel-size", "2", "--threads-per-replica", "0"], "threads_per_replica: must be at least 1"),
+    (["--threads-per-replica", "1"], "threads_per_replica: applies to replicas"),
+    (["--data-parallel-size", "2", "--routing-policy", "random"], "invalid choice"),
+])
+def test_serve_refuses_bad_replica_flags(flags, message):
+    result = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr

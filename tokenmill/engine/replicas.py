@@ -28,6 +28,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream, ServerShutdownError, UnavailableError
 from tokenmill.engine.router import Router
 from tokenmill.engine.stats import EngineStats, merge_stats
@@ -184,11 +186,10 @@ class ReplicatedEngine:
             import ray
         except ImportError:
             raise InvalidParameterError("data_parallel_size", RAY_MISSING) from None
-        if replicas < 1:
-            raise InvalidParameterError("data_parallel_size", f"must be at least 1, got {replicas}")
+        for name, value in (("data_parallel_size", replicas), ("threads_per_replica", threads_per_replica)):
+            if value is not None and value < 1:
+                raise InvalidParameterError(name, f"must be at least 1, got {value}")
         threads = threads_per_replica or max(1, (os.cpu_count() or 1) // replicas)
-        if threads < 1:
-            raise InvalidParameterError("threads_per_replica", f"must be at least 1, got {threads}")
         self.router = Router(routing_policy)  # checks the policy's name before anything starts
         self.max_queue = max_queue
         self.observer = observer or (lambda kind, item: None)
@@ -199,8 +200,9 @@ class ReplicatedEngine:
             ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
                      **({} if ray_address else {"num_cpus": max(os.cpu_count() or 1, replicas * threads)}))
         threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        actor_class = ray.remote(EngineReplica).options(
-            num_cpus=threads, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": threads_env})
+        gpus = 1 if engine_kwargs.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda" else 0
+        actor_class = ray.remote(EngineReplica).options(  # Ray gives each replica a GPU of its own
+            num_cpus=threads, num_gpus=gpus, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": threads_env})
         actors = [actor_class.remote(model, engine_kwargs, max_queue) for _ in range(replicas)]
         try:
             infos = ray.get([a.info.remote() for a in actors])

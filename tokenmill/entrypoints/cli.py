@@ -311,6 +311,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise InvalidParameterError(name, f"must be non-negative, got {value}")
+    for name in ("data_parallel_size", "threads_per_replica"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InvalidParameterError(name, f"must be at least 1, got {value}")
+    if args.threads_per_replica is not None and args.data_parallel_size == 1 and args.ray_address is None:
+        raise InvalidParameterError("threads_per_replica", "applies to replicas: give --data-parallel-size too "
+                                                           "(one engine uses every core)")
     cors_only = next((name for name in ("allowed_methods", "allowed_headers", "allow_credentials")
                       if getattr(args, name)), None)
     if cors_only is not None and args.allowed_origins is None:
