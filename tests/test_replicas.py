@@ -51,12 +51,18 @@ def replicated(local_ray):
         engine.shutdown()
 
 
-def assert_all_blocks_free(engine: ReplicatedEngine) -> None:
-    asyncio.run(engine.refresh_stats())
-    for replica, stats in engine.replica_stats():
-        assert replica.load == 0, f"replica {replica.index} has requests in flight"
-        assert stats.num_requests == 0 and stats.kv_free_blocks == stats.kv_total_blocks, (
-            f"replica {replica.index}: {stats.kv_total_blocks - stats.kv_free_blocks} KV blocks not free")
+def assert_all_blocks_free(engine: ReplicatedEngine, timeout: float = 30) -> None:
+    """Every replica idle with its whole pool free, within `timeout` (an abort reaches a replica's engine
+    thread between two of its steps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        asyncio.run(engine.refresh_stats())
+        busy = [(r.index, r.load, s.num_requests, s.kv_total_blocks - s.kv_free_blocks) for r, s in engine.replica_stats()
+                if r.load or s.num_requests or s.kv_free_blocks != s.kv_total_blocks]
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"(replica, in flight, requests, KV blocks held): {busy}"
+        time.sleep(0.1)
 
 
 async def answer(engine, request_id: str, prompt, params: SamplingParams = GREEDY):
@@ -102,6 +108,23 @@ def test_prefix_routing_caches_more_prompt_tokens_than_round_robin(replicated):
         hits[policy] = engine.stats().prefix_cache.hit_tokens  # what /metrics shows as the total
     assert hits["prefix"] == 6 * 512, hits
     assert hits["round_robin"] < hits["prefix"], hits
+
+
+def test_a_client_that_leaves_frees_its_blocks_and_the_others_go_on(replicated):
+    engine = replicated()
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+
+    async def run():
+        leaving = [await engine.add_request(f"leave{i}", p, long) for i, p in enumerate(PROMPTS[:3])]
+        staying = asyncio.gather(*(answer(engine, f"stay{i}", p) for i, p in enumerate(PROMPTS[3:])))
+        for stream in leaving:
+            async for output in stream:
+                if len(output.outputs[0].token_ids) >= 2:
+                    break  # leaving the iteration aborts the request
+        assert all(o.finished for o in await staying)
+
+    asyncio.run(run())
+    assert_all_blocks_free(engine)
 
 
 def test_a_killed_replica_ends_its_requests_and_comes_back(replicated):

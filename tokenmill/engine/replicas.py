@@ -194,7 +194,7 @@ class ReplicatedEngine:
         self.max_queue = max_queue
         self.observer = observer or (lambda kind, item: None)
         self._ray = ray
-        self._own_ray = not ray.is_initialized() and ray_address is None
+        self._own_ray = not ray.is_initialized()  # connected here: disconnected (a local instance: stopped) at shutdown
         if not ray.is_initialized():
             # A local instance advertises enough CPUs for the replicas asked for: oversubscribing is the user's call.
             ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
