@@ -224,6 +224,25 @@ def _spec_families(spec):
                             "since start", value=spec.mean_accepted_length)
 
 
+# tokenmill_replica_<name>{replica}: (gauge or counter, help, what it reads of the replica's front handle
+# and of its latest EngineStats; None: the series has no sample before the replica's first snapshot)
+REPLICA_SERIES = (
+    ("up", GaugeMetricFamily, "1 while the replica takes requests, 0 while it restarts", lambda r, s: r.up),
+    ("requests_in_flight", GaugeMetricFamily, "Requests routed to the replica and not finished", lambda r, s: r.load),
+    ("routed_requests", CounterMetricFamily, "Requests routed to the replica since start", lambda r, s: r.routed),
+    ("restarts", CounterMetricFamily, "Times the replica came back after dying", lambda r, s: r.restarts),
+    ("num_requests_running", GaugeMetricFamily, "Sequences in the replica's running batch",
+     lambda r, s: s and s.num_running),
+    ("num_requests_waiting", GaugeMetricFamily, "Sequences waiting in the replica", lambda r, s: s and s.num_waiting),
+    ("kv_cache_free_blocks", GaugeMetricFamily, "The replica's free KV blocks", lambda r, s: s and s.kv_free_blocks),
+    ("kv_cache_total_blocks", GaugeMetricFamily, "The replica's KV blocks", lambda r, s: s and s.kv_total_blocks),
+    ("prefix_cache_queries_tokens", CounterMetricFamily, "Prompt tokens the replica looked up in its prefix cache",
+     lambda r, s: s and s.prefix_cache.queries_tokens),
+    ("prefix_cache_hits_tokens", CounterMetricFamily, "Prompt tokens the replica found in its prefix cache",
+     lambda r, s: s and s.prefix_cache.hit_tokens),
+)
+
+
 class _ReplicaCollector:
     """tokenmill_replica_*{replica}: each data-parallel replica's state, beside the totals of all of them."""
 
@@ -233,42 +252,16 @@ class _ReplicaCollector:
     def collect(self):
         info = GaugeMetricFamily("tokenmill_replica_info", "Where each replica runs: its machine's address and its "
                                  "process id (1 for each replica)", labels=["replica", "node", "pid"])
-        families = {
-            "up": GaugeMetricFamily("tokenmill_replica_up", "1 while the replica takes requests, 0 while it "
-                                    "restarts", labels=["replica"]),
-            "in_flight": GaugeMetricFamily("tokenmill_replica_requests_in_flight", "Requests routed to the replica "
-                                           "and not finished", labels=["replica"]),
-            "routed": CounterMetricFamily("tokenmill_replica_routed_requests", "Requests routed to the replica "
-                                          "since start", labels=["replica"]),
-            "restarts": CounterMetricFamily("tokenmill_replica_restarts", "Times the replica came back after "
-                                            "dying", labels=["replica"]),
-            "running": GaugeMetricFamily("tokenmill_replica_num_requests_running", "Sequences in the replica's "
-                                         "running batch", labels=["replica"]),
-            "waiting": GaugeMetricFamily("tokenmill_replica_num_requests_waiting", "Sequences waiting in the "
-                                         "replica", labels=["replica"]),
-            "free": GaugeMetricFamily("tokenmill_replica_kv_cache_free_blocks", "The replica's free KV blocks",
-                                      labels=["replica"]),
-            "total": GaugeMetricFamily("tokenmill_replica_kv_cache_total_blocks", "The replica's KV blocks",
-                                       labels=["replica"]),
-            "queries": CounterMetricFamily("tokenmill_replica_prefix_cache_queries_tokens", "Prompt tokens the "
-                                           "replica looked up in its prefix cache", labels=["replica"]),
-            "hits": CounterMetricFamily("tokenmill_replica_prefix_cache_hits_tokens", "Prompt tokens the replica "
-                                        "found in its prefix cache", labels=["replica"]),
-        }
+        families = [(kind(f"tokenmill_replica_{name}", doc, labels=["replica"]), read)
+                    for name, kind, doc, read in REPLICA_SERIES]
         for replica, stats in self.replicated.replica_stats():
-            label = [str(replica.index)]
-            info.add_metric([*label, replica.node, str(replica.pid)], 1)
-            for name, value in (("up", replica.up), ("in_flight", replica.load), ("routed", replica.routed),
-                                ("restarts", replica.restarts)):
-                families[name].add_metric(label, value)
-            if stats is not None:
-                for name, value in (("running", stats.num_running), ("waiting", stats.num_waiting),
-                                    ("free", stats.kv_free_blocks), ("total", stats.kv_total_blocks),
-                                    ("queries", stats.prefix_cache.queries_tokens),
-                                    ("hits", stats.prefix_cache.hit_tokens)):
-                    families[name].add_metric(label, value)
+            info.add_metric([str(replica.index), replica.node, str(replica.pid)], 1)
+            for family, read in families:
+                value = read(replica, stats)
+                if value is not None:
+                    family.add_metric([str(replica.index)], value)
         yield info
-        yield from families.values()
+        yield from (family for family, _ in families)
 
 
 class _TenantTokensCollector:
