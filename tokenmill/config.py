@@ -284,6 +284,12 @@ class ModelOptions:
     chat_template: str | None = option(
         None, "a jinja chat template, or the path of a file holding one, to use instead of the checkpoint's; one "
               "that does not parse stops the start", default_text="the checkpoint's", metavar="FILE_OR_TEMPLATE")
+    tensor_parallel_size: int = option(
+        1, "split the model over this many processes on this machine (tensor parallel; CPU: gloo, CUDA: NCCL, "
+           "one GPU a rank); it must divide the attention heads, KV heads, MLP width and vocabulary")
+
+    def __post_init__(self):
+        _check_at_least_one(self, "tensor_parallel_size")
 
 
 @dataclass
