@@ -56,7 +56,7 @@ def test_the_speculative_config_help_lists_every_key():
 def test_cli_flags_become_the_expected_config():
     args = cli.build_parser().parse_args([
         "generate", "hi", "--model", "m.gguf", "--dtype", "bfloat16", "--device", "cpu", "--seed", "3",
-        "--max-model-len", "512", "--block-size", "32", "--kv-cache-memory", "64MiB", "--kv-cache-fraction", "0.1",
+        "--max-model-len", "512", "--tensor-parallel-size", "2", "--block-size", "32", "--kv-cache-memory", "64MiB", "--kv-cache-fraction", "0.1",
         "--no-enable-prefix-caching", "--kv-cache-dtype", "int8", "--max-num-seqs", "8",
         "--max-num-batched-tokens", "256", "--scheduling-policy", "fair", "--tenant-weights", "a=2,b=1",
         "--quantization", "int4", "--quantization-group-size", "64",
@@ -66,7 +66,7 @@ def test_cli_flags_become_the_expected_config():
     assert "model" not in kwargs and kwargs["kv_cache_memory"] == "64MiB"
     config = EngineConfig.from_kwargs(model=args.model, **kwargs)
     assert config == EngineConfig(
-        model=ModelOptions("m.gguf", "bfloat16", "cpu", 3, 512),
+        model=ModelOptions("m.gguf", "bfloat16", "cpu", 3, 512, tensor_parallel_size=2),
         cache=CacheConfig(32, 64 * 2**20, 0.1, False, "int8"),
         scheduler=SchedulerConfig(8, 256, PolicyConfig("fair", tenant_weights={"a": 2.0, "b": 1.0})),
         quantization=QuantizationConfig("int4", 64),

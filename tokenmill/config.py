@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,19 @@ class ModelConfig:
             sliding_window=window,
             hf_config=hf,
         )
+
+    def tensor_parallel_share(self, size: int) -> "ModelConfig":
+        """The shape one of `size` tensor-parallel ranks holds: its share of the query heads, the KV heads
+        and the MLP's width (the vocabulary stays whole here: the embedding and output head split it
+        themselves). A size that does not divide each of them, and the vocabulary, is refused."""
+        for count, what in ((self.num_heads, "attention heads"), (self.num_kv_heads, "KV heads"),
+                            (self.intermediate_size, "MLP width"), (self.vocab_size, "vocabulary")):
+            if count % size:
+                raise InvalidParameterError(
+                    "tensor_parallel_size", f"{size} does not divide the model's {what} ({count}): every rank "
+                                            f"must hold an equal share of them")
+        return replace(self, num_heads=self.num_heads // size, num_kv_heads=self.num_kv_heads // size,
+                       intermediate_size=self.intermediate_size // size)
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         """Cache bytes of one token over all layers, the scales of an 8-bit cache included."""
@@ -271,6 +284,12 @@ class ModelOptions:
     chat_template: str | None = option(
         None, "a jinja chat template, or the path of a file holding one, to use instead of the checkpoint's; one "
               "that does not parse stops the start", default_text="the checkpoint's", metavar="FILE_OR_TEMPLATE")
+    tensor_parallel_size: int = option(
+        1, "split the model over this many processes on this machine (tensor parallel; CPU: gloo, CUDA: NCCL, "
+           "one GPU a rank); it must divide the attention heads, KV heads, MLP width and vocabulary")
+
+    def __post_init__(self):
+        _check_at_least_one(self, "tensor_parallel_size")
 
 
 @dataclass

@@ -27,6 +27,11 @@ class RequestFailedError(RuntimeError):
     ended and the other requests went on."""
 
 
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank died or stopped answering: the engine cannot run another step (its
+    message says what became of the worker processes)."""
+
+
 class ModelLoadError(TokenmillError):
     """A model cannot be found or loaded (unknown path, pickle checkpoint, unsupported tensor type)."""
 

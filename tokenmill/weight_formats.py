@@ -8,7 +8,7 @@ the executor's linear layers consume them, so they sit below both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -65,3 +65,21 @@ LowBit = Int4Groups | Int8Blocks  # a checkpoint's low-bit tensor as it was stor
 def dense(weight: torch.Tensor | LowBit) -> torch.Tensor:
     """The weight as a plain tensor (low-bit forms dequantized to float32)."""
     return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def part(weight: torch.Tensor | LowBit, dim: int, index: int, parts: int) -> torch.Tensor | LowBit:
+    """Part `index` of `parts` equal parts of a weight [out, in] (or a bias [out]) along `dim`: 0 cuts
+    output rows (a low-bit weight's scales go with their rows), 1 cuts inputs (a low-bit weight's
+    groups go whole with them, so a cut inside a group is refused)."""
+    size = weight.shape[dim] // parts
+    cut = slice(index * size, (index + 1) * size)
+    if isinstance(weight, torch.Tensor):
+        return (weight[cut] if dim == 0 else weight[:, cut]).contiguous()
+    if dim == 0:
+        return weight.map_rows(lambda t: t[cut].contiguous())
+    group = weight.q.shape[1] // weight.d.shape[1]
+    if size % group:
+        raise ValueError(f"a part of {size} inputs would cut the weight's groups of {group}")
+    groups = slice(cut.start // group, cut.stop // group)
+    return type(weight)(*(getattr(weight, f.name)[:, cut if f.name == "q" else groups].contiguous()
+                          for f in fields(weight)))

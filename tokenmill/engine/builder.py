@@ -4,7 +4,8 @@
 length, and makes the tokenizer, accountant, block pool, KV manager, scheduler, output
 processor, runner and speculator (with its draft model) that LLMEngine then drives.
 `load_model` + `build_runner` are the one path from a checkpoint to a ModelRunner, taken by
-the engine's model and by a draft model alike.
+the engine's model, by a draft model and by each tensor-parallel worker alike. With
+tensor_parallel_size N, the engine's runner is rank 0 of N and the workers are started here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from tokenmill.config import (
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.policy import make_policy
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.tensor_parallel import TensorParallelWorkers, start_workers
 from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.models.registry import model_class
+from tokenmill.executor.parallel import TensorParallel
 from tokenmill.executor.runner import ModelRunner
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
@@ -84,6 +87,7 @@ class EngineParts:
     model_bytes: ModelBytes  # what a step reads, for metering and benchmarks
     speculator: Speculator | NoSpeculation
     memory_report: MemoryReport
+    workers: TensorParallelWorkers | None  # the other tensor-parallel ranks' processes (None: one rank)
 
 
 @dataclass
@@ -121,7 +125,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
     scheduler = Scheduler(kv_cache, make_policy(sched.policy, max_model_len), sched.max_num_seqs,
                           sched.max_num_batched_tokens, eos_token_ids, max_model_len)
     output_processor = OutputProcessor(tokenizer, eos_token_ids)
-    runner = build_runner(target, device, num_blocks, cache.block_size, max_model_len, opts.seed, kv_cache_dtype)
+    runner, workers = _build_ranks(config, target, device, num_blocks, max_model_len, kv_cache_dtype)
     model_bytes = ModelBytes(*runner.byte_sizes())
     accountant.sizes = model_bytes
     speculator: Speculator | NoSpeculation = NoSpeculation()
@@ -130,11 +134,33 @@ def build_engine(config: EngineConfig) -> EngineParts:
         if config.speculation.method == "draft":
             draft = build_draft(config, target, device, num_blocks + 2 * sched.max_num_seqs, max_model_len)
         speculator = Speculator(config.speculation, max_model_len, sched.max_num_batched_tokens, draft)
+    # This rank's (rank 0's) weights and cache: under tensor parallelism each rank holds its share.
     memory_report = MemoryReport(_weights_name(target.quant, dtype), runner.weight_bytes(), _dtype_name(kv_cache_dtype),
-                                 model_config.kv_bytes_per_token(kv_cache_dtype), capacity)
+                                 runner.cfg.kv_bytes_per_token(kv_cache_dtype), capacity)
     return EngineParts(config, target.name, model_config, device, dtype, target.quant, kv_cache_dtype, eos_token_ids,
                        defaults, tokenizer, accountant, max_model_len, block_pool, kv_cache, scheduler,
-                       output_processor, runner, model_bytes, speculator, memory_report)
+                       output_processor, runner, model_bytes, speculator, memory_report, workers)
+
+
+def _build_ranks(config: EngineConfig, target: LoadedModel, device: torch.device, num_blocks: int, max_model_len: int,
+                 kv_cache_dtype: torch.dtype) -> tuple[ModelRunner, TensorParallelWorkers | None]:
+    """The engine's runner and, with tensor_parallel_size N > 1, the processes of ranks 1..N-1: each loads its
+    share while this one (rank 0) loads its own. Every KV pool has the same blocks, of each rank's KV heads."""
+    size, cache = config.model.tensor_parallel_size, config.cache
+    tp, workers = TensorParallel(), None
+    if size > 1:
+        target.model_config.tensor_parallel_share(size)  # a size that does not divide the heads fails before any start
+        tp, workers = start_workers(config, device, num_blocks, max_model_len)
+    try:
+        runner = build_runner(target, device, num_blocks, cache.block_size, max_model_len, config.model.seed,
+                              kv_cache_dtype, tp)
+        if workers is not None:
+            workers.ready()
+    except BaseException:
+        if workers is not None:
+            workers.kill()
+        raise
+    return runner, workers
 
 
 # ---- model -> runner --------------------------------------------------------------------------
@@ -163,14 +189,16 @@ def load_model(source, dtype: str | torch.dtype, device: torch.device, quantizat
 
 
 def build_runner(model: LoadedModel, device: torch.device, num_blocks: int, block_size: int, max_model_len: int,
-                 seed: int | None = None, kv_cache_dtype: torch.dtype | None = None) -> ModelRunner:
-    """The runner of a loaded model with a paged KV cache of `num_blocks` blocks. Quantized layers take
-    a GGUF's low-bit blocks as they are (converting only where their form differs)."""
+                 seed: int | None = None, kv_cache_dtype: torch.dtype | None = None,
+                 tp: TensorParallel | None = None) -> ModelRunner:
+    """The runner of a loaded model (with `tp`, of this rank's share of it) with a paged KV cache of
+    `num_blocks` blocks. Quantized layers take a GGUF's low-bit blocks as they are (converting only
+    where their form differs)."""
     weights = model.ckpt.weights(packed=model.quant is not None)
     if model.layers is not None:
         weights = _renumbered(weights, model.layers)
     return ModelRunner(model.model_config, weights, model.dtype, device, num_blocks, block_size, max_model_len,
-                       seed, model.quant, kv_cache_dtype)
+                       seed, model.quant, kv_cache_dtype, tp)
 
 
 def build_draft(config: EngineConfig, target: LoadedModel, device: torch.device, num_blocks: int,

@@ -21,7 +21,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.builder import EngineParts, build_engine
 from tokenmill.engine.output_processor import Request
 from tokenmill.engine.stats import EngineStats, PhaseRoofline, PolicyStats
-from tokenmill.errors import InvalidParameterError, require_unicode
+from tokenmill.errors import InvalidParameterError, TensorParallelError, require_unicode
 from tokenmill.metering.roofline import Roofline
 from tokenmill.outputs import RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -54,14 +54,21 @@ class LLMEngine:
         self._last_step: tuple = (None, None)  # (shape, wall seconds) of the latest step that computed tokens
         self._step_shape = None  # the running step's, once planned
         self._stats = self._snapshot()
-        log.info("tokenmill: %s, %s on %s, %s, %d KV blocks of %d tokens, max_model_len %d, prefix caching %s; "
-                 "linear layers on %s", self.model_name, self.dtype, self.device, self.memory_report,
+        log.info("tokenmill: %s, %s on %s, tensor parallel %d, %s, %d KV blocks of %d tokens, max_model_len %d, "
+                 "prefix caching %s; linear layers on %s", self.model_name, self.dtype, self.device,
+                 config.model.tensor_parallel_size, self.memory_report,
                  self.block_pool.num_usable_blocks, config.cache.block_size, self.max_model_len,
                  "on" if config.cache.enable_prefix_caching else "off", self.runner.kernels_in_use())
         # What loading made lives as long as the engine: frozen, the collector no longer walks it on each
         # full collection (a pause of 150-200 ms every few hundred steps with transformers imported).
         gc.collect()
         gc.freeze()
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel worker processes (nothing to do with one rank; done anyway when the
+        engine is collected or the interpreter exits). The engine cannot step after."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -226,6 +233,8 @@ class LLMEngine:
         draft_probs = self.speculator.draft_probs
         try:
             return chunks, self.runner.execute(chunks, self._blocked(chunks), draft_probs)
+        except TensorParallelError:
+            raise  # a rank is gone: no request could run alone either
         except Exception:
             by_request: dict[str, list[ScheduledChunk]] = {}
             for chunk in chunks:  # a fork's chunk samples from its parent's: a request's chunks go together

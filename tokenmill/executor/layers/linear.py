@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import WeightQuant
+from tokenmill.errors import InvalidParameterError
 from tokenmill.executor.kernels.packed import PackedWeight, kernels_fit, pack_q4, pack_q8
 from tokenmill.executor.layers.quant import (
     int4_group_for, int4_mm, int4_scale_zero, int8_fits, int8_mm, int8_scale, pack_int4, quantize_int4, quantize_int8,
@@ -31,17 +32,46 @@ from tokenmill.weight_formats import Int4Groups, Int8Blocks, LowBit, dense
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False, quant: WeightQuant | None = None,
-                names: tuple[str, ...] = ()):
+                names: tuple[str, ...] = (), split: str | None = None, world: int = 1):
     """The layer `quant` asks for the checkpoint weights `names` (the shards of a fused projection);
-    float where the kernels cannot take the shape."""
+    float where the kernels cannot take the shape.
+
+    Under tensor parallelism the layer is one rank's share of a `world` times larger one: `split`
+    "column" holds out_features of its output rows, "row" in_features of its inputs. The share takes
+    the form the whole layer would (a column share computes each of its outputs as the whole layer
+    does; a row share holds whole groups); a share that cannot hold that form (int4 groups or int8
+    blocks cut between ranks, int4 rows not in blocks of 16) is refused. PyTorch's per-channel int8
+    (no tokenmill kernels) scales a row share's rows by the share's own maximum."""
+    form = _form(in_features, out_features, quant, names)
+    if split is not None and world > 1:
+        whole = (in_features, out_features * world) if split == "column" else (in_features * world, out_features)
+        if (whole_form := _form(*whole, quant, names)) != form:
+            axis = "output rows" if split == "column" else "inputs"
+            raise InvalidParameterError(
+                "tensor_parallel_size", f"{names[0] if names else 'a projection'} ({whole[1]} x {whole[0]}) is "
+                                        f"{_form_name(whole_form)} as a whole, but its share of {axis} on each of "
+                                        f"{world} ranks ({out_features} x {in_features}) can only be "
+                                        f"{_form_name(form)}; use a size whose shares hold whole groups")
+    cls, group = form
+    return cls(in_features, out_features, bias) if group is None else cls(in_features, out_features, bias, group)
+
+
+def _form(in_features: int, out_features: int, quant: WeightQuant | None,
+          names: tuple[str, ...]) -> tuple[type, int | None]:
+    """(layer class, int4 group or None) of a layer of this shape."""
     method = quant.method_for(names) if quant is not None else None
     if method == "int8" and int8_fits(in_features):
-        return Int8Linear(in_features, out_features, bias)
+        return Int8Linear, None
     if method == "int4":
         group = int4_group_for(in_features, out_features, quant.group_size)
         if group is not None:
-            return Int4Linear(in_features, out_features, bias, group)
-    return Linear(in_features, out_features, bias)
+            return Int4Linear, group
+    return Linear, None
+
+
+def _form_name(form: tuple[type, int | None]) -> str:
+    cls, group = form
+    return {Linear: "float", Int8Linear: "int8", Int4Linear: f"int4 in groups of {group}"}[cls]
 
 
 class LinearBase(nn.Module):

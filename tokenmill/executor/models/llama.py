@@ -8,6 +8,13 @@ always its own layer, also when the checkpoint ties it to the embedding: the cop
 vocab x hidden values and makes batch-1 logits about twice as fast on CPU. With quantized
 weights (`quant`) every projection is int8 or int4 except the output one, which is int8 in
 both cases (see LM_HEAD_QUANT); the embedding and the norms stay float.
+
+Under tensor parallelism (`tp`) the model is one rank's share, built from the config of that
+share (ModelConfig.tensor_parallel_share): Q/K/V and gate/up hold their heads' and columns'
+output rows (column-parallel), O and down the matching inputs (row-parallel, their outputs summed
+over ranks by an all-reduce), the embedding and the output head their part of the vocabulary
+(the logits gathered from every rank). `load_weights` cuts each checkpoint tensor to this rank's
+part as it arrives.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from torch import nn
 from tokenmill.config import ModelConfig, WeightQuant
 from tokenmill.executor.kernels import lowbit
 from tokenmill.executor.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.executor.layers.embedding import VocabParallelEmbedding
 from tokenmill.executor.layers.kv_cache import KVCache
 from tokenmill.executor.layers.linear import LinearBase, make_linear
 from tokenmill.executor.layers.rotary import RotaryEmbedding
-from tokenmill.weight_formats import dense
+from tokenmill.executor.parallel import TensorParallel
+from tokenmill.weight_formats import dense, part
 
 # The output projection of a quantized model. It is the largest matrix of a small model (SmolLM2-135M:
 # 28M of 135M weights, 49k x 576), so leaving it float would cost most of the speed; int8 keeps next-token
@@ -52,14 +61,16 @@ def cpu_ops(x: torch.Tensor):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, prefix: str):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, prefix: str,
+                 tp: TensorParallel):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant,
-                                    _names(prefix, "q_proj", "k_proj", "v_proj"))
-        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, _names(prefix, "o_proj"))
+                                    _names(prefix, "q_proj", "k_proj", "v_proj"), "column", tp.world)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, _names(prefix, "o_proj"), "row", tp.world)
+        self.tp = tp
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -80,31 +91,34 @@ class Attention(nn.Module):
         q = qk[:, : self.num_heads]
         kv = qkv[:, self.q_size:].view(tokens, 2, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, kv, cache, meta, self.scale)
-        return self.o_proj(out)
+        return self.tp.all_reduce(self.o_proj(out))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: WeightQuant | None, prefix: str):
+    def __init__(self, cfg: ModelConfig, quant: WeightQuant | None, prefix: str, tp: TensorParallel):
         super().__init__()
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant,
-                                        _names(prefix, "gate_proj", "up_proj"))
-        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, _names(prefix, "down_proj"))
+                                        _names(prefix, "gate_proj", "up_proj"), "column", tp.world)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, _names(prefix, "down_proj"),
+                                     "row", tp.world)
+        self.tp = tp
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if (ops := cpu_ops(gate_up)) is not None:
-            return self.down_proj(ops.silu_mul(gate_up))
+            return self.tp.all_reduce(self.down_proj(ops.silu_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, index: int):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: WeightQuant | None, index: int,
+                 tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, quant, f"model.layers.{index}.self_attn")
+        self.self_attn = Attention(cfg, rotary, quant, f"model.layers.{index}.self_attn", tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, quant, f"model.layers.{index}.mlp")
+        self.mlp = MLP(cfg, quant, f"model.layers.{index}.mlp", tp)
 
     def forward(self, x, cos_sin, meta, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
@@ -117,17 +131,22 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    # Tensor parallel: checkpoint weights cut by output rows (their biases too; the vocabulary's rows
+    # for the embedding and output head) and by inputs. The rest (norms) every rank holds whole.
+    COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head"}
+    ROW_PARALLEL = {"o_proj", "down_proj"}
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, quant: WeightQuant | None = None):
+    def __init__(self, cfg: ModelConfig, max_positions: int, quant: WeightQuant | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp = tp or TensorParallel()
         self.rotary = RotaryEmbedding(cfg, max_positions)
-        # Given its (empty) weight, the embedding skips its random init: the weights are loaded anyway,
-        # and the init's normal_ on the meta device imports torch._dynamo (1.8 s of start-up).
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, quant, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, LM_HEAD_QUANT if quant else None)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size // tp.world, False, LM_HEAD_QUANT if quant else None,
+                                   ("lm_head.weight",), "column", tp.world)
         self.requires_grad_(False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
@@ -147,14 +166,18 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_params(self, kv_caches) -> list[torch.Tensor] | None:
         """What step_layers takes, 12 tensors a layer, or None where the fused step cannot run this model
-        (float weights, q/k norms, an 8-bit or non-float32 cache): then each layer runs op by op."""
+        (float weights, q/k norms, an 8-bit or non-float32 cache, tensor parallelism: the fused step has no
+        all-reduce between its layers' halves): then each layer runs op by op."""
+        if self.tp.world > 1:
+            return None
         key = id(kv_caches)
         if getattr(self, "_fused_key", None) != key:
             self._fused_key, self._fused = key, _fused_layer_params(self.layers, kv_caches)
         return self._fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        """Logits [rows, vocab]; under tensor parallelism every rank takes part and gets them all."""
+        return self.tp.all_gather(self.lm_head(self.norm(hidden)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (HF name, tensor) pairs; every weight (and fused shard) must be loaded once."""
@@ -164,6 +187,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
+            tensor = self._share(name, tensor)
             if name == "embed_tokens.weight" and self.cfg.tie_word_embeddings:
                 self.lm_head.load("weight", tensor)
                 loaded.add("lm_head.weight")
@@ -192,6 +216,13 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(self._expected_keys(names) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+
+    def _share(self, name: str, tensor):
+        """This rank's part of a checkpoint tensor (all of it without tensor parallelism)."""
+        module = name.rsplit(".", 2)[-2]
+        if self.tp.world == 1 or module not in self.COLUMN_PARALLEL | self.ROW_PARALLEL:
+            return tensor
+        return part(tensor, 0 if module in self.COLUMN_PARALLEL else 1, self.tp.rank, self.tp.world)
 
     def _weight_names(self) -> set[str]:
         """Every parameter, and the weight of every linear layer (quantized ones hold it as buffers)."""
