@@ -6,6 +6,7 @@ every KV block is back in the pool."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from contextlib import contextmanager
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineStepError, UnavailableError
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import InvalidParameterError, TensorParallelError
 from tokenmill.executor.layers.linear import Int4Linear, Int8Linear
@@ -181,3 +183,29 @@ def test_a_dead_worker_fails_the_step_with_a_clear_error(tiny_llamas):
         engine.abort_request("r")
     finally:
         engine.shutdown()
+
+
+def test_behind_the_server_loop_a_dead_worker_takes_the_engine_down(tiny_llamas):
+    """The AsyncLLMEngine (what the server runs): the request in flight fails, the engine then says it
+    is down (/health 503) and refuses new requests with UnavailableError (503) instead of failing each step."""
+    engine = AsyncLLMEngine(LLMEngine(str(tiny_llamas["llama"]), tensor_parallel_size=2, **OPTIONS))
+
+    async def run():
+        stream = await engine.add_request("r", PROMPTS[1], SamplingParams(temperature=0, max_tokens=10_000,
+                                                                          ignore_eos=True))
+        outputs = stream.__aiter__()
+        await outputs.__anext__()
+        (worker,) = engine.engine.workers.procs
+        worker.send_signal(signal.SIGKILL)
+        with pytest.raises(EngineStepError):
+            async for _ in outputs:
+                pass
+        assert not engine.alive
+        with pytest.raises(UnavailableError, match="the engine is down.*worker rank 1 exited with code -9"):
+            await engine.add_request("later", PROMPTS[0], GREEDY)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert not psutil.Process().children()  # shutdown ended the worker's process

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import TensorParallelError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -122,6 +122,7 @@ class AsyncLLMEngine:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._busy_since: float | None = None  # when the current loop pass with work began
+        self._down: TensorParallelError | None = None  # set when the engine can never step again
         self._thread = threading.Thread(target=self._run, args=(engine,), name="tokenmill-engine", daemon=True)
         self._thread.start()
         self._built.wait()
@@ -159,6 +160,8 @@ class AsyncLLMEngine:
         self._stopped.set()
         self._commands.put(("stop", None))
         self._thread.join(timeout=10)
+        if self.engine is not None:
+            self.engine.shutdown()  # its tensor-parallel workers, if any
 
     @property
     def num_in_flight(self) -> int:
@@ -175,7 +178,7 @@ class AsyncLLMEngine:
         """Whether the engine thread lives and is not stuck in one step (/health says 503 when not)."""
         busy_since = self._busy_since
         stuck = busy_since is not None and time.monotonic() - busy_since > STALL_SECONDS
-        return self._thread.is_alive() and not self._stopped.is_set() and not stuck
+        return self._thread.is_alive() and not self._stopped.is_set() and not stuck and self._down is None
 
     # ---- the engine thread ------------------------------------------------------------------
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
@@ -221,6 +224,8 @@ class AsyncLLMEngine:
     def _add(self, cmd: _Add) -> None:
         loop = cmd.accepted.get_loop()
         try:
+            if self._down is not None:
+                raise UnavailableError(f"the engine is down and takes no requests: {self._down}")
             if self.max_queue is not None and self.num_queued >= self.max_queue:
                 raise QueueFullError(f"the server is busy: {self.num_queued} requests are already waiting "
                                      f"(--max-queue {self.max_queue}); retry later")
@@ -235,8 +240,10 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception:  # a bug or an out-of-memory: fail what was in flight, keep serving
+        except Exception as e:  # a bug or an out-of-memory: fail what was in flight, keep serving
             log.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
+            if isinstance(e, TensorParallelError):  # a rank is gone for good: no later step can run
+                self._down = e
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
                 stream = self._streams.pop(request_id, None)

@@ -28,6 +28,7 @@ from tokenmill.errors import InvalidParameterError, TensorParallelError
 from tokenmill.executor.parallel import TensorParallel, join, serve_store
 
 CONNECTED = "connected"  # the store's count of the workers that reached it
+DYING_SECONDS = 0.5  # how long an error waits for a worker that may be ending to be gone
 STOP_SECONDS = 30  # how long a worker may take to end after the end of plans before it is killed
 
 
@@ -104,7 +105,13 @@ def start_workers(config: EngineConfig, device: torch.device, num_blocks: int,
 
 
 def describe(procs: list[subprocess.Popen]) -> str:
-    """What became of each worker, e.g. "worker rank 1 exited with code -9"."""
+    """What became of each worker, e.g. "worker rank 1 exited with code -9" (a broken connection is often
+    seen before its process is gone: each gets a moment to end)."""
+    for p in procs:
+        try:
+            p.wait(timeout=DYING_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
     return ", ".join(f"worker rank {rank} " + ("running" if p.poll() is None else f"exited with code {p.returncode}")
                      for rank, p in enumerate(procs, 1))
 
