@@ -26,7 +26,7 @@ from tokenmill.executor.rejection_sampler import verify
 from tokenmill.executor.sampler import Sampler, SamplingBatch, token_logprobs
 from tokenmill.grammar import fill_bitmask
 from tokenmill.sequence import Sequence
-from tokenmill.step_plan import SamplerOutput, ScheduledChunk, StepResult
+from tokenmill.step_plan import ScheduledChunk, StepResult
 
 _mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")  # masks while the model runs
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs take the logits of this many positions at a time (memory: rows x vocab)
