@@ -299,8 +299,10 @@ class ReplicatedEngine:
         self._loop.run_forever()
 
     async def _add(self, request_id, prompt, params, prompt_text, priority, tenant, stream) -> None:
-        ids = prompt if isinstance(prompt, list) else self._tokenizer.encode(prompt) if self._tokenizer else []
-        hashes = list(prefix_hashes(ids, self.block_size))
+        ids, hashes = [], []  # only prefix routing reads the prompt's tokens and block hashes
+        if self.router.policy == "prefix":
+            ids = prompt if isinstance(prompt, list) else self._tokenizer.encode(prompt) if self._tokenizer else []
+            hashes = list(prefix_hashes(ids, self.block_size))
         failed: set[int] = set()  # replicas whose actor did not answer: they never took the request
         while True:
             up = [r for r in self.replicas if r.up and r.index not in failed]
