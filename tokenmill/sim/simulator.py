@@ -13,6 +13,7 @@ the step that sampled its first token, ITL the gaps between its steps, E2E to it
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -32,7 +33,7 @@ from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.kv_cache_manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sequence import Sequence
-from tokenmill.step_plan import SamplerOutput, ScheduledChunk, SchedulerOutput, StepResult
+from tokenmill.step_plan import SamplerOutput, ScheduledChunk, SchedulerOutput, SequenceUpdate, StepResult
 
 PLACEHOLDER_TOKEN = 0  # what every simulated step samples (outputs end by length, never by a stop token)
 ITL_KEPT = 20_000_000  # gaps kept exactly; past that, every other one, then every fourth, ...
@@ -156,6 +157,18 @@ class Simulation:
         self._itl_seen = 0
 
     def run(self, requests: Iterable[SimRequest], slos: dict[str, float] | None = None) -> dict:
+        # The run keeps millions of cache entries alive, which the cyclic collector would walk again
+        # and again (a third of the time at 50,000 requests); the simulation makes no reference
+        # cycles, so reference counting frees everything without it.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(requests, slos)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, requests: Iterable[SimRequest], slos: dict[str, float] | None) -> dict:
         arrivals = iter(requests)
         records: list[RequestRecord] = []
         queue: deque[tuple[str, SimRequest]] = deque()  # arrived, waiting for a client slot
@@ -163,6 +176,7 @@ class Simulation:
         now = 0.0
         ids = (f"req-{i}" for i in itertools.count())
         upcoming = next(arrivals, None)
+        touched: set[int] = set()  # replicas whose state changed: only they may start a step now
         while upcoming is not None or queue or self._ends:
             # everything that happens at the next instant, then the steps that start then
             now = min(upcoming.arrival if upcoming is not None else math.inf, self._ends[0][0] if self._ends else math.inf)
@@ -170,6 +184,7 @@ class Simulation:
                 _, _, index, version = heapq.heappop(self._ends)
                 if version == self.replicas[index].version:  # not a run's end since cut short
                     in_flight -= self._end_step(self.replicas[index], now, records)
+                    touched.add(index)
             while upcoming is not None and upcoming.arrival <= now:
                 queue.append((next(ids), upcoming))
                 upcoming = next(arrivals, None)
@@ -177,17 +192,20 @@ class Simulation:
                     raise InvalidParameterError("workload", "requests must come in arrival order")
             while queue and (self.max_concurrency is None or in_flight < self.max_concurrency):
                 request_id, request = queue.popleft()
-                self._send(request_id, request, now)
+                touched.add(self._send(request_id, request, now))
                 in_flight += 1
-            for replica in self.replicas:
+            for index in sorted(touched):
+                replica = self.replicas[index]
                 if not replica.busy:
                     self._start_step(replica, now)
+            touched.clear()
             if not self._ends and (queue or any(r.load for r in self.replicas)) and upcoming is None:
                 raise RuntimeError("the simulation stalled: requests wait and no replica can start them")
         return self._report(records, now, slos)
 
     # ---- the replicas ---------------------------------------------------------------------
-    def _send(self, request_id: str, request: SimRequest, now: float) -> None:
+    def _send(self, request_id: str, request: SimRequest, now: float) -> int:
+        """Route the request and queue it there; return the replica's index."""
         if not 0 < len(request.prompt_ids) < self.settings.max_model_len:
             raise InvalidParameterError("workload", f"a prompt of {len(request.prompt_ids)} tokens does not fit "
                                                     f"max_model_len {self.settings.max_model_len}")
@@ -202,6 +220,7 @@ class Simulation:
         replica.scheduler.add(seq)
         record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
         self._tracked[request_id] = _Tracked(record, now)
+        return replica.index
 
     def _start_step(self, replica: Replica, now: float) -> None:
         if not replica.scheduler.has_unfinished():
@@ -235,14 +254,15 @@ class Simulation:
     def _decode_run_length(self, replica: Replica) -> int:
         """How many plain decode steps can be applied in one go (0: schedule this step normally).
 
-        All but the step in which the first running sequence finishes: that one goes through the
-        scheduler, which ends sequences. Needs nothing waiting, every running sequence decoding,
-        the whole batch within the token budget, and free blocks for the growth of every step."""
+        Up to the step in which the first running sequence finishes (its tokens go through the
+        scheduler's bookkeeping, which ends sequences). Needs nothing waiting, every running
+        sequence decoding, the whole batch within the token budget, and free blocks for the
+        growth of every step."""
         sched = replica.scheduler
         running = sched.running
         if sched.waiting or not running or len(running) > sched.max_num_batched_tokens:
             return 0
-        steps = min(_steps_to_finish(seq, sched.max_model_len) for seq in running) - 1
+        steps = min(_steps_to_finish(seq, sched.max_model_len) for seq in running)
         if steps < MIN_DECODE_RUN or any(seq.num_uncomputed_tokens != 1 or seq.draft_token_ids for seq in running):
             return 0
         kv = replica.kv
@@ -270,48 +290,51 @@ class Simulation:
             sched.policy.on_scheduled([ScheduledChunk(seq, seq.num_computed_tokens + steps - 1, 1,
                                                       kv.block_table(seq.seq_id)) for seq in running])
 
-    def _apply_run(self, replica: Replica) -> None:
+    def _apply_run(self, replica: Replica) -> list[SequenceUpdate]:
         """The run's steps, as the scheduler would have made them: each sequence's blocks grown and
-        its tokens appended and cached."""
+        its tokens appended and cached. The last step goes through the scheduler's own bookkeeping
+        (which ends the sequences that reach their length); its updates are returned."""
         self._plan_run(replica)
         run, replica.run = replica.run, None
-        kv = replica.kv
+        kv, sched = replica.kv, replica.scheduler
         steps = len(run.ends)
-        running = replica.scheduler.running
+        running = sched.running
         for seq in running:
             kv.grow(seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + steps)
             seq.num_computed_tokens += steps - 1
             seq.token_ids.extend([PLACEHOLDER_TOKEN] * (steps - 1))
-        gaps = np.diff(run.ends, prepend=run.start)
-        firsts = []
-        for seq in running:
-            seq.num_computed_tokens += 1
-            seq.token_ids.append(PLACEHOLDER_TOKEN)
+        for seq in running:  # after every sequence grew, as the steps' own bookkeeping would
             kv.cache_full_blocks(seq)
-            tracked = self._tracked[seq.request_id]
-            tracked.record.output_tokens += steps
-            if tracked.last_token is None:  # its prefill's last chunk was this one token
-                tracked.record.ttft = run.ends[0] - tracked.sent
-            else:
-                firsts.append(run.ends[0] - tracked.last_token)  # it may have sat out the step before the run
-            tracked.last_token = float(run.ends[-1])
-        self._keep_itls(np.concatenate([firsts, np.tile(gaps[1:], len(running))]))
-        replica.busy_seconds += float(gaps.sum())
+        ends = run.ends.tolist()
+        if steps > 1:  # a run cut short may keep only its last step
+            gaps = [b - a for a, b in zip(ends[:-2], ends[1:-1])]  # between the steps before the last
+            firsts = []
+            for seq in running:
+                tracked = self._tracked[seq.request_id]
+                tracked.record.output_tokens += steps - 1
+                if tracked.last_token is None:  # its prefill's last chunk was this one token
+                    tracked.record.ttft = ends[0] - tracked.sent
+                else:
+                    firsts.append(ends[0] - tracked.last_token)  # it may have sat out the step before the run
+                tracked.last_token = ends[-2]
+            self._keep_itls(firsts + gaps * len(running))
+        replica.busy_seconds += ends[-1] - run.start
         replica.num_steps += steps
         if self.steps is not None:
-            self.steps += [StepEvent(replica.index, float(a), float(b), [], [], len(running))
-                           for a, b in zip([run.start, *run.ends[:-1]], run.ends)]
+            self.steps += [StepEvent(replica.index, a, b, [], [], len(running))
+                           for a, b in zip([run.start, *ends[:-1]], ends)]
+        last = [ScheduledChunk(seq, seq.num_computed_tokens, 1, kv.block_table(seq.seq_id)) for seq in running]
+        return self._update(sched, SchedulerOutput(last))
 
     def _end_step(self, replica: Replica, now: float, records: list[RequestRecord]) -> int:
         """Apply the step (or run of steps) that just ended; return how many requests it finished."""
         if replica.run is not None:
-            self._apply_run(replica)
-            return 0
-        plan, replica.plan = replica.plan, None
-        sampled = [c for c in plan.chunks if c.sample]
-        samples = SamplerOutput([PLACEHOLDER_TOKEN] * len(sampled), None, None, None)
+            updates = self._apply_run(replica)
+        else:
+            plan, replica.plan = replica.plan, None
+            updates = self._update(replica.scheduler, plan)
         finished = 0
-        for update in replica.scheduler.update_from_output(plan, StepResult(sampled, samples, [1] * len(sampled))):
+        for update in updates:
             seq = update.seq
             tracked = self._tracked[seq.request_id]
             record = tracked.record
@@ -328,6 +351,13 @@ class Simulation:
                 finished += 1
         return finished
 
+    @staticmethod
+    def _update(scheduler: Scheduler, plan: SchedulerOutput) -> list[SequenceUpdate]:
+        """The scheduler's bookkeeping after `plan` ran, each sampling sequence given the placeholder token."""
+        sampled = [c for c in plan.chunks if c.sample]
+        samples = SamplerOutput([PLACEHOLDER_TOKEN] * len(sampled), None, None, None)
+        return scheduler.update_from_output(plan, StepResult(sampled, samples, [1] * len(sampled)))
+
     def _keep_itl(self, gap: float) -> None:
         self._itl_seen += 1
         if self._itl_seen % self._itl_stride:
@@ -335,10 +365,10 @@ class Simulation:
         self._itl.append(gap)
         self._thin_itls()
 
-    def _keep_itls(self, gaps: np.ndarray) -> None:
+    def _keep_itls(self, gaps: list[float]) -> None:
         first = (-self._itl_seen) % self._itl_stride  # the first of these whose running count is a multiple
         self._itl_seen += len(gaps)
-        self._itl.extend(gaps[first::self._itl_stride].tolist())
+        self._itl.extend(gaps[first::self._itl_stride])
         self._thin_itls()
 
     def _thin_itls(self) -> None:
