@@ -217,6 +217,9 @@ def test_synthetic_workload_follows_bench_serve_knobs():
     assert len({tuple(r.prompt_ids[:64]) for r in requests}) == 2  # two families
     assert requests[0].prompt_ids[:64] == requests[2].prompt_ids[:64] != requests[1].prompt_ids[:64]
     assert requests == list(synthetic(spec))  # seeded
+    many = list(synthetic(WorkloadSpec(num_prompts=2500, input_len="4:9", output_len=2, vocab_size=50, seed=2)))
+    assert len(many) == 2500 and all(4 <= len(r.prompt_ids) <= 9 for r in many)  # drawn 1,024 prompts at a time
+    assert len({tuple(r.prompt_ids) for r in many}) > 2400
     from tokenmill.bench.workload import TenantSpec
 
     tenants = WorkloadSpec(tenants=[TenantSpec.parse("name=a,num=5,rate=2,input=8,output=3"),
