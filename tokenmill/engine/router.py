@@ -52,4 +52,4 @@ class Router:
                 if not holding:
                     break
                 candidates = holding
-        return min(candidates, key=lambda i: (loads[i], i))
+        return min(candidates, key=loads.__getitem__)  # candidates ascend, so a tie goes to the lower index

@@ -19,7 +19,7 @@ class OutOfBlocksError(RuntimeError):
     """Raised only when a caller asks for more blocks than are free (the scheduler checks first)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CachedBlock:
     """What a cached block holds: `token_ids` right after the prefix `parent` (None: the first block).
 
@@ -47,6 +47,7 @@ class BlockPool:
         self._free: deque[int] = deque(range(1, num_blocks))  # unreferenced, holding nothing cached
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, oldest first
         self._by_hash: dict[int, CachedBlock] = {}
+        self.cached_hashes = self._by_hash.keys()  # a live view, for membership tests
         self._entries: list[CachedBlock | None] = [None] * num_blocks
 
     @property

@@ -68,6 +68,7 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self._tables: dict[int, list[int]] = {}  # seq_id -> its blocks, in token order
         self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its full blocks (tokens only grow)
+        self._tokens: dict[int, list[tuple[int, ...]]] = {}  # seq_id -> the tokens of those blocks
         self._chains: dict[int, list[CachedBlock]] = {}  # seq_id -> entries of its leading full blocks
         self._copies: list[tuple[int, int]] = []  # (source, destination) blocks for the next step
 
@@ -87,9 +88,10 @@ class KVCacheManager:
         bs = self.block_size
         hit = PrefixHit()
         parent = None
-        for i, block_hash in enumerate(self._chain_hashes(seq, seq.num_tokens // bs)):
+        hashes = self._chain_hashes(seq, seq.num_tokens // bs)
+        for block_hash, tokens in zip(hashes, self._tokens.get(seq.seq_id, ())):
             entry = self.pool.lookup(block_hash)
-            if entry is None or not entry.matches(parent, _block_tokens(seq, i, bs), seq.cache_salt):
+            if entry is None or not entry.matches(parent, tokens, seq.cache_salt):
                 break
             hit.blocks.append(entry)
             parent = entry
@@ -99,7 +101,7 @@ class KVCacheManager:
     def holds_block(self, block_hash: int) -> bool:
         """Whether a block of this chain hash (`prefix_hashes`) is cached here; changes nothing. For a
         router's estimate: unlike `lookup`, the tokens are not checked."""
-        return self.enable_prefix_caching and self.pool.lookup(block_hash) is not None
+        return self.enable_prefix_caching and block_hash in self.pool.cached_hashes
 
     def blocks_to_admit(self, hit: PrefixHit, num_tokens: int) -> int:
         """Free blocks `allocate(seq, hit, num_tokens)` would take (cached hits nobody holds included)."""
@@ -158,6 +160,7 @@ class KVCacheManager:
         self.pool.share(table)
         self._tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes.get(parent_id, []))
+        self._tokens[child_id] = list(self._tokens.get(parent_id, []))
         self._chains[child_id] = list(self._chains.get(parent_id, []))
 
     def free(self, seq_id: int) -> None:
@@ -165,22 +168,23 @@ class KVCacheManager:
         # Last block first: the LRU list then evicts a prefix from its end, keeping its head reachable.
         self.pool.free(reversed(self._tables.pop(seq_id, [])))
         self._hashes.pop(seq_id, None)
+        self._tokens.pop(seq_id, None)
         self._chains.pop(seq_id, None)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that the last step filled with computed tokens (prompt or generated)."""
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
         chain = self._chains.setdefault(seq.seq_id, [])
-        full = seq.num_computed_tokens // bs
+        full = seq.num_computed_tokens // self.block_size
         if full <= len(chain):  # most decode steps fill no block
             return
         hashes = self._chain_hashes(seq, full)
+        tokens = self._tokens[seq.seq_id]
         table = self.block_table(seq.seq_id)
+        cache, salt = self.pool.cache, seq.cache_salt
         for i in range(len(chain), full):
-            chain.append(self.pool.cache(table[i], hashes[i], _block_tokens(seq, i, bs),
-                                         chain[-1] if chain else None, seq.cache_salt))
+            chain.append(cache(table[i], hashes[i], tokens[i], chain[-1] if chain else None, salt))
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The block copies queued since the last call, for the runner to make before the next forward."""
@@ -196,14 +200,16 @@ class KVCacheManager:
         return max(0, -(-num_tokens // self.block_size) - num_blocks) + copy
 
     def _chain_hashes(self, seq: Sequence, count: int) -> list[int]:
-        """The chain hashes of the first `count` full blocks, computed once per sequence."""
+        """The chain hashes of the first `count` full blocks, computed once per sequence (their
+        tokens kept beside them in `_tokens`)."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
-        while len(hashes) < count:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, _block_tokens(seq, i, self.block_size),
-                                     seq.cache_salt))
+        if len(hashes) < count:
+            tokens = self._tokens.setdefault(seq.seq_id, [])
+            bs, ids, salt = self.block_size, seq.token_ids, seq.cache_salt
+            parent = hashes[-1] if hashes else None
+            for start in range(len(hashes) * bs, count * bs, bs):
+                block = tuple(ids[start:start + bs])
+                parent = hash_block(parent, block, salt)
+                hashes.append(parent)
+                tokens.append(block)
         return hashes
-
-
-def _block_tokens(seq: Sequence, index: int, block_size: int) -> tuple[int, ...]:
-    return tuple(seq.token_ids[index * block_size:(index + 1) * block_size])
