@@ -36,7 +36,8 @@ def test_stats_follow_requests_and_stay_frozen(tiny_models):
     assert (running.num_running, running.num_waiting) == (1, 1) and running.kv_usage > 0
     assert running.policy.name == "fair" and running.policy.tenant_tokens == {"alice": len(prompt)}
     # the step's shape and wall time, what `tokenmill calibrate --steps` fits the simulator's cost model to
-    assert running.last_step == StepShape(1, len(prompt), len(prompt), len(prompt) * (len(prompt) + 1) / 2)
+    blocks = -(-len(prompt) // engine.kv_cache.block_size)
+    assert running.last_step == StepShape(1, len(prompt), len(prompt), len(prompt) * (len(prompt) + 1) / 2, blocks)
     assert running.last_step_seconds > 0
     drain(engine)
     done = engine.stats()

@@ -129,6 +129,15 @@ def test_router_balances_load_before_affinity():
     assert [rr.route(replicas, prompt) for _ in range(4)] == [0, 1, 2, 0]
 
 
+def test_a_step_reads_a_shared_prefix_block_once():
+    from tokenmill.sequence import Sequence
+    from tokenmill.step_plan import ScheduledChunk, StepShape
+
+    a, b = (Sequence(r, 0, list(range(20)), SamplingParams(), 0.0) for r in "ab")
+    shape = StepShape.of([ScheduledChunk(a, 19, 1, [1, 2, 3]), ScheduledChunk(b, 19, 1, [1, 2, 4])])
+    assert (shape.num_context_tokens, shape.num_kv_blocks) == (40, 4)
+
+
 def test_fit_recovers_the_coefficients_of_timed_steps():
     truth = synthetic(fixed=0.02, per_seq=0.001, per_prefill_token=0.0004, prefill_step=0.01, per_context_token=2e-6)
     shapes = [StepShape(b, b + p, b * c + p, 0.0) for b in (1, 4, 16) for c in (64, 512) for p in (0, 64, 256)]
@@ -273,7 +282,8 @@ def test_runs_of_decode_steps_applied_in_one_go_change_nothing(policy):
         shared = [1] * 32 if i % 3 == 0 else []
         requests.append(SimRequest(t, shared + [rng.randrange(2, 900) for _ in range(rng.randint(4, 90))],
                                    rng.randint(1, 60), tenant="ab"[i % 2], priority=rng.randint(0, 2)))
-    cost = synthetic(fixed=0.01, per_seq=0.0012, per_prefill_token=0.0002, prefill_step=0.003, per_context_token=1e-5)
+    cost = synthetic(fixed=0.01, per_seq=0.0012, per_prefill_token=0.0002, prefill_step=0.003, per_context_token=1e-5,
+                     per_kv_block=3e-4)  # a run's distinct blocks per step must match the steps' own
     results = {}
     for fast in (False, True):
         settings = ReplicaSettings(num_blocks=60, block_size=8, max_num_seqs=6, max_num_batched_tokens=64,

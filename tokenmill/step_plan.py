@@ -50,20 +50,23 @@ class StepShape:
     num_tokens: int = 0  # tokens computed, drafts included
     num_context_tokens: int = 0  # KV positions the chunks attend to, each chunk's whole context
     num_attention_pairs: float = 0.0  # (query, key) pairs of the multi-token chunks (causal)
+    num_kv_blocks: int = 0  # distinct KV blocks the chunks read: a block of a shared prefix counts once
 
     @classmethod
     def of(cls, chunks: list[ScheduledChunk]) -> "StepShape":
         seqs = tokens = context = 0
         pairs = 0.0
+        blocks: set[int] = set()
         for c in chunks:
             if not c.num_tokens:
                 continue
             seqs += 1
             tokens += c.num_tokens
             context += c.start + c.num_tokens
+            blocks.update(c.block_table)
             if c.num_tokens > 1:
                 pairs += c.num_tokens * (c.start + (c.num_tokens + 1) / 2)
-        return cls(seqs, tokens, context, pairs)
+        return cls(seqs, tokens, context, pairs, len(blocks))
 
 
 @dataclass

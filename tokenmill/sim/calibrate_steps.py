@@ -3,7 +3,8 @@
 For each (decode batch, context length) of the grid, that many requests of random prompts
 are prefilled (those steps are timed too) and then decoded for a few steps, and one more prompt
 is prefilled beside the decoding batch, so the fit sees pure prefills, pure decodes and mixed
-steps. Each step's shape and wall time come from `LLMEngine.stats()`. The fitted model is
+steps. Then each batch decodes again over one shared, cached prefix, so that reading a block
+once for many sequences is told apart from reading one per sequence. Each step's shape and wall time come from `LLMEngine.stats()`. The fitted model is
 stored with the machine's calibration (tokenmill/metering/calibrate.py), one per model form.
 """
 
@@ -27,6 +28,7 @@ from tokenmill.step_plan import StepShape
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (64, 256, 1024)
+SHARED_CONTEXT = 1024  # the prefix the batches decode over together
 DECODE_STEPS = 6
 WARMUP_STEPS = 3  # the first steps pay one-time costs (allocations, kernel selection)
 
@@ -93,6 +95,21 @@ def time_steps(engine: LLMEngine, batches=BATCHES, contexts=CONTEXTS, prefill_le
             record()
             for name in names:
                 engine.abort_request(name)
+    capacity = engine.block_pool.num_usable_blocks * engine.kv_cache.block_size
+    shared = prompt(SHARED_CONTEXT)[:limit - 16]
+    for size in batches:
+        if not 1 < size < engine.scheduler.max_num_seqs or len(shared) < 2 * engine.kv_cache.block_size \
+                or len(shared) + size * (32 + DECODE_STEPS + 8) > capacity:
+            continue
+        say(f"decode batch {size} over one shared {len(shared)}-token prefix")
+        names = batch([shared + prompt(16)])
+        prefill()  # cached now: the others take its blocks
+        names += batch([shared + prompt(16) for _ in range(size - 1)])
+        prefill()
+        for _ in range(DECODE_STEPS):
+            record()
+        for name in names:
+            engine.abort_request(name)
     return samples
 
 

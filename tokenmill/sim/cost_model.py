@@ -4,7 +4,9 @@ Two kinds, one interface (`step_seconds(chunks)`):
 
 - `LinearStepCost`, "measured": fixed + per sequence (its one decode or last prompt token) + per
   further prompt token + once per step that prefills + per context token (each chunk's KV
-  positions) + per attention pair of the multi-token chunks, fitted by non-negative least squares
+  positions) + per attention pair of the multi-token chunks + per distinct KV block read (so
+  that sequences over one cached prefix, which read its blocks together, cost what they do),
+  fitted by non-negative least squares
   to engine steps timed here (`tokenmill calibrate --steps`). Prefill has terms of its own because
   it runs other kernels than decode (a batch-1 decode step is weight-bandwidth bound, a prefill
   compute bound), so one per-token rate fits neither.
@@ -27,13 +29,15 @@ from tokenmill.errors import InvalidParameterError
 from tokenmill.metering.roofline import ModelBytes, head_params, layer_params, step_work
 from tokenmill.step_plan import ScheduledChunk, StepShape
 
-TERMS = ("fixed", "per_seq", "per_prefill_token", "prefill_step", "per_context_token", "per_attention_pair")
+TERMS = ("fixed", "per_seq", "per_prefill_token", "prefill_step", "per_context_token", "per_attention_pair",
+         "per_kv_block")
 
 
 def shape_terms(shape: StepShape) -> list[float]:
     """The multipliers of TERMS for a step of this shape."""
     prefill = shape.num_tokens - shape.num_seqs
-    return [1.0, shape.num_seqs, prefill, 1.0 if prefill else 0.0, shape.num_context_tokens, shape.num_attention_pairs]
+    return [1.0, shape.num_seqs, prefill, 1.0 if prefill else 0.0, shape.num_context_tokens, shape.num_attention_pairs,
+            shape.num_kv_blocks]
 
 
 @dataclass
@@ -57,12 +61,19 @@ class LinearStepCost:
     def shape_seconds(self, shape: StepShape) -> float:
         return sum(w * x for w, x in zip(self._weights, shape_terms(shape)))
 
-    def decode_run_seconds(self, num_seqs: int, computed: int, count: int) -> np.ndarray:
+    @property
+    def reads_blocks(self) -> bool:
+        """Whether `decode_run_seconds` needs the distinct KV blocks of each step."""
+        return self.coefficients["per_kv_block"] > 0
+
+    def decode_run_seconds(self, num_seqs: int, computed: int, count: int, blocks=None) -> np.ndarray:
         """Durations of `count` steps in which the same `num_seqs` sequences, `computed` KV tokens
-        between them at the start, each decode one token (step i attends computed + i * num_seqs)."""
+        between them at the start, each decode one token (step i attends computed + i * num_seqs),
+        reading `blocks[i]` distinct KV blocks (given when `reads_blocks`)."""
         c = self.coefficients
         i = np.arange(1, count + 1, dtype=float)
-        return c["fixed"] + c["per_seq"] * num_seqs + c["per_context_token"] * (computed + i * num_seqs)
+        seconds = c["fixed"] + c["per_seq"] * num_seqs + c["per_context_token"] * (computed + i * num_seqs)
+        return seconds + c["per_kv_block"] * blocks if blocks is not None else seconds
 
     def to_dict(self) -> dict:
         return {"kind": "linear", **asdict(self)}
@@ -82,12 +93,14 @@ class RooflineStepCost:
     source: str = "modelled"
     label: str = ""
 
+    reads_blocks = False  # bytes read per context token, shared prefix or not
+
     def step_seconds(self, chunks: list[ScheduledChunk]) -> float:
         spans = [(c.start, c.num_tokens) for c in chunks if c.num_tokens]
         work = step_work(self.model, self.sizes, spans, sum(1 for c in chunks if c.sample))
         return self._seconds(work.bytes, work.flops)
 
-    def decode_run_seconds(self, num_seqs: int, computed: int, count: int) -> np.ndarray:
+    def decode_run_seconds(self, num_seqs: int, computed: int, count: int, blocks=None) -> np.ndarray:
         """As LinearStepCost's: step_work of one-token chunks, their contexts growing by one per step."""
         n, m = num_seqs, self.model
         i = np.arange(1, count + 1, dtype=float)

@@ -227,8 +227,10 @@ class Simulation:
             return
         steps = self._decode_run_length(replica) if self.fast_forward else 0
         if steps:
-            computed = sum(seq.num_computed_tokens for seq in replica.scheduler.running)
-            durations = self.cost.decode_run_seconds(len(replica.scheduler.running), computed, steps)
+            running = replica.scheduler.running
+            computed = sum(seq.num_computed_tokens for seq in running)
+            blocks = _run_blocks(replica, steps) if self.cost.reads_blocks else None
+            durations = self.cost.decode_run_seconds(len(running), computed, steps, blocks)
             replica.run = DecodeRun(now, now + np.cumsum(durations))
             self.num_decode_runs += 1
             self._queue_end(replica, float(replica.run.ends[-1]))
@@ -397,6 +399,17 @@ class Simulation:
             "cost_model": {"source": self.cost.source, "label": self.cost.label},
         })
         return summary
+
+
+def _run_blocks(replica: Replica, steps: int) -> np.ndarray:
+    """The distinct KV blocks each step of a decode run reads: the running sequences' blocks now
+    (a shared prefix once), plus the private blocks each one grows into."""
+    kv = replica.kv
+    tables = [kv.block_table(seq.seq_id) for seq in replica.scheduler.running]
+    computed = np.array([seq.num_computed_tokens for seq in replica.scheduler.running])[:, None]
+    held = np.array([len(t) for t in tables])[:, None]
+    needed = -(-(computed + np.arange(1, steps + 1)) // kv.block_size)  # blocks of each sequence at step i
+    return len(set().union(*tables)) + np.maximum(0, needed - held).sum(axis=0)
 
 
 def _steps_to_finish(seq: Sequence, max_model_len: int) -> int:
