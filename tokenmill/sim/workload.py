@@ -64,10 +64,12 @@ def _stream(vocab: int, num: int, rate: float, burstiness: float, input_len, out
     outputs = sample_lengths(output_len, num, rng)
     times = arrival_times(num, rate, burstiness, seed)
     prefixes = [rng.integers(0, vocab, size=prefix_len).tolist() for _ in range(num_prefixes)]
+    # Every token id one object: the blocks a long run keeps cached then hold references, not copies.
+    vocab_ids = np.array(range(vocab), dtype=object)
     for first in range(0, num, DRAWN_TOGETHER):
         # One draw for the suffixes of many requests: the same tokens as a draw per request, faster.
         lengths = [int(n) - prefix_len for n in inputs[first:first + DRAWN_TOGETHER]]
-        tokens = rng.integers(0, vocab, size=sum(lengths)).tolist()
+        tokens = vocab_ids[rng.integers(0, vocab, size=sum(lengths))].tolist()
         start = 0
         for i, length in enumerate(lengths, first):
             yield SimRequest(times[i], prefixes[i % num_prefixes] + tokens[start:start + length], outputs[i], tenant,
