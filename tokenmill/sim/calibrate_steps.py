@@ -4,8 +4,9 @@ For each (decode batch, context length) of the grid, that many requests of rando
 are prefilled (those steps are timed too) and then decoded for a few steps, and one more prompt
 is prefilled beside the decoding batch, so the fit sees pure prefills, pure decodes and mixed
 steps. Then each batch decodes again over one shared, cached prefix, so that reading a block
-once for many sequences is told apart from reading one per sequence. Each step's shape and wall time come from `LLMEngine.stats()`. The fitted model is
-stored with the machine's calibration (tokenmill/metering/calibrate.py), one per model form.
+once for many sequences is told apart from reading one per sequence. Each step's shape and
+wall time come from `LLMEngine.stats()`. The fitted model is stored with the machine's
+calibration (tokenmill/metering/calibrate.py), one per model form.
 """
 
 from __future__ import annotations

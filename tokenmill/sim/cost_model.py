@@ -6,8 +6,8 @@ Two kinds, one interface (`step_seconds(chunks)`):
   further prompt token + once per step that prefills + per context token (each chunk's KV
   positions) + per attention pair of the multi-token chunks + per distinct KV block read (so
   that sequences over one cached prefix, which read its blocks together, cost what they do),
-  fitted by non-negative least squares
-  to engine steps timed here (`tokenmill calibrate --steps`). Prefill has terms of its own because
+  fitted by non-negative least squares to engine steps timed here (`tokenmill calibrate
+  --steps`). Prefill has terms of its own because
   it runs other kernels than decode (a batch-1 decode step is weight-bandwidth bound, a prefill
   compute bound), so one per-token rate fits neither.
 - `RooflineStepCost`, "modelled": for a machine that is not here, the step's bytes over the
