@@ -254,6 +254,15 @@ def test_trace_lines_share_named_prefixes_and_bad_lines_say_where(tmp_path):
     path.write_text('{"arrival": 0, "input_len": 4, "output_len": 1}\n{"arrival": 1, "output_len": 0, "input_len": 3}\n')
     with pytest.raises(InvalidParameterError, match="trace.jsonl line 2"):
         list(load_trace(path))
+    for line, why in [('{"arrival": 0, "input_len": 1000000000000, "output_len": 1}', "does not fit max_model_len"),
+                      ('{"arrival": 0, "prompt_ids": [1e30], "output_len": 1}', "token ids from 0 to 999"),
+                      ('{"arrival": 0, "prompt_ids": [-3, 5], "output_len": 1}', "token ids"),
+                      ('{"arrival": 0, "prompt_ids": [1000], "output_len": 1}', "token ids"),
+                      ('{"arrival": 0, "prompt_ids": "abc", "output_len": 1}', "token ids"),
+                      ("[1, 2]", "a JSON object")]:
+        path.write_text(line + "\n")  # refused before any token is drawn: no 7 TiB array
+        with pytest.raises(InvalidParameterError, match=f"line 1: .*{why}"):
+            list(load_trace(path, vocab_size=1000, max_len=4096))
 
 
 def test_plan_finds_the_fewest_replicas_that_meet_the_slo():

@@ -124,7 +124,7 @@ def _inputs(args):
     seed = config.model.seed or 0
     if args.trace:
         def workload():
-            return load_trace(args.trace, shape.vocab_size, seed)
+            return load_trace(args.trace, shape.vocab_size, seed, settings.max_model_len)
     else:
         spec = WorkloadSpec(args.num_prompts, getattr(args, "request_rate", getattr(args, "rate", math.inf)),
                             args.burstiness, args.input_len, args.output_len, args.shared_prefix_len, args.num_prefixes,

@@ -77,11 +77,13 @@ def _stream(vocab: int, num: int, rate: float, burstiness: float, input_len, out
             start += length
 
 
-def load_trace(path: str | Path, vocab_size: int = 32000, seed: int = 0) -> Iterator[SimRequest]:
+def load_trace(path: str | Path, vocab_size: int = 32000, seed: int = 0,
+               max_len: int | None = None) -> Iterator[SimRequest]:
     """Requests from a JSONL trace, one per line: {"arrival": seconds, "output_len": n, and either
-    "prompt_ids": [...] or "input_len": n (random tokens) with an optional "prefix": name and
-    "prefix_len": n (lines naming the same prefix share its first prefix_len tokens), "tenant",
-    "priority"}. Lines must come in arrival order."""
+    "prompt_ids": [...] (ids below `vocab_size`) or "input_len": n (random tokens) with an optional
+    "prefix": name and "prefix_len": n (lines naming the same prefix share its first prefix_len
+    tokens), "tenant", "priority"}. Lines must come in arrival order; a prompt must be shorter than
+    `max_len` tokens (checked before any token is drawn)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidParameterError("trace", f"{path.name}: no such file")
@@ -94,19 +96,26 @@ def load_trace(path: str | Path, vocab_size: int = 32000, seed: int = 0) -> Iter
             where = f"{path.name} line {n}"
             try:
                 record = json.loads(line)
-                yield _trace_request(record, prefixes, rng, vocab_size)
+                if not isinstance(record, dict):
+                    raise ValueError("a line must be a JSON object")
+                yield _trace_request(record, prefixes, rng, vocab_size, max_len)
             except (ValueError, TypeError, KeyError) as e:
                 raise InvalidParameterError("trace", f"{where}: {e}") from None
 
 
-def _trace_request(record: dict, prefixes: dict[str, list[int]], rng: np.random.Generator, vocab: int) -> SimRequest:
+def _trace_request(record: dict, prefixes: dict[str, list[int]], rng: np.random.Generator, vocab: int,
+                   max_len: int | None) -> SimRequest:
     arrival, output_len = float(record["arrival"]), int(record["output_len"])
     if not (arrival >= 0 and output_len >= 1):
         raise ValueError("need arrival >= 0 and output_len >= 1")
     if "prompt_ids" in record:
-        ids = [int(t) for t in record["prompt_ids"]]
+        ids = record["prompt_ids"]
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_ids must be a list of token ids from 0 to {vocab - 1}")
     else:
         length = int(record["input_len"])
+        if max_len is not None and length >= max_len:
+            raise ValueError(f"input_len {length} does not fit max_model_len {max_len}")
         prefix_len = int(record.get("prefix_len", 0))
         if not 0 <= prefix_len <= length:
             raise ValueError(f"prefix_len {prefix_len} must be between 0 and input_len {length}")
