@@ -12,6 +12,8 @@
 //      element 16 + 4s + j in the high one; scales [N / 8, K / 32, 2, 8] (d of the 8 rows, then m);
 //   q8 bytes [N / 8, K / 32, 8 steps s, 8 rows, 4]: element 4s + j as code + 128;
 //      scales [N / 8, K / 32, 8]. Scales are float16 or float32.
+// With two activation terms (below) a block's two integer dots are joined in integer, 256 x the
+// first plus the second, and scaled once.
 // One arithmetic per output value, whatever M, N or the thread split: a row's result is the same
 // bits in a batch of 1 or 64 (batch invariance). The AVX512-VNNI, AVX2 and portable paths, and
 // AVX512-VNNI's wide loop for many rows (two groups per 512-bit register), compute the same integer
@@ -71,8 +73,10 @@ inline float to_f32(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v
 
 // ---- activations: per row, per block of 32, codes q = round(x * 127 / amax), scale amax / 127 ----
 
-// T terms per block: x ~ d1 q1 + d2 q2, q2 quantizing what q1 leaves (T = 2 gives about 15-bit
-// activations for one more integer dot per block; T = 1 is llama.cpp's Q8 activations).
+// T terms per block: x ~ d1 q1 + d2 q2, q2 quantizing what q1 leaves at d2 = d1 / 256 (T = 2 gives
+// about 15-bit activations for one more integer dot per block; T = 1 is llama.cpp's Q8 activations).
+// Since d2 is d1 / 256 exactly, a block's two integer dots join as 256 dot1 + dot2, which a float
+// holds exactly for 4-bit weights (|256 dot1 + dot2| < 2^24), and are scaled once, by d2.
 struct Activations {
   int T = 2;
   std::vector<int8_t> q;     // [M, T, K]
@@ -90,15 +94,15 @@ void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, 
   float r[QK];
   for (int64_t b = 0; b < nb; ++b) {
     std::memcpy(r, x + b * QK, sizeof(r));
-    float acc = 0.f;
+    float acc = 0.f, amax = 0.f;
+    for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(r[i]));
+    float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
     for (int t = 0; t < T; ++t) {
-      float amax = 0.f;
-      for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(r[i]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+      if (t) inv *= 256.f, scale /= 256.f;
       int8_t* qb = q + t * K + b * QK;
       int32_t total = 0;
       for (int i = 0; i < QK; ++i) {
-        const float v = tokenmill::round_even(r[i] * inv);
+        const float v = std::fmin(std::fmax(tokenmill::round_even(r[i] * inv), -127.f), 127.f);
         qb[i] = static_cast<int8_t>(v);
         total += static_cast<int32_t>(v);
         r[i] -= scale * v;
@@ -135,16 +139,17 @@ TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* 
   for (int64_t b = 0; b < nb; ++b) {
     __m256 r[4];
     for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
-    float acc = 0.f;
+    const __m256 m01 = _mm256_max_ps(_mm256_and_ps(r[0], absmask), _mm256_and_ps(r[1], absmask));
+    const __m256 m23 = _mm256_max_ps(_mm256_and_ps(r[2], absmask), _mm256_and_ps(r[3], absmask));
+    const float amax = hmax8(_mm256_max_ps(m01, m23));
+    float acc = 0.f, inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
     for (int t = 0; t < T; ++t) {
-      const __m256 m01 = _mm256_max_ps(_mm256_and_ps(r[0], absmask), _mm256_and_ps(r[1], absmask));
-      const __m256 m23 = _mm256_max_ps(_mm256_and_ps(r[2], absmask), _mm256_and_ps(r[3], absmask));
-      const float amax = hmax8(_mm256_max_ps(m01, m23));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+      if (t) inv *= 256.f, scale /= 256.f;
       __m256 v[4];
       __m256i iv[4];
       for (int i = 0; i < 4; ++i) {
         v[i] = _mm256_round_ps(_mm256_mul_ps(r[i], _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[i] = _mm256_min_ps(_mm256_max_ps(v[i], _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
         iv[i] = _mm256_cvtps_epi32(v[i]);
         r[i] = _mm256_sub_ps(r[i], _mm256_mul_ps(_mm256_set1_ps(scale), v[i]));
       }
@@ -164,12 +169,15 @@ TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t
   const int64_t nb = K / QK;
   for (int64_t b = 0; b < nb; ++b) {
     __m512 r0 = _mm512_loadu_ps(x + b * QK), r1 = _mm512_loadu_ps(x + b * QK + 16);
-    float acc = 0.f;
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(r0), _mm512_abs_ps(r1)));
+    float acc = 0.f, inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     for (int t = 0; t < T; ++t) {
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(r0), _mm512_abs_ps(r1)));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
-      const __m512 v0 = _mm512_roundscale_ps(_mm512_mul_ps(r0, _mm512_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 v1 = _mm512_roundscale_ps(_mm512_mul_ps(r1, _mm512_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (t) inv *= 256.f, scale /= 256.f;
+      const __m512 v0 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r0, _mm512_set1_ps(inv)),
+                                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+      const __m512 v1 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r1, _mm512_set1_ps(inv)),
+                                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
       const __m512i i0 = _mm512_cvtps_epi32(v0), i1 = _mm512_cvtps_epi32(v1);
       r0 = _mm512_sub_ps(r0, _mm512_mul_ps(_mm512_set1_ps(scale), v0));
       r1 = _mm512_sub_ps(r1, _mm512_mul_ps(_mm512_set1_ps(scale), v1));
@@ -222,6 +230,7 @@ void group_scalar(const uint8_t* wg, const S* sg, int64_t nb, const Activations&
     float acc = 0.f, macc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const float d = to_f32(sg[b * (Q4 ? 16 : 8) + r]);
+      int32_t joined = 0;
       for (int t = 0; t < a.T; ++t) {
         const int8_t* x = a.q.data() + (m * a.T + t) * K + b * QK;
         int32_t dot = 0;
@@ -237,8 +246,9 @@ void group_scalar(const uint8_t* wg, const S* sg, int64_t nb, const Activations&
           for (int s = 0; s < 8; ++s)
             for (int j = 0; j < 4; ++j) dot += (static_cast<int32_t>(wb[s * 32 + r * 4 + j]) - 128) * x[4 * s + j];
         }
-        acc = std::fma(static_cast<float>(dot), d * a.d[(m * a.T + t) * nb + b], acc);
+        joined = joined * 256 + dot;
       }
+      acc = std::fma(static_cast<float>(joined), d * a.d[(m * a.T + a.T - 1) * nb + b], acc);
       if (Q4) macc = std::fma(to_f32(sg[b * 16 + 8 + r]), a.s[m * nb + b], macc);
     }
     y[r] = Q4 ? acc + macc : acc;
@@ -257,19 +267,25 @@ TM_TARGET_AVX2 inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// acc + per-lane sums of 4 adjacent products u[i] * s[i]: u unsigned codes, s signed activations.
+// acc + per-lane sums of 4 adjacent products u[i] * x[i]: u unsigned codes, x the 4 signed
+// activations at p, the same in every lane.
 TM_TARGET_AVX2 inline __m256i q4dot_avx2(__m256i acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
-TM_TARGET_VNNI inline __m256i q4dot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+TM_TARGET_AVX2 inline __m256i q4dot_avx2(__m256i acc, __m256i u, const int8_t* p) { return q4dot_avx2(acc, u, bcast4(p)); }
+// VNNI: the broadcast folded into the instruction's memory operand (the compiler issues a separate one).
+TM_TARGET_VNNI inline __m256i q4dot_vnni(__m256i acc, __m256i u, const int8_t* p) {
+  __asm__("vpdpbusd %[m]%{1to8%}, %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [m] "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
 // q8 codes are stored offset by 128 (unsigned). AVX2: |w| x sign(x, w) keeps maddubs from saturating.
-TM_TARGET_AVX2 inline __m256i q8dot_avx2(__m256i acc, __m256i u, __m256i s) {
+TM_TARGET_AVX2 inline __m256i q8dot_avx2(__m256i acc, __m256i u, const int8_t* p) {
   const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
-  return q4dot_avx2(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(s, w));
+  return q4dot_avx2(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(bcast4(p), w));
 }
 TM_TARGET_AVX2 inline __m256i q8fix_avx2(__m256i acc, int32_t) { return acc; }
 // VNNI: (w + 128) . x, then minus 128 * sum(x) once per block.
-TM_TARGET_VNNI inline __m256i q8dot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+TM_TARGET_VNNI inline __m256i q8dot_vnni(__m256i acc, __m256i u, const int8_t* p) { return q4dot_vnni(acc, u, p); }
 TM_TARGET_VNNI inline __m256i q8fix_vnni(__m256i acc, int32_t xsum) {
   return _mm256_sub_epi32(acc, _mm256_set1_epi32(128 * xsum));
 }
@@ -326,9 +342,9 @@ TM_TARGET_AVX2 inline __m256i q4pairs_avx2(__m256i acc16, __m256i u, __m256i s) 
           for (int r = 0; r < MR; ++r)                                                                         \
             for (int t = 0; t < T; ++t) {                                                                      \
               __m256i& c0 = chain[(2 * s) % C][r][t];                                                          \
-              c0 = Q4DOT(c0, lo, bcast4(x[r][t] + 4 * s));                                                    \
+              c0 = Q4DOT(c0, lo, x[r][t] + 4 * s);                                                            \
               __m256i& c1 = chain[(2 * s + 1) % C][r][t];                                                      \
-              c1 = Q4DOT(c1, hi, bcast4(x[r][t] + 16 + 4 * s));                                                \
+              c1 = Q4DOT(c1, hi, x[r][t] + 16 + 4 * s);                                                       \
             }                                                                                                  \
         }                                                                                                      \
       } else {                                                                                                 \
@@ -336,7 +352,7 @@ TM_TARGET_AVX2 inline __m256i q4pairs_avx2(__m256i acc16, __m256i u, __m256i s) 
         for (int s = 0; s < 8; ++s) {                                                                          \
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * 32));                \
           for (int r = 0; r < MR; ++r)                                                                         \
-            for (int t = 0; t < T; ++t) chain[s % C][r][t] = Q8DOT(chain[s % C][r][t], v, bcast4(x[r][t] + 4 * s)); \
+            for (int t = 0; t < T; ++t) chain[s % C][r][t] = Q8DOT(chain[s % C][r][t], v, x[r][t] + 4 * s);  \
         }                                                                                                      \
       }                                                                                                        \
       for (int r = 0; r < MR; ++r)                                                                             \
@@ -347,11 +363,11 @@ TM_TARGET_AVX2 inline __m256i q4pairs_avx2(__m256i acc16, __m256i u, __m256i s) 
         }                                                                                                      \
       const S* sb = sg + b * (Q4 ? 16 : 8);                                                                    \
       const __m256 d = load8(sb);                                                                              \
-      for (int r = 0; r < MR; ++r)                                                                             \
-        for (int t = 0; t < T; ++t) {                                                                          \
-          const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d[((m0 + r) * T + t) * nb + b]));             \
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][t]), scale, acc[r]);                              \
-        }                                                                                                      \
+      for (int r = 0; r < MR; ++r) {                                                                           \
+        const __m256i joined = T == 2 ? _mm256_add_epi32(_mm256_slli_epi32(dot[r][0], 8), dot[r][T - 1]) : dot[r][0]; \
+        const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d[((m0 + r) * T + T - 1) * nb + b]));          \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(joined), scale, acc[r]);                                   \
+      }                                                                                                        \
       if (Q4) {                                                                                                \
         const __m256 mins = load8(sb + 8);                                                                     \
         for (int r = 0; r < MR; ++r)                                                                           \
@@ -392,10 +408,10 @@ TM_TARGET_VNNI inline __m512i load32x2(const uint8_t* a, const uint8_t* b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
 }
-TM_TARGET_VNNI inline __m512i bcast4_512(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
+// acc + dpbusd(u, the 4 bytes at p in every lane), the broadcast folded into the memory operand
+TM_TARGET_VNNI inline __m512i dpbusd_bcast(__m512i acc, __m512i u, const int8_t* p) {
+  __asm__("vpdpbusd %[m]%{1to16%}, %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [m] "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
 }
 
 // One pair of groups x MR activation rows: each weight load serves the MR rows.
@@ -430,26 +446,26 @@ TM_TARGET_VNNI void wide_vnni(const uint8_t* w, const S* sc, int64_t wbytes, int
         for (int r = 0; r < MR; ++r)
           for (int t = 0; t < T; ++t) {
             const int8_t* x = xq[r][t] + b * QK;
-            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], lo, bcast4_512(x + 4 * s));
-            dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], hi, bcast4_512(x + 16 + 4 * s));
+            dot[r][t] = dpbusd_bcast(dot[r][t], lo, x + 4 * s);
+            dot[r][t] = dpbusd_bcast(dot[r][t], hi, x + 16 + 4 * s);
           }
       }
     } else {
       for (int s = 0; s < 8; ++s) {
         const __m512i v = load32x2(wb + s * 32, wb + wbytes + s * 32);
         for (int r = 0; r < MR; ++r)
-          for (int t = 0; t < T; ++t) dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], v, bcast4_512(xq[r][t] + b * QK + 4 * s));
+          for (int t = 0; t < T; ++t) dot[r][t] = dpbusd_bcast(dot[r][t], v, xq[r][t] + b * QK + 4 * s);
       }
       for (int r = 0; r < MR; ++r)
         for (int t = 0; t < T; ++t) dot[r][t] = _mm512_sub_epi32(dot[r][t], _mm512_set1_epi32(128 * xsum[r][t][b]));
     }
     const S* sb = sc + b * SB;
     const __m512 d = load16(sb, sb + sstride);
-    for (int r = 0; r < MR; ++r)
-      for (int t = 0; t < T; ++t) {
-        const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r][t][b]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), scale, acc[r]);
-      }
+    for (int r = 0; r < MR; ++r) {
+      const __m512i joined = T == 2 ? _mm512_add_epi32(_mm512_slli_epi32(dot[r][0], 8), dot[r][T - 1]) : dot[r][0];
+      const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r][T - 1][b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(joined), scale, acc[r]);
+    }
     if (Q4) {
       const __m512 mins = load16(sb + 8, sb + sstride + 8);
       for (int r = 0; r < MR; ++r) macc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[r][b]), macc[r]);
