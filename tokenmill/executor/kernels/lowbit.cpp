@@ -77,19 +77,26 @@ inline float to_f32(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v
 // about 15-bit activations for one more integer dot per block; T = 1 is llama.cpp's Q8 activations).
 // Since d2 is d1 / 256 exactly, a block's two integer dots join as 256 dot1 + dot2, which a float
 // holds exactly for 4-bit weights (|256 dot1 + dot2| < 2^24), and are scaled once, by d2.
+// For the wide loop (many rows) the codes of 4 rows are interleaved block by block, and what it
+// reads of their scales beside them, so that it reads one tile with constant offsets.
 struct Activations {
   int T = 2;
-  std::vector<int8_t> q;     // [M, T, K]
+  bool quads = false;        // q in the wide loop's layout: [M / 4, K / 32, 4 rows, T, 32]
+  std::vector<int8_t> q;     // [M, T, K] (or the quads' layout, M rounded up to 4)
   std::vector<float> d;      // [M, T, K / 32]
   std::vector<int32_t> sum;  // [M, T, K / 32]: sum(q)
   std::vector<float> s;      // [M, K / 32]: sum over terms of d * sum(q), for the weights' m term
+  std::vector<float> quad_f;      // quads: [M / 4, K / 32, 2, 4]: each row's last-term d, then its s
+  std::vector<int32_t> quad_fix;  // quads: [M / 4, K / 32, 4]: 128 x the joined sum(q), for q8's offset
 };
 
 int activation_terms = 2;
 
 // One row's blocks, portable: per block and term, amax, codes, their sum, and the residual left
 // for the next term. The vector paths below do the same float operations in the same order.
-void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+// Block b's term t codes go to q + t * ts + b * bs.
+void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, int64_t ts, int64_t bs, float* d, int32_t* sum,
+                         float* s) {
   const int64_t nb = K / QK;
   float r[QK];
   for (int64_t b = 0; b < nb; ++b) {
@@ -99,7 +106,7 @@ void quantize_row_scalar(const float* x, int64_t K, int T, int8_t* q, float* d, 
     float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
     for (int t = 0; t < T; ++t) {
       if (t) inv *= 256.f, scale /= 256.f;
-      int8_t* qb = q + t * K + b * QK;
+      int8_t* qb = q + t * ts + b * bs;
       int32_t total = 0;
       for (int i = 0; i < QK; ++i) {
         const float v = std::fmin(std::fmax(tokenmill::round_even(r[i] * inv), -127.f), 127.f);
@@ -132,7 +139,8 @@ TM_TARGET_AVX2 inline int32_t hsum8(__m256i v) {
 }
 
 // AVX2 (also run by the AVX512-VNNI path): a block as four 8-float registers.
-TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* q, int64_t ts, int64_t bs, float* d,
+                                      int32_t* sum, float* s) {
   const int64_t nb = K / QK;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
@@ -154,7 +162,7 @@ TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* 
         r[i] = _mm256_sub_ps(r[i], _mm256_mul_ps(_mm256_set1_ps(scale), v[i]));
       }
       const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + t * K + b * QK), _mm256_permutevar8x32_epi32(bytes, order));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + t * ts + b * bs), _mm256_permutevar8x32_epi32(bytes, order));
       const int32_t total = hsum8(_mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3])));
       d[t * nb + b] = scale;
       sum[t * nb + b] = total;
@@ -165,7 +173,8 @@ TM_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, int T, int8_t* 
 }
 
 // AVX512 (the VNNI path): a block as two 16-float registers; the same float operations as above.
-TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t* q, float* d, int32_t* sum, float* s) {
+TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t* q, int64_t ts, int64_t bs, float* d,
+                                        int32_t* sum, float* s) {
   const int64_t nb = K / QK;
   for (int64_t b = 0; b < nb; ++b) {
     __m512 r0 = _mm512_loadu_ps(x + b * QK), r1 = _mm512_loadu_ps(x + b * QK + 16);
@@ -181,7 +190,7 @@ TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t
       const __m512i i0 = _mm512_cvtps_epi32(v0), i1 = _mm512_cvtps_epi32(v1);
       r0 = _mm512_sub_ps(r0, _mm512_mul_ps(_mm512_set1_ps(scale), v0));
       r1 = _mm512_sub_ps(r1, _mm512_mul_ps(_mm512_set1_ps(scale), v1));
-      int8_t* qb = q + t * K + b * QK;
+      int8_t* qb = q + t * ts + b * bs;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(i0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(i1));
       const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
@@ -194,29 +203,45 @@ TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t
 }
 #endif
 
-void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa) {
-  const int64_t nb = K / QK;
+// Quantizes the M rows of x; `quads` lays them out for the wide loop (rows past M, up to a multiple
+// of 4, are zero).
+void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa, bool quads) {
+  const int64_t nb = K / QK, padded = quads ? (M + 3) / 4 * 4 : M;
   const int T = a.T = activation_terms;
-  a.q.resize(M * T * K);
+  a.quads = quads;
+  a.q.resize(padded * T * K);
   a.d.resize(M * T * nb);
   a.sum.resize(M * T * nb);
   a.s.resize(M * nb);
+  if (quads) {
+    a.quad_f.assign(padded / 4 * nb * 8, 0.f);
+    a.quad_fix.assign(padded / 4 * nb * 4, 0);
+    if (padded > M) std::memset(a.q.data() + M / 4 * 4 * T * K, 0, 4 * T * K);
+  }
+  // where row m's codes start, and the strides of its terms and blocks
+  const int64_t ts = quads ? QK : K, bs = quads ? 4 * T * QK : QK;
+  auto row_codes = [&](int64_t m) {
+    return quads ? a.q.data() + (m / 4) * nb * 4 * T * QK + (m % 4) * T * QK : a.q.data() + m * T * K;
+  };
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      int8_t* q = a.q.data() + m * T * K;
+      int8_t* q = row_codes(m);
       float* d = a.d.data() + m * T * nb;
       int32_t* sum = a.sum.data() + m * T * nb;
+      float* s = a.s.data() + m * nb;
 #ifdef TM_X86
-      if (isa == Isa::avx512vnni) {
-        quantize_row_avx512(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
-        continue;
-      }
-      if (isa == Isa::avx2) {
-        quantize_row_avx2(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
-        continue;
-      }
+      if (isa == Isa::avx512vnni) quantize_row_avx512(x + m * K, K, T, q, ts, bs, d, sum, s);
+      else if (isa == Isa::avx2) quantize_row_avx2(x + m * K, K, T, q, ts, bs, d, sum, s);
+      else
 #endif
-      quantize_row_scalar(x + m * K, K, T, q, d, sum, a.s.data() + m * nb);
+        quantize_row_scalar(x + m * K, K, T, q, ts, bs, d, sum, s);
+      if (!quads) continue;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t tile = (m / 4) * nb + b, r = m % 4;
+        a.quad_f[tile * 8 + r] = d[(T - 1) * nb + b];
+        a.quad_f[tile * 8 + 4 + r] = s[b];
+        a.quad_fix[tile * 4 + r] = 128 * (T == 2 ? 256 * sum[b] + sum[nb + b] : sum[b]);
+      }
     }
   });
 }
@@ -414,27 +439,19 @@ TM_TARGET_VNNI inline __m512i dpbusd_bcast(__m512i acc, __m512i u, const int8_t*
   return acc;
 }
 
-// One pair of groups x MR activation rows: each weight load serves the MR rows.
-template <bool Q4, typename S, int MR, int T>
+// One pair of groups (or one group twice, wbytes = sstride = 0) x one quad of 4 activation rows, from
+// the quads' layout: each weight load serves the 4 rows, and every activation read is at a constant
+// offset from one pointer. Stores the first `lanes` outputs of each of the first `rows` rows.
+template <bool Q4, typename S, int T>
 TM_TARGET_VNNI void wide_vnni(const uint8_t* w, const S* sc, int64_t wbytes, int64_t sstride, int64_t nb,
-                              const Activations& a, int64_t K, int64_t m0, float* y, int64_t ldy) {
+                              const int8_t* xq, const float* xf, const int32_t* xfix, float* y, int64_t ldy,
+                              int64_t rows, int lanes) {
+  constexpr int MR = 4;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const int8_t* xq[MR][T];
-  const float* xd[MR][T];
-  const int32_t* xsum[MR][T];
-  const float* xs[MR];
   __m512 acc[MR], macc[MR];
-  for (int r = 0; r < MR; ++r) {
-    acc[r] = macc[r] = _mm512_setzero_ps();
-    xs[r] = a.s.data() + (m0 + r) * nb;
-    for (int t = 0; t < T; ++t) {
-      xq[r][t] = a.q.data() + ((m0 + r) * T + t) * K;
-      xd[r][t] = a.d.data() + ((m0 + r) * T + t) * nb;
-      xsum[r][t] = a.sum.data() + ((m0 + r) * T + t) * nb;
-    }
-  }
-  constexpr int64_t WB = Q4 ? 128 : 256, SB = Q4 ? 16 : 8;
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int r = 0; r < MR; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
+  constexpr int64_t WB = Q4 ? 128 : 256, SB = Q4 ? 16 : 8, XB = MR * T * QK;
+  for (int64_t b = 0; b < nb; ++b, xq += XB, xf += 8, xfix += MR) {
     __m512i dot[MR][T];
     for (int r = 0; r < MR; ++r)
       for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();
@@ -445,7 +462,7 @@ TM_TARGET_VNNI void wide_vnni(const uint8_t* w, const S* sc, int64_t wbytes, int
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < MR; ++r)
           for (int t = 0; t < T; ++t) {
-            const int8_t* x = xq[r][t] + b * QK;
+            const int8_t* x = xq + (r * T + t) * QK;
             dot[r][t] = dpbusd_bcast(dot[r][t], lo, x + 4 * s);
             dot[r][t] = dpbusd_bcast(dot[r][t], hi, x + 16 + 4 * s);
           }
@@ -454,24 +471,23 @@ TM_TARGET_VNNI void wide_vnni(const uint8_t* w, const S* sc, int64_t wbytes, int
       for (int s = 0; s < 8; ++s) {
         const __m512i v = load32x2(wb + s * 32, wb + wbytes + s * 32);
         for (int r = 0; r < MR; ++r)
-          for (int t = 0; t < T; ++t) dot[r][t] = dpbusd_bcast(dot[r][t], v, xq[r][t] + b * QK + 4 * s);
+          for (int t = 0; t < T; ++t) dot[r][t] = dpbusd_bcast(dot[r][t], v, xq + (r * T + t) * QK + 4 * s);
       }
-      for (int r = 0; r < MR; ++r)
-        for (int t = 0; t < T; ++t) dot[r][t] = _mm512_sub_epi32(dot[r][t], _mm512_set1_epi32(128 * xsum[r][t][b]));
     }
     const S* sb = sc + b * SB;
     const __m512 d = load16(sb, sb + sstride);
     for (int r = 0; r < MR; ++r) {
-      const __m512i joined = T == 2 ? _mm512_add_epi32(_mm512_slli_epi32(dot[r][0], 8), dot[r][T - 1]) : dot[r][0];
-      const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r][T - 1][b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(joined), scale, acc[r]);
+      __m512i joined = T == 2 ? _mm512_add_epi32(_mm512_slli_epi32(dot[r][0], 8), dot[r][T - 1]) : dot[r][0];
+      if (!Q4) joined = _mm512_sub_epi32(joined, _mm512_set1_epi32(xfix[r]));  // the codes' +128
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(joined), _mm512_mul_ps(d, _mm512_set1_ps(xf[r])), acc[r]);
     }
     if (Q4) {
       const __m512 mins = load16(sb + 8, sb + sstride + 8);
-      for (int r = 0; r < MR; ++r) macc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[r][b]), macc[r]);
+      for (int r = 0; r < MR; ++r) macc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xf[4 + r]), macc[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + (m0 + r) * ldy, Q4 ? _mm512_add_ps(acc[r], macc[r]) : acc[r]);
+  const __mmask16 keep = static_cast<__mmask16>((1u << lanes) - 1);
+  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, Q4 ? _mm512_add_ps(acc[r], macc[r]) : acc[r]);
 }
 #endif
 
@@ -484,24 +500,31 @@ constexpr int64_t ROW_TILE = 64;
 constexpr int64_t PAIR_ROWS = 16;
 
 #ifdef TM_X86
-// The wide path over a whole matrix: threads take runs of 2 whole groups, ROW_TILE rows at a time; the
-// last groups that do not fill a run (an odd count, a partial group) go through `rest`, one by one.
-template <bool Q4, typename S, int T, typename Rest>
+// The wide path over a whole matrix: threads take runs of 2 whole groups, ROW_TILE rows at a time, 4
+// rows (a quad) per call; the groups that do not fill a run (an odd count, a partial group) go one
+// by one, each read as both halves of a pair with only its own lanes stored.
+template <bool Q4, typename S, int T>
 void wide_matmul(const uint8_t* w, const S* sc, int64_t wbytes, int64_t sstride, int64_t nb, const Activations& a,
-                 int64_t K, int64_t M, int64_t N, float* y, const Rest& rest) {
-  const int64_t pairs = (N / 8) / 2, left = (N + 7) / 8 - 2 * pairs;
+                 int64_t M, int64_t N, float* y) {
+  const int64_t pairs = (N / 8) / 2, groups = (N + 7) / 8, left = groups - 2 * pairs;
+  auto quads = [&](const uint8_t* wi, const S* si, int64_t wstep, int64_t sstep, int64_t m0, int64_t m1, float* yi,
+                   int lanes) {
+    for (int64_t m = m0; m < m1; m += 4) {
+      const int64_t tile = m / 4 * nb;
+      wide_vnni<Q4, S, T>(wi, si, wstep, sstep, nb, a.q.data() + tile * 4 * T * QK, a.quad_f.data() + tile * 8,
+                          a.quad_fix.data() + tile * 4, yi + m * N, N, std::min<int64_t>(4, M - m), lanes);
+    }
+  };
   at::parallel_for(0, pairs + left, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
       const int64_t m1 = std::min(M, m0 + ROW_TILE);
-      for (int64_t i = i0; i < std::min(i1, pairs); ++i) {
-        const uint8_t* wi = w + 2 * i * wbytes;
-        const S* si = sc + 2 * i * sstride;
-        int64_t m = m0;
-        for (; m + 4 <= m1; m += 4) wide_vnni<Q4, S, 4, T>(wi, si, wbytes, sstride, nb, a, K, m, y + 16 * i, N);
-        for (; m < m1; ++m) wide_vnni<Q4, S, 1, T>(wi, si, wbytes, sstride, nb, a, K, m, y + 16 * i, N);
+      for (int64_t i = i0; i < std::min(i1, pairs); ++i)
+        quads(w + 2 * i * wbytes, sc + 2 * i * sstride, wbytes, sstride, m0, m1, y + 16 * i, 16);
+      for (int64_t i = std::max(i0, pairs); i < i1; ++i) {
+        const int64_t g = 2 * pairs + (i - pairs);
+        quads(w + g * wbytes, sc + g * sstride, 0, 0, m0, m1, y + 8 * g, static_cast<int>(std::min<int64_t>(8, N - 8 * g)));
       }
     }
-    for (int64_t i = std::max(i0, pairs); i < i1; ++i) rest(2 * pairs + (i - pairs));
   });
 }
 #endif
@@ -537,16 +560,17 @@ void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const S* sc,
   // workers' lambda captures (naming the thread_local there would give each worker its own, empty).
   static thread_local Activations buffers;
   Activations& a = buffers;
-  quantize_rows(x, M, K, a, isa);
+  const bool wide = isa == Isa::avx512vnni && M >= PAIR_ROWS;
+  quantize_rows(x, M, K, a, isa, wide);
   auto groups_at = [&](int64_t g) {
     const int64_t nvalid = std::min<int64_t>(8, N - g * 8);
     if (a.T == 2) group_rows<Q4, S, 2>(isa, w + g * wbytes, sc + g * sstride, nb, a, K, M, y + g * 8, N, nvalid);
     else group_rows<Q4, S, 1>(isa, w + g * wbytes, sc + g * sstride, nb, a, K, M, y + g * 8, N, nvalid);
   };
 #ifdef TM_X86
-  if (isa == Isa::avx512vnni && M >= PAIR_ROWS) {
-    if (a.T == 2) wide_matmul<Q4, S, 2>(w, sc, wbytes, sstride, nb, a, K, M, N, y, groups_at);
-    else wide_matmul<Q4, S, 1>(w, sc, wbytes, sstride, nb, a, K, M, N, y, groups_at);
+  if (wide) {
+    if (a.T == 2) wide_matmul<Q4, S, 2>(w, sc, wbytes, sstride, nb, a, M, N, y);
+    else wide_matmul<Q4, S, 1>(w, sc, wbytes, sstride, nb, a, M, N, y);
     return;
   }
 #endif
