@@ -9,6 +9,12 @@ then for each scenario starts `tokenmill serve` with its flags, sends the worklo
 reported them, the same arrival times and concurrency cap) in `tokenmill simulate` with the
 server's own KV pool size. Prints measured, predicted and the error of each median and p99,
 and writes everything to JSON.
+
+A machine whose speed drifts between the fit and a scenario would show the drift as the model's
+error. So, unless --no-rescale, just before and just after each scenario a probe times a few
+steps of the fit's grid again (batch 1 and 8 at context 256, with their prefills) and the model is
+scaled for that scenario by the probes' measured over predicted seconds (their mean); the factor
+and the unscaled errors go to the JSON too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tokenmill.bench.launch import LaunchedServer, free_port, scrape_metric
@@ -25,7 +32,7 @@ from tokenmill.bench.workload import TenantSpec, arrival_times, tenant_workload,
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.policy import PolicyConfig
 from tokenmill.sim import calibrate_steps
-from tokenmill.sim.cost_model import load_file
+from tokenmill.sim.cost_model import LinearStepCost, load_file
 from tokenmill.sim.simulator import ReplicaSettings, SimRequest, Simulation
 
 POLICY_TENANTS = ["name=chat,num=60,rate=1.0,input=64:256,output=16:48,priority=0",
@@ -75,6 +82,23 @@ def settings_of(flags: list[str], num_blocks: int) -> ReplicaSettings:
                            policy=PolicyConfig(args.get("--scheduling-policy", "fcfs")))
 
 
+def speed_factor(engine: LLMEngine, cost: LinearStepCost) -> float:
+    """How much slower (> 1) or faster the machine runs a probe of the fit's steps now than `cost` predicts."""
+    samples = calibrate_steps.time_steps(engine, batches=(1, 8), contexts=(256,))
+    return sum(t for _, t in samples) / sum(cost.shape_seconds(shape) for shape, _ in samples)
+
+
+def scaled(cost: LinearStepCost, factor: float) -> LinearStepCost:
+    return replace(cost, coefficients={k: v * factor for k, v in cost.coefficients.items()})
+
+
+def errors(predicted: dict, measured: dict) -> dict:
+    out = {f"{metric}_{stat}_error": error(predicted[metric][stat], measured[metric][stat])
+           for metric in METRICS for stat in ("median_ms", "p99_ms")}
+    out["output_throughput_error"] = error(predicted["output_throughput"], measured["output_throughput"])
+    return out
+
+
 def error(predicted, measured):
     return None if predicted is None or not measured else predicted / measured - 1
 
@@ -84,17 +108,18 @@ def main() -> int:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--cost-model", default=None, help="a JSON cost model (default: calibrate the default model now)")
     p.add_argument("--output-json", default="results/simulator_accuracy.json")
+    p.add_argument("--no-rescale", action="store_true",
+                   help="predict every scenario with the model as fitted (default: rescaled by probes around each)")
     args = p.parse_args()
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.cost_model:
-        cost = load_file(args.cost_model)
-        fit = None
-    else:
+    cost = load_file(args.cost_model) if args.cost_model else None
+    rescale = not args.no_rescale and (cost is None or isinstance(cost, LinearStepCost))  # a roofline has no fit to redo
+    engine = LLMEngine() if cost is None or rescale else None  # for the fit and the probes
+    fit = None
+    if cost is None:
         print("timing engine steps for the cost model", file=sys.stderr, flush=True)
-        engine = LLMEngine()
         cost, fit = calibrate_steps.measure(engine, say=lambda m: print(m, file=sys.stderr, flush=True))
-        del engine
         print(f"cost model {cost.coefficients}, fit {fit}", file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(None)
     results = {}
@@ -107,18 +132,22 @@ def main() -> int:
         else:
             requests = build_requests(config, tokenizer)
             times = arrival_times(len(requests), math.inf)
+        before = speed_factor(engine, cost) if rescale else None
         print(f"[{name}] measuring", file=sys.stderr, flush=True)
         # with tenants, bench serve builds the same seeded workload itself
         run, blocks = measure(flags, config, None if tenant_specs else requests, out.with_name(f"simacc_{name}.log"))
+        factor = (before + speed_factor(engine, cost)) / 2 if rescale else None
         priorities = {t.name: t.priority or 0 for t in tenant_specs}
-        sim = Simulation(cost, settings_of(flags, blocks), max_concurrency=config.max_concurrency)
-        predicted = sim.run(replay(run, times, config.shared_prefix_len, priorities))
+        simulated = replay(run, times, config.shared_prefix_len, priorities)
         measured = run["summary"]
-        row = {"measured": measured, "predicted": predicted}
-        for metric in METRICS:
-            for stat in ("median_ms", "p99_ms"):
-                row[f"{metric}_{stat}_error"] = error(predicted[metric][stat], measured[metric][stat])
-        row["output_throughput_error"] = error(predicted["output_throughput"], measured["output_throughput"])
+        predicted = Simulation(cost, settings_of(flags, blocks), max_concurrency=config.max_concurrency).run(simulated)
+        row = {"measured": measured, "predicted": predicted, "speed_factor": 1.0, **errors(predicted, measured)}
+        if factor is not None:
+            row["unscaled"] = {"predicted": predicted, **errors(predicted, measured)}
+            row["speed_factor"] = factor
+            row["predicted"] = Simulation(scaled(cost, factor), settings_of(flags, blocks),
+                                          max_concurrency=config.max_concurrency).run(simulated)
+            row.update(errors(row["predicted"], measured))
         results[name] = row
         out.write_text(json.dumps({"cost_model": cost.to_dict(), "fit": fit, "results": results}, indent=2))
     print(f"{'scenario':9s} {'metric':6s} {'measured med':>12s} {'predicted':>10s} {'err':>6s} "
@@ -130,7 +159,8 @@ def main() -> int:
                   f"{(row[f'{metric}_median_ms_error'] or 0) * 100:5.0f}% {m['p99_ms'] or 0:12.1f} "
                   f"{s['p99_ms'] or 0:10.1f} {(row[f'{metric}_p99_ms_error'] or 0) * 100:5.0f}%")
         print(f"{name:9s} output tok/s measured {row['measured']['output_throughput']:.1f}, predicted "
-              f"{row['predicted']['output_throughput']:.1f} ({row['output_throughput_error'] * 100:+.0f}%)")
+              f"{row['predicted']['output_throughput']:.1f} ({row['output_throughput_error'] * 100:+.0f}%); "
+              f"model scaled by {row['speed_factor']:.2f}")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
