@@ -128,7 +128,7 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
         return call
 
     sampler = runner.sampler
-    runner._forward = timed("forward", runner._forward)
+    runner.forward = timed("forward", runner.forward)
     runner.model.forward = timed("model", runner.model.forward)
     runner.model.compute_logits = timed("logits", runner.model.compute_logits)
     runner.sampler = timed("sampling", sampler)
@@ -138,7 +138,7 @@ def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
             engine.step()
         step_s = (time.perf_counter() - start) / steps
     finally:
-        del runner._forward, runner.model.forward, runner.model.compute_logits  # back to the methods
+        del runner.forward, runner.model.forward, runner.model.compute_logits  # back to the methods
         runner.sampler = sampler
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
