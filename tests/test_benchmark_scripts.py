@@ -17,7 +17,7 @@ def _script(name: str):
 
 def test_quant_speed_profile_breaks_a_decode_step_down():
     quant_speed = _script("quant_speed")
-    llm = LLM(kv_cache_memory="64MiB")
+    llm = LLM()  # the default form
     profile = quant_speed.profile_decode(llm, list(range(1000, 1032)), steps=4)
     assert profile["step_ms"] > 0 and profile["model_ms"] > 0 and profile["logits_ms"] > 0
     assert profile["forward_ms"] >= profile["model_ms"]  # the runner's forward wraps the model's

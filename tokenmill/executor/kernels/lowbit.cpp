@@ -81,8 +81,7 @@ inline float to_f32(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v
 // reads of their scales beside them, so that it reads one tile with constant offsets.
 struct Activations {
   int T = 2;
-  bool quads = false;        // q in the wide loop's layout: [M / 4, K / 32, 4 rows, T, 32]
-  std::vector<int8_t> q;     // [M, T, K] (or the quads' layout, M rounded up to 4)
+  std::vector<int8_t> q;     // [M, T, K], or for the wide loop [M / 4, K / 32, 4 rows, T, 32] (M rounded up to 4)
   std::vector<float> d;      // [M, T, K / 32]
   std::vector<int32_t> sum;  // [M, T, K / 32]: sum(q)
   std::vector<float> s;      // [M, K / 32]: sum over terms of d * sum(q), for the weights' m term
@@ -208,14 +207,13 @@ TM_TARGET_VNNI void quantize_row_avx512(const float* x, int64_t K, int T, int8_t
 void quantize_rows(const float* x, int64_t M, int64_t K, Activations& a, Isa isa, bool quads) {
   const int64_t nb = K / QK, padded = quads ? (M + 3) / 4 * 4 : M;
   const int T = a.T = activation_terms;
-  a.quads = quads;
   a.q.resize(padded * T * K);
   a.d.resize(M * T * nb);
   a.sum.resize(M * T * nb);
   a.s.resize(M * nb);
   if (quads) {
-    a.quad_f.assign(padded / 4 * nb * 8, 0.f);
-    a.quad_fix.assign(padded / 4 * nb * 4, 0);
+    a.quad_f.resize(padded / 4 * nb * 8);  // every valid row's entries are written below; a pad row's codes are zero
+    a.quad_fix.resize(padded / 4 * nb * 4);
     if (padded > M) std::memset(a.q.data() + M / 4 * 4 * T * K, 0, 4 * T * K);
   }
   // where row m's codes start, and the strides of its terms and blocks
