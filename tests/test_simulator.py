@@ -129,6 +129,53 @@ def test_router_balances_load_before_affinity():
     assert [rr.route(replicas, prompt) for _ in range(4)] == [0, 1, 2, 0]
 
 
+def test_pools_count_the_replicas_caching_each_first_block():
+    first_blocks: dict[int, int] = {}
+    pools = [BlockPool(4, first_blocks), BlockPool(4, first_blocks)]
+    root = [pool.cache(pool.allocate(1)[0], 11, (1, 2), None, None) for pool in pools]
+    child = pools[0].cache(pools[0].allocate(1)[0], 12, (3, 4), root[0], None)
+    assert first_blocks == {11: 2}  # a later block is not counted
+    for pool in pools:
+        pool.free([root[pools.index(pool)].block])
+    pools[0].free([child.block])
+    pools[0].allocate(3)  # evicts both of its cached blocks
+    assert first_blocks == {11: 1}
+    assert pools[1].reset_cache() and first_blocks == {}
+
+
+def test_the_routers_first_block_index_changes_no_decision():
+    """The simulator's shortcut (a prompt whose first block no replica caches goes straight to the
+    least loaded) routes every request as asking each replica does; the loads it keeps are the
+    schedulers' own counts."""
+    rng = random.Random(3)
+    common = [rng.randrange(2, 900) for _ in range(8)]  # the families share their first blocks, then part
+    families = [common + [rng.randrange(2, 900) for _ in range(16)] for _ in range(3)]
+    t, requests = 0.0, []
+    for i in range(120):
+        t += rng.expovariate(40.0)
+        prefix = families[i % 3] if i % 4 else []
+        requests.append(SimRequest(t, prefix + [rng.randrange(2, 900) for _ in range(rng.randint(4, 40))],
+                                   rng.randint(1, 40)))
+
+    class CheckingRouter(Router):
+        def route(self, replicas, token_ids, cache_salt=None, first_blocks=None):
+            assert [r.load for r in replicas] == [len(r.scheduler.waiting) + len(r.scheduler.running) for r in replicas]
+            return super().route(replicas, token_ids, cache_salt, first_blocks)
+
+    traces = []
+    for indexed in (True, False):
+        sim = Simulation(synthetic(fixed=0.01, per_seq=0.001, per_prefill_token=0.0002), trace=True, num_replicas=4,
+                         settings=ReplicaSettings(num_blocks=40, block_size=4, max_num_seqs=8, max_num_batched_tokens=64))
+        sim.router = CheckingRouter("prefix", 4, balance_threshold=3)
+        if not indexed:
+            sim._first_blocks = None  # the pools still count; the router asks each replica
+        summary = sim.run(requests)
+        traces.append(([(e.replica, e.admitted) for e in sorted(sim.steps, key=lambda e: (e.start, e.replica))],
+                       summary["prefix_hit_rate"], summary["num_preemptions"]))
+    assert traces[0] == traces[1]
+    assert traces[0][1] > 0 and traces[0][2] > 0
+
+
 def test_a_step_reads_a_shared_prefix_block_once():
     from tokenmill.sequence import Sequence
     from tokenmill.step_plan import ScheduledChunk, StepShape

@@ -11,7 +11,7 @@ router does); ties go to the less loaded, then the lower index. "round_robin" an
 from __future__ import annotations
 
 import itertools
-from typing import Protocol, Sequence
+from typing import Container, Protocol, Sequence
 
 from tokenmill.errors import InvalidParameterError
 from tokenmill.kv.kv_cache_manager import KVCacheManager, prefix_hashes
@@ -39,15 +39,22 @@ class Router:
         self.balance_threshold = balance_threshold
         self._turn = itertools.count()
 
-    def route(self, replicas: Sequence[Routable], token_ids: list[int], cache_salt: str | None = None) -> int:
-        """The index of the replica that should serve a prompt of `token_ids`."""
+    def route(self, replicas: Sequence[Routable], token_ids: list[int], cache_salt: str | None = None,
+              first_blocks: Container[int] | None = None) -> int:
+        """The index of the replica that should serve a prompt of `token_ids`. `first_blocks`, if given,
+        holds the hash of every prompt's first block that some replica caches: a prompt whose first
+        block is not in it finds no replica holding its prefix, without asking each."""
         if self.policy == "round_robin":
             return next(self._turn) % len(replicas)
         loads = [r.load for r in replicas]
         candidates = range(len(replicas))
         if self.policy == "prefix" and max(loads) - min(loads) <= self.balance_threshold:
             # Block by block, keep the replicas that hold the prefix so far: most prompts stop at the first.
+            first = first_blocks
             for block_hash in prefix_hashes(token_ids, self.block_size, cache_salt):
+                if first is not None and block_hash not in first:
+                    break
+                first = None
                 holding = [i for i in candidates if replicas[i].kv.holds_block(block_hash)]
                 if not holding:
                     break

@@ -39,10 +39,14 @@ class CachedBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, first_blocks: dict[int, int] | None = None):
+        """`first_blocks`, shared by several pools (the simulator's replicas), counts the pools that
+        cache each prompt's first block (by hash), so that a router learns in one lookup that none
+        holds a prompt's prefix."""
         if num_blocks < 2:
             raise ValueError(f"the KV pool needs at least 2 blocks (one is the null block), got {num_blocks}")
         self.num_blocks = num_blocks
+        self._first_blocks = first_blocks
         self._refs = [0] * num_blocks
         self._free: deque[int] = deque(range(1, num_blocks))  # unreferenced, holding nothing cached
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, oldest first
@@ -135,12 +139,18 @@ class BlockPool:
             self._uncache(existing.block)
         self._by_hash[block_hash] = entry
         self._entries[block] = entry
+        if parent is None and self._first_blocks is not None:
+            self._first_blocks[block_hash] = self._first_blocks.get(block_hash, 0) + 1
         return entry
 
     def reset_cache(self) -> bool:
         """Forget every cached block; refused (False) while any block is in use."""
         if self.num_used_blocks:
             return False
+        if self._first_blocks is not None:
+            for entry in self._by_hash.values():
+                if entry.parent is None:
+                    self._forget(entry.block_hash)
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._by_hash.clear()
@@ -152,6 +162,16 @@ class BlockPool:
         self._entries[block] = None
         if self._by_hash.get(entry.block_hash) is entry:
             del self._by_hash[entry.block_hash]
+            if entry.parent is None and self._first_blocks is not None:
+                self._forget(entry.block_hash)
         if block in self._evictable:
             del self._evictable[block]
             self._free.append(block)
+
+    def _forget(self, block_hash: int) -> None:
+        """One pool fewer caches the first block `block_hash` (in the shared `first_blocks`)."""
+        count = self._first_blocks[block_hash] - 1
+        if count:
+            self._first_blocks[block_hash] = count
+        else:
+            del self._first_blocks[block_hash]

@@ -86,9 +86,10 @@ class StepEvent:
 
 
 class Replica:
-    def __init__(self, index: int, settings: ReplicaSettings):
+    def __init__(self, index: int, settings: ReplicaSettings, first_blocks: dict[int, int] | None = None):
         self.index = index
-        self.kv = KVCacheManager(BlockPool(settings.num_blocks), settings.block_size, settings.enable_prefix_caching)
+        self.kv = KVCacheManager(BlockPool(settings.num_blocks, first_blocks), settings.block_size,
+                                 settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, make_policy(settings.policy, settings.max_model_len), settings.max_num_seqs,
                                    settings.max_num_batched_tokens, [], settings.max_model_len)
         self.plan: SchedulerOutput | None = None  # the step in flight
@@ -96,10 +97,7 @@ class Replica:
         self.version = 0  # of the end event in the queue (a run cut short queues a new one)
         self.busy_seconds = 0.0
         self.num_steps = 0
-
-    @property
-    def load(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        self.load = 0  # waiting and running sequences (what the router reads), kept as they come and finish
 
     @property
     def busy(self) -> bool:
@@ -143,7 +141,8 @@ class Simulation:
             raise InvalidParameterError("max_concurrency", f"must be at least 1, got {max_concurrency}")
         self.cost = cost
         self.settings = settings
-        self.replicas = [Replica(i, settings) for i in range(num_replicas)]
+        self._first_blocks: dict[int, int] = {}  # first-block hash -> replicas caching it, for the router
+        self.replicas = [Replica(i, settings, self._first_blocks) for i in range(num_replicas)]
         self.router = Router(routing_policy, settings.block_size)
         self.max_concurrency = max_concurrency
         self.fast_forward = fast_forward  # apply runs of plain decode steps in one go (same result, faster)
@@ -155,16 +154,22 @@ class Simulation:
         self._itl = array("d")
         self._itl_stride = 1
         self._itl_seen = 0
+        self._params: dict[int, SamplingParams] = {}
 
     def run(self, requests: Iterable[SimRequest], slos: dict[str, float] | None = None) -> dict:
         # The run keeps millions of cache entries alive, which the cyclic collector would walk again
         # and again (a third of the time at 50,000 requests); the simulation makes no reference
         # cycles, so reference counting frees everything without it.
+        if not self.replicas:
+            raise RuntimeError("a Simulation runs once; make a new one")
         collecting = gc.isenabled()
         gc.disable()
         try:
             return self._run(requests, slos)
         finally:
+            # A simulation runs once: its replicas go now, by reference counting, before the collector
+            # is back and would walk their millions of objects once more (a few seconds at a million).
+            self.replicas = []
             if collecting:
                 gc.enable()
 
@@ -209,15 +214,18 @@ class Simulation:
         if not 0 < len(request.prompt_ids) < self.settings.max_model_len:
             raise InvalidParameterError("workload", f"a prompt of {len(request.prompt_ids)} tokens does not fit "
                                                     f"max_model_len {self.settings.max_model_len}")
-        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
+        params = self._params.get(request.output_len)
+        if params is None:  # one per output length: the scheduler only reads a sequence's params
+            params = self._params[request.output_len] = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
         seq = Sequence(request_id, 0, request.prompt_ids, params, now, tenant=request.tenant,
                        priority=request.priority)
-        replica = self.replicas[self.router.route(self.replicas, request.prompt_ids)]
+        replica = self.replicas[self.router.route(self.replicas, request.prompt_ids, first_blocks=self._first_blocks)]
         if replica.run is not None:
             if replica.run.cut(now):
                 self._queue_end(replica, float(replica.run.ends[-1]))
             self._plan_run(replica)
         replica.scheduler.add(seq)
+        replica.load += 1
         record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
         self._tracked[request_id] = _Tracked(record, now)
         return replica.index
@@ -351,6 +359,7 @@ class Simulation:
                 records.append(record)
                 del self._tracked[seq.request_id]
                 finished += 1
+        replica.load -= finished
         return finished
 
     @staticmethod

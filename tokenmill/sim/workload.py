@@ -72,8 +72,9 @@ def _stream(vocab: int, num: int, rate: float, burstiness: float, input_len, out
         tokens = vocab_ids[rng.integers(0, vocab, size=sum(lengths))].tolist()
         start = 0
         for i, length in enumerate(lengths, first):
-            yield SimRequest(times[i], prefixes[i % num_prefixes] + tokens[start:start + length], outputs[i], tenant,
-                             priority)
+            prefix = prefixes[i % num_prefixes]
+            suffix = tokens[start:start + length]
+            yield SimRequest(times[i], prefix + suffix if prefix else suffix, outputs[i], tenant, priority)
             start += length
 
 
