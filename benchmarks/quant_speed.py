@@ -6,7 +6,9 @@ a Q4_K_M file's Q4_K as int4 and its Q5_0 / Q8_0 / Q6_K as int8), and in llama.c
 threads: prefill tokens/s (one prompt of --prompt-tokens, timed to its first token) and
 batch-1 decode tokens/s (--new-tokens greedy tokens, timed from the first to the last),
 medians of --repeats runs, and each decode's fraction of the bandwidth roofline (the bytes a
-token reads, weights and KV, over `tokenmill calibrate`'s bandwidth). llama.cpp runs as
+token reads, weights and KV, over `tokenmill calibrate`'s stored bandwidth, and over the mean of
+the bandwidth measured just before and after this run, which on a shared machine can be far from
+the stored one). llama.cpp runs as
 llama-bench built from source (--llama-bench PATH, from ../shared/tools/build-llamacpp.sh;
 pp and tg tests with -r --repeats), or through llama-cpp-python where that is installed.
 Prints a table with ratios to llama.cpp and writes results/quant_speed.json. --profile also
@@ -109,6 +111,10 @@ def _fraction(value: float) -> str:
     return calibration_error(value) or f"{value:.2f}"
 
 
+def _fractions(row: dict) -> str:
+    return f"{_fraction(row['roofline_fraction'])} / {_fraction(row['run_roofline_fraction'])}"
+
+
 def profile_decode(llm: LLM, prompt: list[int], steps: int = 16) -> dict:
     """One decode step's time in ms: forward, logits, sampling and the engine around them (wall clock),
     then, under torch.profiler, the ops' own time by kind; what they do not explain is Python and
@@ -186,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = load_checkpoint(path)
     prompt = ckpt.tokenizer.encode(TEXT.read_text())[:args.prompt_tokens]
     bandwidth = calibrate.load_or_measure(torch.device("cpu"))["bandwidth_bytes_per_s"]
+    # The stored calibration may come from another day; this run's own (before and after) says how far
+    # the machine's bandwidth has moved since, and gives each fraction a denominator of the same minutes.
+    around = [calibrate.measure(torch.device("cpu"))["bandwidth_bytes_per_s"]]
     result = {"model": ckpt.name, "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
               "repeats": args.repeats, "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "tokenmill": {}}
     for name in args.configs.split(","):
@@ -208,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         ref = llama_cpp_speed(path, prompt, args.new_tokens, args.repeats, args.threads)
     if ref:
         ref["file"] = path.name
-        ref["roofline_fraction"] = roofline_fraction(ref["decode_tokens_per_s"],
-                                                     ref.get("model_bytes") or path.stat().st_size, bandwidth)
+        ref["bytes_per_token"] = ref.get("model_bytes") or path.stat().st_size
+        ref["roofline_fraction"] = roofline_fraction(ref["decode_tokens_per_s"], ref["bytes_per_token"], bandwidth)
     result["llama_cpp"] = ref
+    around.append(calibrate.measure(torch.device("cpu"))["bandwidth_bytes_per_s"])
+    result["run_bandwidth_bytes_per_s"] = around
+    for row in [*result["tokenmill"].values(), *([ref] if ref else [])]:
+        row["run_roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["bytes_per_token"],
+                                                         sum(around) / len(around))
     print(format_table(result))
     print(f"wrote {write_json(result, args.output)}", file=sys.stderr)
     return 0
@@ -220,17 +234,18 @@ def format_table(result: dict) -> str:
     ref = result["llama_cpp"]
     lines = [f"{result['model']}, {result['threads']} threads, prompt {result['prompt_tokens']} tokens, "
              f"{result['new_tokens']} new tokens, median of {result['repeats']}",
-             f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (tokenmill calibrate)",
+             f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (tokenmill calibrate); this run's, before and "
+             f"after: {' and '.join(f'{b / 1e9:.1f}' for b in result['run_bandwidth_bytes_per_s'])} GB/s",
              "| engine | weights | prefill tok/s | prefill / llama.cpp | decode tok/s | decode / llama.cpp "
-             "| roofline fraction |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| roofline fraction, stored / this run's bandwidth |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in result["tokenmill"].items():
         pre = f"{row['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.2f}x" if ref else "-"
         dec = f"{row['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
         lines.append(f"| tokenmill | {name} ({row['weight_bytes'] / 2**20:.0f} MiB) | {row['prefill_tokens_per_s']:.0f} "
-                     f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {_fraction(row['roofline_fraction'])} |")
+                     f"| {pre} | {row['decode_tokens_per_s']:.1f} | {dec} | {_fractions(row)} |")
     if ref:
         lines.append(f"| llama.cpp ({ref['version']}) | {ref['file']} | {ref['prefill_tokens_per_s']:.0f} | 1.00x "
-                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {_fraction(ref['roofline_fraction'])} |")
+                     f"| {ref['decode_tokens_per_s']:.1f} | 1.00x | {_fractions(ref)} |")
     for name, row in result["tokenmill"].items():
         if "profile" in row:
             lines.append(f"{name} decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in row["profile"].items()))
