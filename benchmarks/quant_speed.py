@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = calibrate.load_or_measure(torch.device("cpu"))["bandwidth_bytes_per_s"]
     # The stored calibration may come from another day; this run's own (before and after) says how far
     # the machine's bandwidth has moved since, and gives each fraction a denominator of the same minutes.
-    around = [calibrate.measure(torch.device("cpu"))["bandwidth_bytes_per_s"]]
+    around = [max(calibrate.measure_bandwidth(torch.device("cpu")))]
     result = {"model": ckpt.name, "threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
               "repeats": args.repeats, "torch": torch.__version__, "bandwidth_bytes_per_s": bandwidth, "tokenmill": {}}
     for name in args.configs.split(","):
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         ref["bytes_per_token"] = ref.get("model_bytes") or path.stat().st_size
         ref["roofline_fraction"] = roofline_fraction(ref["decode_tokens_per_s"], ref["bytes_per_token"], bandwidth)
     result["llama_cpp"] = ref
-    around.append(calibrate.measure(torch.device("cpu"))["bandwidth_bytes_per_s"])
+    around.append(max(calibrate.measure_bandwidth(torch.device("cpu"))))
     result["run_bandwidth_bytes_per_s"] = around
     for row in [*result["tokenmill"].values(), *([ref] if ref else [])]:
         row["run_roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["bytes_per_token"],

@@ -145,7 +145,7 @@ def test_pools_count_the_replicas_caching_each_first_block():
 
 def test_the_routers_first_block_index_changes_no_decision():
     """The simulator's shortcut (a prompt whose first block no replica caches goes straight to the
-    least loaded) routes every request as asking each replica does; the loads it keeps are the
+    least loaded) routes every request as asking each replica does; the loads it reads are the
     schedulers' own counts."""
     rng = random.Random(3)
     common = [rng.randrange(2, 900) for _ in range(8)]  # the families share their first blocks, then part

@@ -81,15 +81,20 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure(device: torch.device, mem_bytes: int = 256 * 2**20, matmul_n: int = 1024, repeats: int = 3) -> dict:
-    """Bandwidth: the faster of summing a large float32 tensor (reads it) and copying it (reads
-    and writes it). Matmul: n x n x n products, 2 n^3 FLOPs each, per dtype that runs here."""
-    busy = others_busy_percent() if device.type == "cpu" else 0.0
+def measure_bandwidth(device: torch.device, mem_bytes: int = 256 * 2**20, repeats: int = 3) -> tuple[float, float]:
+    """Bytes/s of summing a large float32 tensor (reads it) and of copying it (reads and writes it)."""
     src = torch.ones(mem_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    read_bw = mem_bytes / _best_seconds(lambda: src.sum(), device, repeats)
-    copy_bw = 2 * mem_bytes / _best_seconds(lambda: dst.copy_(src), device, repeats)
-    del src, dst
+    return (mem_bytes / _best_seconds(lambda: src.sum(), device, repeats),
+            2 * mem_bytes / _best_seconds(lambda: dst.copy_(src), device, repeats))
+
+
+@torch.inference_mode()
+def measure(device: torch.device, mem_bytes: int = 256 * 2**20, matmul_n: int = 1024, repeats: int = 3) -> dict:
+    """Bandwidth: the faster of `measure_bandwidth`'s read and copy. Matmul: n x n x n products,
+    2 n^3 FLOPs each, per dtype that runs here."""
+    busy = others_busy_percent() if device.type == "cpu" else 0.0
+    read_bw, copy_bw = measure_bandwidth(device, mem_bytes, repeats)
     peak = {}
     for name, dtype in DTYPES.items():
         try:

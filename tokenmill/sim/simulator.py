@@ -97,7 +97,10 @@ class Replica:
         self.version = 0  # of the end event in the queue (a run cut short queues a new one)
         self.busy_seconds = 0.0
         self.num_steps = 0
-        self.load = 0  # waiting and running sequences (what the router reads), kept as they come and finish
+
+    @property
+    def load(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     @property
     def busy(self) -> bool:
@@ -225,7 +228,6 @@ class Simulation:
                 self._queue_end(replica, float(replica.run.ends[-1]))
             self._plan_run(replica)
         replica.scheduler.add(seq)
-        replica.load += 1
         record = RequestRecord(len(request.prompt_ids), request.output_len, start=now, tenant=request.tenant or None)
         self._tracked[request_id] = _Tracked(record, now)
         return replica.index
@@ -359,7 +361,6 @@ class Simulation:
                 records.append(record)
                 del self._tracked[seq.request_id]
                 finished += 1
-        replica.load -= finished
         return finished
 
     @staticmethod
